@@ -1,0 +1,21 @@
+# make demo: set up (if needed), run the main job on the embedded default, print a table, draw a plot.
+# make test: set up (if needed), run the test suite.
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= results/demo
+
+.PHONY: setup demo test report
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/kvbench -m model=reference task=ruler/niah_single_1,ruler/niah_multikey_1,ruler/vt \
+	  method=full,snapkv,streaming_llm,random 'keep_ratio=[0.1,0.25,0.5]' \
+	  context_length=2048 n_samples=8 hydra.sweep.dir=$(DEMO_DIR)
+	$(BIN)/kvbench-report $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q -x tests

@@ -1,0 +1,153 @@
+"""The hook: an attention function registered with transformers' ``AttentionInterface``.
+
+Why not recompute queries in a forward hook, as kvpress does? Each family prepares queries differently
+(Qwen3 applies ``q_norm`` before RoPE; others do not). The attention function receives the exact
+post-norm, post-RoPE queries of every stock Llama / Qwen2 / Qwen3 / Mistral model, so scorers need no
+per-family code. ``install(model)`` switches the model to this function and gives each attention module a
+pointer to the run's ``Hooks``; leaving the context restores the original implementation and removes every
+pointer and forward pre-hook (tests check this).
+
+Masks: our name is not in transformers' mask registry, so the model passes ``attention_mask=None`` and we
+build the one mask we need here. Batch size is 1 and there is no padding (left padding plus pruning would
+misalign positions): prefill is plain causal, one-token decoding needs no mask, and a multi-token step on a
+(possibly pruned) cache is causal aligned to the bottom-right. Positions come from explicit ``position_ids``
+passed by the decode loop, so RoPE stays right whatever was evicted.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from harness.cache import RaggedKV
+from harness.compress import LayerInputs, Scorer
+
+ATTN_NAME = "kvbench"
+
+
+def bottom_right_causal(q_len: int, kv_len: int, device) -> Tensor:
+    """``[1, 1, q_len, kv_len]`` bool mask: query i sees keys ``j <= kv_len - q_len + i``."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+
+
+def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: float) -> Tensor:
+    """Attention when each KV head holds its own number of entries; returns ``[B, L, H_q, D]``."""
+    batch, n_q_heads, q_len, _ = query.shape
+    n_kv = len(keys.heads)
+    group = n_q_heads // n_kv
+    outs = []
+    for h, (k, v) in enumerate(zip(keys.heads, values.heads)):
+        kv_len = k.shape[-2]
+        mask = None if q_len == 1 else bottom_right_causal(q_len, kv_len, query.device)
+        q = query[:, h * group : (h + 1) * group]
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k.expand(batch, group, kv_len, -1), v.expand(batch, group, kv_len, -1), attn_mask=mask, scale=scaling
+            )
+        )
+    return torch.cat(outs, dim=1).transpose(1, 2).contiguous()
+
+
+def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if isinstance(key, RaggedKV):
+        return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    # Plain prefill and one-token decoding: mask None, exactly what stock sdpa gets (bit-identical outputs).
+    mask = None if (q_len == 1 or q_len == kv_len) else bottom_right_causal(q_len, kv_len, query.device)
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    hooks = getattr(module, "_kvbench_hooks", None)
+    if hooks is not None and hooks.scorer is not None:
+        hooks.on_prefill_attention(module, query, key, value)
+    return out, None
+
+
+AttentionInterface.register(ATTN_NAME, kvbench_attention)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+class Hooks:
+    """Per-run state shared by the attention modules: the active scorer and what it produced."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = attention_modules(model)
+        self.n_layers = len(self.modules)
+        self.rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        self.scorer: Scorer | None = None
+        self.scores: list[Tensor | None] = []
+        self.hidden: dict[int, Tensor] = {}
+        self.score_seconds = 0.0
+        self.seed = 0
+        self._handles: list = []
+
+    @contextmanager
+    def scoring(self, scorer: Scorer | None, seed: int) -> Iterator["Hooks"]:
+        """Score every layer during the prefill run inside this context."""
+        self.scorer, self.seed = scorer, seed
+        self.scores = [None] * self.n_layers
+        self.hidden = {}
+        self.score_seconds = 0.0
+        if scorer is not None and scorer.needs_hidden_states:
+            for m in self.modules:
+                self._handles.append(m.register_forward_pre_hook(self._stash_hidden, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            self.scorer = None
+            self.hidden = {}
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+
+    def _stash_hidden(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.hidden[module.layer_idx] = hidden
+
+    def on_prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> None:
+        start = time.perf_counter()
+        layer = module.layer_idx
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer)
+        inputs = LayerInputs(
+            layer_idx=layer,
+            n_layers=self.n_layers,
+            queries=query,
+            keys=key,
+            values=value,
+            module=module,
+            generator=gen,
+            hidden_states=self.hidden.get(layer),
+            rotary=self.rotary,
+        )
+        with torch.no_grad():
+            self.scores[layer] = self.scorer.score(inputs).float()
+        if query.is_cuda:
+            torch.cuda.synchronize()
+        self.score_seconds += time.perf_counter() - start
+
+
+@contextmanager
+def install(model: nn.Module) -> Iterator[Hooks]:
+    """Route the model's attention through ``kvbench_attention`` for the duration of a run."""
+    config = model.config
+    previous = config._attn_implementation
+    hooks = Hooks(model)
+    model.set_attn_implementation(ATTN_NAME)
+    for m in hooks.modules:
+        m._kvbench_hooks = hooks
+    try:
+        yield hooks
+    finally:
+        for m in hooks.modules:
+            if hasattr(m, "_kvbench_hooks"):
+                del m._kvbench_hooks
+        model.set_attn_implementation(previous)

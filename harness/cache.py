@@ -1,0 +1,121 @@
+"""Cache surgery on transformers 5.x ``DynamicCache`` (``layers[i].keys/values`` are ``[B, H_kv, T, D]``).
+
+``prune`` builds a new cache holding only the kept entries; the full cache is left untouched, so one prefill
+can be pruned at several keep ratios. When the heads of a layer keep different numbers of entries, the layer
+becomes a ``RaggedLayer``: one tensor per head holding exactly what that head keeps (no padding, no masked
+keys), so ``cache_bytes`` is the memory really held. ``harness.attention`` computes attention over it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+
+@dataclass
+class RaggedKV:
+    """Per-head key (or value) tensors of one layer, each ``[B, 1, T_h, D]``; handed to the attention function."""
+
+    heads: list[Tensor]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [h.shape[-2] for h in self.heads]
+
+
+class RaggedLayer(CacheLayerMixin):
+    """A cache layer whose KV heads hold different numbers of entries."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor]):
+        super().__init__()
+        self.head_keys = list(keys)
+        self.head_values = list(values)
+        self.dtype, self.device = keys[0].dtype, keys[0].device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # already initialised
+        return None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[RaggedKV, RaggedKV]:
+        # Every head receives the same new tokens; each grows its own tensor.
+        self.head_keys = [torch.cat([k, key_states[:, h : h + 1]], dim=-2) for h, k in enumerate(self.head_keys)]
+        self.head_values = [torch.cat([v, value_states[:, h : h + 1]], dim=-2) for h, v in enumerate(self.head_values)]
+        return RaggedKV(self.head_keys), RaggedKV(self.head_values)
+
+    def get_seq_length(self) -> int:
+        return max(k.shape[-2] for k in self.head_keys)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def lengths(self) -> list[int]:
+        return [k.shape[-2] for k in self.head_keys]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.head_keys + self.head_values)
+
+
+def _dense_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.dtype, layer.device = keys.dtype, keys.device
+    layer.keys, layer.values = keys, values
+    layer.is_initialized = True
+    return layer
+
+
+def layer_bytes(layer) -> int:
+    if isinstance(layer, RaggedLayer):
+        return layer.nbytes()
+    if getattr(layer, "keys", None) is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes of every key and value tensor the cache holds."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def kept_per_head(cache: DynamicCache) -> list[list[int]]:
+    """Number of entries each (layer, KV head) holds."""
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            out.append(layer.lengths)
+        else:
+            out.append([layer.keys.shape[-2]] * layer.keys.shape[1])
+    return out
+
+
+def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None]) -> DynamicCache:
+    """A new cache with, per layer, only the kept entries.
+
+    ``kept[l]`` is ``None`` (keep the layer whole: its tensors are shared, and decoding's ``torch.cat``
+    never writes into them), an ``[H, b]`` index tensor (dense layer), or a list of per-head index tensors
+    (ragged layer). The source cache is not modified.
+    """
+    new = DynamicCache()
+    layers = []
+    for layer, idx in zip(cache.layers, kept):
+        keys, values = layer.keys, layer.values
+        if idx is None:
+            layers.append(_dense_layer(keys, values))
+        elif isinstance(idx, Tensor):
+            gather = idx.to(keys.device)[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
+            layers.append(_dense_layer(keys.gather(2, gather), values.gather(2, gather)))
+        else:
+            head_keys = [keys[:, h : h + 1, i.to(keys.device)] for h, i in enumerate(idx)]
+            head_values = [values[:, h : h + 1, i.to(values.device)] for h, i in enumerate(idx)]
+            layers.append(RaggedLayer(head_keys, head_values))
+    new.layers = layers
+    return new

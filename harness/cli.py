@@ -1,0 +1,112 @@
+"""Command-line entry points: ``kvbench`` (a Hydra app) and ``kvbench-report``.
+
+Bad input gets one line on stderr naming the bad value and the allowed ones, and exit status 2. Config-group
+choices (``model=``, ``method=``, ``task=``, ``paper=``) are checked before Hydra composes, because Hydra's own
+message for them is a multi-line traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "task", "paper")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"kvbench: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def group_options(group: str) -> list[str]:
+    root = CONF_DIR / group
+    if not root.is_dir():
+        return []
+    return sorted(
+        str(p.relative_to(root).with_suffix(""))
+        for p in root.rglob("*.yaml")
+        if not p.name.startswith("_")
+    )
+
+
+def check_group_overrides(argv: list[str]) -> None:
+    for arg in argv:
+        m = re.fullmatch(r"\+{0,2}(model|method|task|paper)=(.*)", arg)
+        if not m:
+            continue
+        group, value = m.groups()
+        if "(" in value or not value:  # Hydra sweep functions: let Hydra expand them
+            continue
+        allowed = group_options(group)
+        for choice in value.split(","):
+            if choice not in allowed:
+                shown = ", ".join(allowed) if len(allowed) <= 40 else ", ".join(allowed[:40]) + ", ..."
+                fail(f"{group}={choice!r} is not known; allowed: {shown}")
+
+
+def run_name(override_dirname: str) -> str:
+    """A run directory name from the overrides: stable (resume), readable, filesystem-safe."""
+    name = override_dirname.replace("/", ".") or "defaults"
+    if len(name) > 180:
+        name = name[:160] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return name
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("kvb_run_name"):
+        OmegaConf.register_new_resolver("kvb_run_name", run_name)
+
+
+def _app(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from harness.errors import KvbenchError
+    from harness.runner import run
+    from harness.summary import print_metrics
+
+    try:
+        out_dir = HydraConfig.get().runtime.output_dir
+        metrics = run(cfg, out_dir)
+    except KvbenchError as err:
+        fail(str(err))
+    print_metrics(metrics, out_dir)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    check_group_overrides(sys.argv[1:])
+    _register_resolvers()
+    import hydra
+
+    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()
+
+
+def report_main() -> None:
+    import argparse
+
+    from harness.errors import KvbenchError
+
+    parser = argparse.ArgumentParser(prog="kvbench-report", description="Tables and plots from run dirs below DIR.")
+    parser.add_argument("dir", help="a results directory (walked recursively for predictions.jsonl)")
+    parser.add_argument("--out", default=None, help="where to write the report (default: DIR)")
+    args = parser.parse_args()
+    from harness.report import write_report
+
+    try:
+        paths = write_report(args.dir, args.out)
+    except KvbenchError as err:
+        fail(str(err))
+    for p in paths:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

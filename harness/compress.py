@@ -1,0 +1,174 @@
+"""The compression protocol: scorer -> allocator -> selector.
+
+* A **scorer** gives every cached token an importance per KV head, ``[B, H_kv, T]`` (higher = keep). It is
+  called once per layer during prefill with what the harness captured for that layer (``LayerInputs``), so
+  scores never depend on the keep ratio and one prefill can serve many ratios.
+* An **allocator** turns the scores of all layers and a keep ratio into integer budgets ``[L, H_kv]``.
+* The **selector** keeps, per head, the top-``budget`` tokens, with ``n_sink`` first tokens and the most
+  recent ``n_recent`` tokens always inside the budget.
+
+A method (``methods/<name>.py``) registers a scorer and/or an allocator; a method's Hydra config names a
+scorer, an allocator and the selector's protected tokens, so SnapKV+AdaKV is a config, not a class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from harness.errors import KvbenchError
+
+SCORERS: dict[str, type] = {}
+ALLOCATORS: dict[str, type] = {}
+
+
+def register_scorer(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        SCORERS[name] = cls
+        cls.registered_name = name
+        return cls
+
+    return deco
+
+
+def register_allocator(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        ALLOCATORS[name] = cls
+        cls.registered_name = name
+        return cls
+
+    return deco
+
+
+@dataclass
+class LayerInputs:
+    """What the attention hook captured for one layer at the end of prefill."""
+
+    layer_idx: int
+    n_layers: int
+    queries: Tensor  # [B, H_q, T, D] after RoPE (and q_norm where the family has it): all prefill queries
+    keys: Tensor  # [B, H_kv, T, D] after RoPE: the whole cache of this layer
+    values: Tensor  # [B, H_kv, T, D]
+    module: nn.Module  # the attention module (o_proj, scaling, head_dim, num_key_value_groups)
+    generator: torch.Generator  # seeded per (seed, sample, layer): the only randomness a scorer may use
+    hidden_states: Tensor | None = None  # [B, T, hidden] input of the attention block, if the scorer asked
+    rotary: nn.Module | None = None  # the model's rotary embedding (for scorers that rotate future queries)
+
+    @property
+    def n_groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    @property
+    def scaling(self) -> float:
+        return float(getattr(self.module, "scaling", self.keys.shape[-1] ** -0.5))
+
+
+class Scorer:
+    """Importance of every cached token per KV head. Subclasses set what they need from the harness."""
+
+    registered_name = ""
+    needs_hidden_states = False
+    # False where the scores depend on the keep ratio or the prefill itself changes (then one prefill per ratio).
+    shares_across_ratios = True
+    # Parameter presets, e.g. {"kvpress": {"window": 64, "kernel": 5, "pool": "avg"}}.
+    PRESETS: dict[str, dict[str, Any]] = {}
+
+    def score(self, inputs: LayerInputs) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Allocator:
+    """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer."""
+
+    registered_name = ""
+
+    def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def n_keep(n_tokens: int, keep_ratio: float) -> int:
+    """Entries kept per head for a ratio: floor, as kvpress's ``int(q_len * (1 - compression_ratio))``.
+
+    The epsilon absorbs float noise such as 100 * 0.29 = 28.999999999999996.
+    """
+    return max(1, min(n_tokens, int(math.floor(n_tokens * keep_ratio + 1e-6))))
+
+
+@register_allocator("uniform")
+class UniformAllocator(Allocator):
+    """Every layer and head keeps the same number of entries."""
+
+    def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
+        n_heads, n_tokens = scores[0].shape[-2], scores[0].shape[-1]
+        return torch.full((len(scores), n_heads), n_keep(n_tokens, keep_ratio), dtype=torch.long)
+
+
+def protect(scores: Tensor, n_sink: int, n_recent: int) -> Tensor:
+    """Scores with the sink and recent tokens set to +inf, so top-k always keeps them."""
+    scores = scores.clone()
+    n_tokens = scores.shape[-1]
+    if n_sink > 0:
+        scores[..., : min(n_sink, n_tokens)] = math.inf
+    if n_recent > 0:
+        scores[..., max(0, n_tokens - n_recent) :] = math.inf
+    return scores
+
+
+def select(scores: Tensor, budgets: Tensor, n_sink: int = 0, n_recent: int = 0) -> Tensor | list[Tensor]:
+    """Kept token indices of one layer, sorted ascending.
+
+    ``scores`` is ``[H, T]`` (batch 1), ``budgets`` ``[H]``. Returns an ``[H, b]`` tensor when every head keeps
+    the same number ``b``, else a list of ``H`` 1-D tensors (a ragged layer).
+    """
+    scores = protect(scores, n_sink, n_recent)
+    n_tokens = scores.shape[-1]
+    budgets = budgets.clamp(1, n_tokens)
+    if bool((budgets == budgets[0]).all()):
+        return scores.topk(int(budgets[0]), dim=-1).indices.sort(dim=-1).values
+    return [s.topk(int(b)).indices.sort().values for s, b in zip(scores, budgets)]
+
+
+@dataclass
+class Method:
+    """A configured eviction method: scorer + allocator + the selector's protected tokens."""
+
+    name: str  # label in rows and reports, e.g. "snapkv" or "snapkv+adakv"
+    scorer: Scorer | None  # None = full cache, nothing evicted
+    allocator: Allocator
+    n_sink: int = 0
+    n_recent: int = 0
+    recent_share: float = 0.0  # fraction of each head's budget reserved for the most recent tokens (H2O)
+
+    @property
+    def compresses(self) -> bool:
+        return self.scorer is not None
+
+    @property
+    def shares_across_ratios(self) -> bool:
+        return self.scorer is None or self.scorer.shares_across_ratios
+
+    def plan(self, scores: list[Tensor], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
+        """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole)."""
+        squeezed = [s[0] if s.dim() == 3 else s for s in scores]
+        n_tokens = squeezed[0].shape[-1]
+        budgets = self.allocator.budgets(squeezed, keep_ratio)
+        if budgets.shape != (len(squeezed), squeezed[0].shape[0]):
+            raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(budgets.shape)}")
+        kept: list[Tensor | list[Tensor] | None] = []
+        for layer_scores, layer_budgets in zip(squeezed, budgets):
+            if bool((layer_budgets >= n_tokens).all()):
+                kept.append(None)
+                continue
+            n_recent = self.n_recent
+            if self.recent_share > 0:
+                n_recent = max(n_recent, int(self.recent_share * int(layer_budgets.min())))
+            kept.append(select(layer_scores, layer_budgets, self.n_sink, n_recent))
+        return budgets, kept
+
+
+def check_budgets(budgets: Tensor, n_tokens: int) -> None:
+    if (budgets < 1).any() or (budgets > n_tokens).any():
+        raise KvbenchError(f"budgets out of range [1, {n_tokens}]: min {int(budgets.min())}, max {int(budgets.max())}")

@@ -1,0 +1,197 @@
+"""One sample: prefill -> compress -> decode, for one or several keep ratios.
+
+The scores a method computes during prefill do not depend on the keep ratio, so a sample is prefilled and
+scored once and each ratio only selects, prunes a copy of the cache and decodes (kvpress re-runs the
+prefill per ratio). Methods whose prefill depends on the ratio get one prefill per ratio.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from harness.attention import Hooks
+from harness.cache import cache_bytes, kept_per_head, prune
+from harness.compress import Method
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class MemoryMeter:
+    """Peak memory of a phase: CUDA peak allocated on GPU; on CPU the largest RSS seen at phase boundaries."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = rss_bytes()
+        self.peak = self.base
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.peak = max(self.peak, rss_bytes())
+
+    def delta(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        self.sample()
+        return int(self.peak - self.base)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    decode_s: float
+
+
+@dataclass
+class Prefill:
+    cache: DynamicCache
+    scores: list[Tensor]
+    last_logits: Tensor
+    n_tokens: int
+    prefill_s: float
+    score_s: float
+
+
+@dataclass
+class Outcome:
+    keep_ratio: float
+    prediction: str
+    context_tokens: int
+    kept_tokens: float
+    kv_bytes: int
+    kv_bytes_full: int
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    peak_mem_bytes: int
+    budgets: list[list[int]] = field(default_factory=list)
+    kept: list[Any] | None = None  # kept indices per layer (for diagnostics such as evidence retention)
+
+
+@torch.no_grad()
+def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int) -> Prefill:
+    device = model.device
+    input_ids = torch.tensor([ids], device=device)
+    positions = torch.arange(len(ids), device=device)[None]
+    _sync(device)
+    start = time.perf_counter()
+    with hooks.scoring(method.scorer, seed):
+        out = model(input_ids=input_ids, position_ids=positions, past_key_values=DynamicCache(), use_cache=True,
+                    logits_to_keep=1)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        score_s = hooks.score_seconds
+        scores = list(hooks.scores)
+    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s)
+
+
+@torch.no_grad()
+def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, start_pos: int, max_new_tokens: int,
+           tokenizer, stop_strings: list[str]) -> Generation:
+    """Greedy decoding on a (pruned) cache with explicit positions.
+
+    ``tail`` (the question, when compression happened before it) is fed first as one multi-token step;
+    otherwise the first token comes from the prefill's last logits.
+    """
+    device = model.device
+    _sync(device)
+    start = time.perf_counter()
+    pos = start_pos
+    logits = last_logits
+    if tail:
+        ids = torch.tensor([tail], device=device)
+        out = model(input_ids=ids, position_ids=torch.arange(pos, pos + len(tail), device=device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        pos += len(tail)
+    eos = set(_eos_ids(model, tokenizer))
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(dim=-1))
+        if token in eos:
+            break
+        generated.append(token)
+        if stop_strings and any(s in tokenizer.decode(generated, skip_special_tokens=True) for s in stop_strings):
+            break
+        if len(generated) == max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[pos]], device=device),
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        pos += 1
+    _sync(device)
+    return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), time.perf_counter() - start)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return list(ids) if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int], q_ids: list[int],
+               keep_ratios: list[float], query_aware: bool, max_new_tokens: int, stop_strings: list[str],
+               seed: int, keep_indices: bool = False) -> list[Outcome]:
+    """Outcomes for each keep ratio of one prompt (context ids, question ids)."""
+    device = model.device
+    prompt = ctx_ids + q_ids if query_aware else ctx_ids
+    tail = [] if query_aware else q_ids
+    outcomes: list[Outcome] = []
+    shared: Prefill | None = None
+    for i, ratio in enumerate(keep_ratios):
+        meter = MemoryMeter(device)
+        if shared is None or not method.shares_across_ratios:
+            shared = prefill(model, hooks, prompt, method, seed)
+            prefill_s, score_s = shared.prefill_s, shared.score_s
+        else:  # this ratio reuses the first ratio's prefill and scores
+            prefill_s, score_s = 0.0, 0.0
+        meter.sample()
+        last_logits, full_bytes = shared.last_logits, cache_bytes(shared.cache)
+        _sync(device)
+        start = time.perf_counter()
+        budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
+                         else (None, [None] * len(shared.cache.layers)))
+        cache = prune(shared.cache, kept)
+        _sync(device)
+        compress_s = score_s + time.perf_counter() - start
+        if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
+            shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
+        per_head = kept_per_head(cache)
+        kv_bytes = cache_bytes(cache)
+        gen = decode(model, cache, tail, last_logits, len(prompt), max_new_tokens, tokenizer, stop_strings)
+        meter.sample()
+        n_heads = sum(len(h) for h in per_head)
+        outcomes.append(Outcome(
+            keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
+            kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
+            prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
+            budgets=budgets.tolist() if budgets is not None else [],
+            kept=kept if keep_indices else None,
+        ))
+        del cache
+    return outcomes

@@ -1,0 +1,85 @@
+"""Method registry. Every module in this package registers scorers and/or allocators on import
+(``harness.compress.register_scorer`` / ``register_allocator``); ``build_method`` turns a ``method`` config
+into a ``harness.compress.Method``. Adding a method = adding one file here and one yaml in conf/method/.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any
+
+from harness.compress import ALLOCATORS, SCORERS, Method
+from harness.errors import KvbenchError
+
+# Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
+COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset"}
+_loaded = False
+
+
+def load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    _loaded = True
+
+
+def _accepted(cls) -> set[str]:
+    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")}
+
+
+def _construct(kind: str, registry: dict, name: str, params: dict[str, Any]):
+    if name not in registry:
+        raise KvbenchError(f"method.{kind}={name!r} is not known; allowed: {', '.join(sorted(registry))}")
+    cls = registry[name]
+    return cls(**{k: v for k, v in params.items() if k in _accepted(cls)})
+
+
+def build_method(cfg) -> Method:
+    """A ``Method`` from a method config (a dict or an OmegaConf node)."""
+    load_all()
+    cfg = dict(cfg)
+    scorer_name = cfg.get("scorer")
+    allocator_name = cfg.get("allocator") or "uniform"
+    if scorer_name and scorer_name not in SCORERS:
+        raise KvbenchError(f"method.scorer={scorer_name!r} is not known; allowed: {', '.join(sorted(SCORERS))}")
+    preset = cfg.get("preset")
+    if preset:  # a preset sets its parameters (scorer's and selector's) over the yaml's
+        presets = SCORERS[scorer_name].PRESETS if scorer_name else {}
+        if preset not in presets:
+            allowed = ", ".join(sorted(presets)) or "none for this method"
+            raise KvbenchError(f"method.preset={preset!r} is not known for {cfg['name']}; allowed: {allowed}")
+        cfg.update(presets[preset])
+    params = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
+    scorer = _construct("scorer", SCORERS, scorer_name, params) if scorer_name else None
+    allocator = _construct("allocator", ALLOCATORS, allocator_name, params)
+    used = set().union(*(_accepted(type(obj)) for obj in (scorer, allocator) if obj is not None))
+    unknown = sorted(set(params) - used)
+    if unknown:
+        raise KvbenchError(
+            f"method.{unknown[0]} is not a parameter of scorer {scorer_name!r} or allocator {allocator_name!r}"
+        )
+    label = cfg.get("label") or cfg["name"]
+    if not cfg.get("label") and allocator_name != "uniform" and scorer is not None:
+        label = f"{cfg['name']}+{allocator_name}"
+    return Method(
+        name=label,
+        scorer=scorer,
+        allocator=allocator,
+        n_sink=int(cfg.get("n_sink") or 0),
+        n_recent=int(cfg.get("n_recent") or 0),
+        recent_share=float(cfg.get("recent_share") or 0.0),
+    )
+
+
+def available_scorers() -> list[str]:
+    load_all()
+    return sorted(SCORERS)
+
+
+def available_allocators() -> list[str]:
+    load_all()
+    return sorted(ALLOCATORS)

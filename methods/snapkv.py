@@ -1,0 +1,41 @@
+"""SnapKV (Li et al., 2024): the attention of the last ``window`` queries (the observation window) onto each
+token, averaged over the window, pooled along the sequence to keep neighbouring tokens together, and
+averaged over the query heads of each GQA group. The window itself is always kept (``n_recent`` = window).
+
+Defaults follow the official implementation (window 32, kernel 7, max-pool); ``method.preset=kvpress``
+switches to kvpress's SnapKVPress (window 64, kernel 5, avg-pool).
+"""
+import torch
+import torch.nn.functional as F
+
+from harness.compress import LayerInputs, Scorer, register_scorer
+from methods._attention import attention_probs, per_kv_head
+
+
+def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str) -> torch.Tensor:
+    n_tokens = inputs.keys.shape[2]
+    window = min(window, n_tokens)
+    probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_tokens - window)
+    scores = probs.mean(dim=2)  # [B, H_q, T]
+    if kernel > 1:
+        pad = kernel // 2
+        if pool == "max":
+            scores = F.max_pool1d(scores, kernel, stride=1, padding=pad)
+        else:
+            scores = F.avg_pool1d(scores, kernel, stride=1, padding=pad, count_include_pad=False)
+    return per_kv_head(scores, inputs.keys.shape[1])
+
+
+@register_scorer("snapkv")
+class SnapKVScorer(Scorer):
+    PRESETS = {"kvpress": {"window": 64, "kernel": 5, "pool": "avg", "n_recent": 64}}
+
+    def __init__(self, window: int = 32, kernel: int = 7, pool: str = "max"):
+        if pool not in ("max", "avg"):
+            from harness.errors import KvbenchError
+
+            raise KvbenchError(f"method.pool={pool!r} is not supported; allowed: max, avg")
+        self.window, self.kernel, self.pool = int(window), int(kernel), pool
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        return snap_scores(inputs, self.window, self.kernel, self.pool)
