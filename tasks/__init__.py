@@ -10,6 +10,7 @@ from typing import Callable
 from tasks.base import PromptEncoder, Sample, Task
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
+_REPORT_HOOKS: list[Callable] = []
 _SUITES: dict[str, list[str]] = {}
 _SUITE_MODULES = ("tasks.ruler", "tasks.longbench")
 
@@ -22,6 +23,17 @@ def register(name: str, suite: str | None = None):
         return factory
 
     return deco
+
+
+def register_report_hook(fn: Callable) -> Callable:
+    """A suite's report section: ``fn(rows_dataframe) -> markdown or None`` (e.g. LongBench's category table)."""
+    _REPORT_HOOKS.append(fn)
+    return fn
+
+
+def report_hooks() -> list[Callable]:
+    _load_all()
+    return list(_REPORT_HOOKS)
 
 
 def _load_all() -> None:
@@ -60,4 +72,4 @@ def get_task(name: str, **kwargs) -> Task:
     return _REGISTRY[name](**kwargs)
 
 
-__all__ = ["PromptEncoder", "Sample", "Task", "register", "available", "suites", "expand", "get_task"]
+__all__ = ["PromptEncoder", "Sample", "Task", "register", "register_report_hook", "report_hooks", "available", "suites", "expand", "get_task"]

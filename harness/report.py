@@ -1,0 +1,191 @@
+"""``kvbench-report DIR``: every run below DIR merged into tables and plots.
+
+Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, n_errors), ``summary.md``
+(methods x keep ratio, per task and mean), ``cost.md`` (time and memory relative to full cache),
+``score_vs_keep_ratio.png``, ``score_vs_kv_bytes.png``, and when present suite tables and NIAH / budget
+heatmaps. Failed samples are counted in ``n_errors`` and never averaged in. Tasks register suite-specific
+aggregations (``tasks.report_hooks``); the report calls them without knowing any suite.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import KvbenchError
+from harness.io import atomic_write_text, read_rows
+
+SCORE_COLS = ["model", "method", "keep_ratio", "task"]
+
+
+def load_rows(root: str | Path) -> pd.DataFrame:
+    root = Path(root)
+    if not root.exists():
+        raise KvbenchError(f"report dir {str(root)!r} does not exist")
+    rows = []
+    for path in sorted(root.rglob("predictions.jsonl")):
+        file_rows, _ = read_rows(path)
+        for r in file_rows:
+            r["run_dir"] = str(path.parent)
+        rows.extend(file_rows)
+    if not rows:
+        raise KvbenchError(f"no predictions.jsonl below {str(root)!r}; run kvbench first")
+    df = pd.DataFrame(rows)
+    df["keep_ratio"] = df["keep_ratio"].astype(float).round(6)
+    df["failed"] = df["error"].notna() | df["score"].isna()
+    return df
+
+
+def score_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table: one row per (model, method, keep_ratio, task) with score x100, n and n_errors."""
+    ok = df[~df["failed"]]
+    scores = ok.groupby(SCORE_COLS)["score"].agg(["mean", "count"]).reset_index()
+    scores["score"] = 100.0 * scores.pop("mean")
+    scores = scores.rename(columns={"count": "n"})
+    errors = df[df["failed"]].groupby(SCORE_COLS).size().rename("n_errors").reset_index()
+    out = scores.merge(errors, on=SCORE_COLS, how="outer")
+    out["n"] = out["n"].fillna(0).astype(int)
+    out["n_errors"] = out["n_errors"].fillna(0).astype(int)
+    return out.sort_values(SCORE_COLS).reset_index(drop=True)
+
+
+def _fmt(x) -> str:
+    return "–" if pd.isna(x) else f"{x:.1f}"
+
+
+def markdown_table(frame: pd.DataFrame, index_names: list[str]) -> str:
+    cols = [c for c in frame.columns]
+    head = "| " + " | ".join(index_names + [str(c) for c in cols]) + " |"
+    sep = "|" + "---|" * (len(index_names) + len(cols))
+    lines = [head, sep]
+    for idx, row in frame.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cells = [str(i) for i in idx] + [_fmt(v) if not isinstance(v, str) else v for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_scores(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model: rows (method, keep_ratio), columns tasks + mean (mean over tasks with a score)."""
+    out = {}
+    for model, sub in table.groupby("model"):
+        wide = sub.pivot_table(index=["method", "keep_ratio"], columns="task", values="score", aggfunc="mean")
+        wide["mean"] = wide.mean(axis=1)
+        out[model] = wide
+    return out
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Median time and memory per (model, method, keep_ratio), and relative to full cache where it ran."""
+    ok = df[~df["failed"]].copy()
+    cols = [c for c in ("prefill_s", "compress_s", "decode_s", "kv_bytes", "peak_mem_bytes") if c in ok]
+    if not cols:
+        return pd.DataFrame()
+    ok["total_s"] = ok[["prefill_s", "compress_s", "decode_s"]].sum(axis=1)
+    med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s"]].median().reset_index()
+    full = med[med["method"] == "full"].groupby("model")[["total_s", "kv_bytes"]].median()
+    med["time_vs_full"] = med.apply(
+        lambda r: r["total_s"] / full.loc[r["model"], "total_s"] if r["model"] in full.index else float("nan"), axis=1)
+    med["kv_vs_full"] = med.apply(
+        lambda r: r["kv_bytes"] / full.loc[r["model"], "kv_bytes"] if r["model"] in full.index else float("nan"), axis=1)
+    return med
+
+
+def _plot_lines(table: pd.DataFrame, x: str, path: Path, xlabel: str, logx: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted(table["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = table[table["model"] == model]
+        for method, g in sub.groupby("method"):
+            g = g.groupby(x)["score"].mean().sort_index()
+            ax.plot(g.index, g.values, marker="o", label=method)
+        ax.set_title(model)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("score (mean over tasks)")
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
+    df = load_rows(root)
+    out = Path(out or root)
+    out.mkdir(parents=True, exist_ok=True)
+    table = score_table(df)
+    written = []
+
+    p = out / "summary.csv"
+    atomic_write_text(p, table.to_csv(index=False))
+    written.append(p)
+
+    parts = [f"# kvbench report\n\nRuns below `{root}`: {len(df)} rows, {int(df['failed'].sum())} failed "
+             "(failed samples are excluded from scores and counted here).\n"]
+    for model, wide in pivot_scores(table).items():
+        parts.append(f"## {model}: score (x100) by method and keep ratio\n\n" + markdown_table(wide, ["method", "keep_ratio"]))
+    errs = table[table["n_errors"] > 0]
+    if len(errs):
+        parts.append("## Failed samples\n\n" + errs[SCORE_COLS + ["n_errors"]].to_markdown(index=False)
+                     if hasattr(errs, "to_markdown") else "")
+    parts.extend(_suite_sections(df))
+    p = out / "summary.md"
+    atomic_write_text(p, "\n\n".join(x for x in parts if x) + "\n")
+    written.append(p)
+
+    costs = cost_table(df)
+    if len(costs):
+        shown = costs.set_index(["model", "method", "keep_ratio"])[
+            ["prefill_s", "compress_s", "decode_s", "time_vs_full", "kv_vs_full"]]
+        p = out / "cost.md"
+        atomic_write_text(p, "# Cost: medians per sample\n\n" + markdown_table(shown.round(4), ["model", "method", "keep_ratio"]) + "\n")
+        written.append(p)
+
+    mean_by_ratio = table.groupby(["model", "method", "keep_ratio"])["score"].mean().reset_index()
+    p = out / "score_vs_keep_ratio.png"
+    _plot_lines(mean_by_ratio, "keep_ratio", p, "keep ratio")
+    written.append(p)
+
+    if "kv_bytes" in df:
+        ok = df[~df["failed"]]
+        by_bytes = ok.groupby(["model", "method", "keep_ratio"]).agg(kv_bytes=("kv_bytes", "median"),
+                                                                     score=("score", "mean")).reset_index()
+        by_bytes["score"] *= 100
+        p = out / "score_vs_kv_bytes.png"
+        _plot_lines(by_bytes, "kv_bytes", p, "KV cache bytes (median per sample)", logx=True)
+        written.append(p)
+
+    written.extend(_figures(df, out))
+    return written
+
+
+def _suite_sections(df: pd.DataFrame) -> list[str]:
+    import tasks
+
+    sections = []
+    for hook in tasks.report_hooks():
+        text = hook(df)
+        if text:
+            sections.append(text)
+    return sections
+
+
+def _figures(df: pd.DataFrame, out: Path) -> list[Path]:
+    from harness import figures
+
+    paths = []
+    for fn in (figures.niah_heatmap, figures.budget_heatmap):
+        paths.extend(fn(df, out))
+    return paths
+
+
+def load_metrics(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

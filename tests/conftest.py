@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from harness.models import build_tiny
+
+    return build_tiny("llama")
+
+
+def layer_inputs(queries, keys, values=None, layer_idx=0, seed=0):
+    """LayerInputs for a scorer from hand-made tensors (module stands in with the default scaling)."""
+    from harness.compress import LayerInputs
+
+    class _Module(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.scaling = d ** -0.5
+
+    values = keys.clone() if values is None else values
+    return LayerInputs(layer_idx=layer_idx, n_layers=1, queries=queries, keys=keys, values=values,
+                       module=_Module(keys.shape[-1]), generator=torch.Generator().manual_seed(seed))

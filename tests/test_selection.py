@@ -1,0 +1,143 @@
+"""Kept indices on hand-made tensors, for the selector and every scorer of the slice."""
+import math
+
+import pytest
+import torch
+from conftest import layer_inputs
+
+import methods
+from harness.compress import UniformAllocator, n_keep, protect, select
+
+
+def method(name, **overrides):
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
+    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml")).items() if k != "defaults"}
+    return methods.build_method({**base, **own, **overrides})
+
+
+def kept(m, inputs, ratio):
+    scores = m.scorer.score(inputs)
+    _, idx = m.plan([scores], ratio)
+    return idx[0]
+
+
+def test_n_keep_floors_like_kvpress():
+    assert n_keep(100, 0.29) == 29  # 100 * 0.29 = 28.999999999999996 in floats
+    assert n_keep(10, 0.25) == 2
+    assert n_keep(10, 1.0) == 10
+    assert n_keep(3, 0.01) == 1  # never an empty head
+
+
+def test_select_protects_sinks_and_recent_inside_budget():
+    scores = torch.tensor([[0.0, 9.0, 8.0, 7.0, 1.0, 2.0]])
+    assert select(scores, torch.tensor([3]), n_sink=1, n_recent=1).tolist() == [[0, 1, 5]]
+    assert select(scores, torch.tensor([3])).tolist() == [[1, 2, 3]]
+    p = protect(scores, 2, 0)
+    assert math.isinf(p[0, 0]) and math.isinf(p[0, 1]) and p[0, 2] == 8.0
+
+
+def test_select_ragged_heads():
+    scores = torch.tensor([[5.0, 1.0, 4.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    idx = select(scores, torch.tensor([1, 3]))
+    assert [t.tolist() for t in idx] == [[0], [1, 2, 3]]
+
+
+def test_uniform_allocator():
+    b = UniformAllocator().budgets([torch.zeros(2, 10)] * 3, 0.25)
+    assert b.tolist() == [[2, 2]] * 3
+
+
+def test_streaming_llm_keeps_sinks_and_latest():
+    keys = torch.randn(1, 2, 10, 4)
+    m = method("streaming_llm")
+    assert kept(m, layer_inputs(torch.randn(1, 4, 10, 4), keys), 0.5).tolist() == [[0, 1, 2, 3, 9]] * 2
+
+
+def test_knorm_keeps_smallest_key_norms():
+    norms = torch.tensor([5.0, 1.0, 3.0, 0.5, 4.0, 2.0])
+    keys = torch.zeros(1, 1, 6, 2)
+    keys[0, 0, :, 0] = norms
+    m = method("knorm")
+    assert kept(m, layer_inputs(torch.randn(1, 2, 6, 2), keys), 0.5).tolist() == [[1, 3, 5]]
+
+
+def test_random_is_seeded_and_respects_budget():
+    keys = torch.randn(1, 2, 20, 4)
+    m = method("random")
+    a = kept(m, layer_inputs(torch.randn(1, 2, 20, 4), keys, seed=3), 0.25)
+    b = kept(m, layer_inputs(torch.randn(1, 2, 20, 4), keys, seed=3), 0.25)
+    c = kept(m, layer_inputs(torch.randn(1, 2, 20, 4), keys, seed=4), 0.25)
+    assert a.shape == (2, 5) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _peaked(n_tokens, target, n_q_heads=2, n_kv=1, dim=4, n_queries=None):
+    """Keys are one-hot-ish; every query points at key ``target`` so attention peaks there."""
+    keys = torch.zeros(1, n_kv, n_tokens, dim)
+    keys[..., :, 1] = 1.0
+    keys[..., target, 0] = 10.0
+    queries = torch.zeros(1, n_q_heads, n_queries or n_tokens, dim)
+    queries[..., 0] = 4.0
+    return queries, keys
+
+
+def test_tova_keeps_what_the_last_query_attends():
+    q, k = _peaked(8, target=2)
+    m = method("tova")
+    assert kept(m, layer_inputs(q, k), 0.125).tolist() == [[2]]
+
+
+def test_snapkv_window_kept_and_peak_chosen():
+    q, k = _peaked(16, target=3)
+    m = method("snapkv", window=4, kernel=1, n_recent=4)
+    assert kept(m, layer_inputs(q, k), 5 / 16).tolist() == [[3, 12, 13, 14, 15]]
+
+
+def test_snapkv_pooling_keeps_neighbours():
+    # With max-pool kernel 3 the peak's neighbours share its score, so they outrank other tokens.
+    q, k = _peaked(16, target=5)
+    m = method("snapkv", window=2, kernel=3, n_recent=2)
+    assert kept(m, layer_inputs(q, k), 5 / 16).tolist() == [[4, 5, 6, 14, 15]]
+
+
+def test_h2o_column_sums_by_hand():
+    # Zero queries attend uniformly to the keys they see: the query at position p gives 1/(p+1) to each.
+    keys = torch.randn(1, 1, 4, 2)
+    queries = torch.zeros(1, 1, 4, 2)
+    scores = method("h2o").scorer.score(layer_inputs(queries, keys))
+    expected = torch.tensor([1 + 1 / 2 + 1 / 3 + 1 / 4, 1 / 2 + 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 4])
+    assert torch.allclose(scores[0, 0], expected, atol=1e-6)
+
+
+def test_h2o_splits_budget_between_heavy_and_recent():
+    keys = torch.randn(1, 1, 10, 2)
+    queries = torch.zeros(1, 1, 10, 2)
+    m = method("h2o")  # recent_share 0.5: of 4 kept, 2 recent and 2 heaviest (the earliest here)
+    assert kept(m, layer_inputs(queries, keys), 0.4).tolist() == [[0, 1, 8, 9]]
+
+
+def test_gqa_scores_average_the_group():
+    # Query heads 0,1 belong to KV head 0 and 2,3 to KV head 1 (repeat_kv's layout).
+    keys = torch.zeros(1, 2, 6, 4)
+    keys[..., 1] = 1.0
+    keys[0, 0, 1, 0] = 10.0
+    keys[0, 1, 4, 0] = 10.0
+    queries = torch.zeros(1, 4, 6, 4)
+    queries[..., 0] = 4.0
+    m = method("snapkv", window=1, kernel=1, n_recent=0)
+    assert kept(m, layer_inputs(queries, keys), 1 / 6).tolist() == [[1], [4]]
+
+
+def test_unknown_parameter_is_refused():
+    from harness.errors import KvbenchError
+
+    with pytest.raises(KvbenchError, match="method.nope"):
+        method("snapkv", nope=1)
+    with pytest.raises(KvbenchError, match="allowed: kvpress"):
+        method("snapkv", preset="other")
+
+
+def test_kvpress_preset_sets_window_kernel_pool():
+    m = method("snapkv", preset="kvpress")
+    assert (m.scorer.window, m.scorer.kernel, m.scorer.pool, m.n_recent) == (64, 5, "avg", 64)
