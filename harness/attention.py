@@ -129,7 +129,8 @@ class Hooks:
             rotary=self.rotary,
         )
         with torch.no_grad():
-            self.scores[layer] = self.scorer.score(inputs).float()
+            scores = self.scorer.score(inputs)
+        self.scores[layer] = None if scores is None else scores.float()
         if query.is_cuda:
             torch.cuda.synchronize()
         self.score_seconds += time.perf_counter() - start

@@ -13,6 +13,7 @@ scorer, an allocator and the selector's protected tokens, so SnapKV+AdaKV is a c
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,8 +77,14 @@ class Scorer:
     # Parameter presets, e.g. {"kvpress": {"window": 64, "kernel": 5, "pool": "avg"}}.
     PRESETS: dict[str, dict[str, Any]] = {}
 
-    def score(self, inputs: LayerInputs) -> Tensor:  # pragma: no cover - interface
+    def score(self, inputs: LayerInputs) -> Tensor | None:  # pragma: no cover - interface
+        """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
+
+    def prefill_patch(self, model: nn.Module, keep_ratio: float):
+        """Context manager entered around the prefill, for methods that change the prefill itself (e.g. ASL
+        shortens hidden states from some layer on). Such a scorer sets ``shares_across_ratios = False``."""
+        return nullcontext()
 
 
 class Allocator:
@@ -150,16 +157,24 @@ class Method:
     def shares_across_ratios(self) -> bool:
         return self.scorer is None or self.scorer.shares_across_ratios
 
-    def plan(self, scores: list[Tensor], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
-        """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole)."""
-        squeezed = [s[0] if s.dim() == 3 else s for s in scores]
-        n_tokens = squeezed[0].shape[-1]
-        budgets = self.allocator.budgets(squeezed, keep_ratio)
-        if budgets.shape != (len(squeezed), squeezed[0].shape[0]):
-            raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(budgets.shape)}")
+    def plan(self, scores: list[Tensor | None], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
+        """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole).
+
+        A layer whose score is ``None`` is kept whole (its scorer already decided, e.g. during prefill); the
+        allocator sees every scored layer, and layers may hold different numbers of tokens.
+        """
+        squeezed = [None if s is None else (s[0] if s.dim() == 3 else s) for s in scores]
+        scored = [i for i, s in enumerate(squeezed) if s is not None]
+        n_heads = squeezed[scored[0]].shape[0] if scored else 0
+        budgets = torch.zeros(len(squeezed), n_heads, dtype=torch.long)
+        if scored:
+            sub = self.allocator.budgets([squeezed[i] for i in scored], keep_ratio)
+            if sub.shape != (len(scored), n_heads):
+                raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(sub.shape)}")
+            budgets[scored] = sub
         kept: list[Tensor | list[Tensor] | None] = []
         for layer_scores, layer_budgets in zip(squeezed, budgets):
-            if bool((layer_budgets >= n_tokens).all()):
+            if layer_scores is None or bool((layer_budgets >= layer_scores.shape[-1]).all()):
                 kept.append(None)
                 continue
             n_recent = self.n_recent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,13 +92,14 @@ class Outcome:
 
 
 @torch.no_grad()
-def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int) -> Prefill:
+def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float = 1.0) -> Prefill:
     device = model.device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(len(ids), device=device)[None]
     _sync(device)
     start = time.perf_counter()
-    with hooks.scoring(method.scorer, seed):
+    patch = method.scorer.prefill_patch(model, keep_ratio) if method.scorer is not None else nullcontext()
+    with hooks.scoring(method.scorer, seed), patch:
         out = model(input_ids=input_ids, position_ids=positions, past_key_values=DynamicCache(), use_cache=True,
                     logits_to_keep=1)
         _sync(device)
@@ -166,7 +168,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
     for i, ratio in enumerate(keep_ratios):
         meter = MemoryMeter(device)
         if shared is None or not method.shares_across_ratios:
-            shared = prefill(model, hooks, prompt, method, seed)
+            shared = prefill(model, hooks, prompt, method, seed, ratio)
             prefill_s, score_s = shared.prefill_s, shared.score_s
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
