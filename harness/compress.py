@@ -81,6 +81,10 @@ class Scorer:
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
 
+    def row_extras(self) -> dict[str, Any]:
+        """Method-specific facts about the last prefill, merged into each row (e.g. ASL's selection layer)."""
+        return {}
+
     def prefill_patch(self, model: nn.Module, keep_ratio: float):
         """Context manager entered around the prefill, for methods that change the prefill itself (e.g. ASL
         shortens hidden states from some layer on). Such a scorer sets ``shares_across_ratios = False``."""

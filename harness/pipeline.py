@@ -73,6 +73,7 @@ class Prefill:
     n_tokens: int
     prefill_s: float
     score_s: float
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Outcome:
     peak_mem_bytes: int
     budgets: list[list[int]] = field(default_factory=list)
     kept: list[Any] | None = None  # kept indices per layer (for diagnostics such as evidence retention)
+    extras: dict[str, Any] = field(default_factory=dict)  # the scorer's row_extras()
 
 
 @torch.no_grad()
@@ -106,7 +108,8 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         elapsed = time.perf_counter() - start
         score_s = hooks.score_seconds
         scores = list(hooks.scores)
-    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s)
+    extras = method.scorer.row_extras() if method.scorer is not None else {}
+    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras)
 
 
 @torch.no_grad()
@@ -173,7 +176,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
         meter.sample()
-        last_logits, full_bytes = shared.last_logits, cache_bytes(shared.cache)
+        last_logits, full_bytes, extras = shared.last_logits, cache_bytes(shared.cache), shared.extras
         _sync(device)
         start = time.perf_counter()
         budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
@@ -193,7 +196,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
             kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
             prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
             budgets=budgets.tolist() if budgets is not None else [],
-            kept=kept if keep_indices else None,
+            kept=kept if keep_indices else None, extras=extras,
         ))
         del cache
     return outcomes

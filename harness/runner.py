@@ -169,7 +169,7 @@ def _sample_rows(cfg, model, tokenizer, hooks, method, task, name, encoder, samp
             **base, "keep_ratio": o.keep_ratio, "prediction": o.prediction, "score": float(task.score(o.prediction, sample)),
             "error": None, "context_tokens": o.context_tokens, "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes,
             "kv_bytes_full": o.kv_bytes_full, "prefill_s": o.prefill_s, "compress_s": o.compress_s,
-            "decode_s": o.decode_s, "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets,
+            "decode_s": o.decode_s, "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **o.extras,
         })
     return rows
 
