@@ -63,6 +63,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("kvb_run_name", run_name)
 
 
+# At import, not in main(): submitit jobs unpickle this module in a fresh process and resolve the run dir there.
+_register_resolvers()
+
+
 def _app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -83,7 +87,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     check_group_overrides(sys.argv[1:])
-    _register_resolvers()
     import hydra
 
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()

@@ -191,3 +191,22 @@ class Method:
 def check_budgets(budgets: Tensor, n_tokens: int) -> None:
     if (budgets < 1).any() or (budgets > n_tokens).any():
         raise KvbenchError(f"budgets out of range [1, {n_tokens}]: min {int(budgets.min())}, max {int(budgets.max())}")
+
+
+def evidence_retention(kept: list[Tensor | list[Tensor] | None], evidence: list[int]) -> tuple[float, list[float]]:
+    """Fraction of evidence tokens kept: overall (mean over layers) and per layer (mean over KV heads).
+
+    A layer kept whole retains everything. Used for the diagnostic of "When does value-aware eviction help?"
+    (seed 004): did the method keep the tokens the answer needs?
+    """
+    if not evidence:
+        return 1.0, [1.0] * len(kept)
+    wanted = torch.tensor(sorted(set(evidence)))
+    per_layer = []
+    for idx in kept:
+        if idx is None:
+            per_layer.append(1.0)
+            continue
+        heads = list(idx) if isinstance(idx, list) else list(idx.unbind(0))
+        per_layer.append(sum(float(torch.isin(wanted, h.cpu()).float().mean()) for h in heads) / len(heads))
+    return sum(per_layer) / len(per_layer), per_layer

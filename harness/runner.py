@@ -20,6 +20,7 @@ from tqdm import tqdm
 import methods
 import tasks
 from harness.attention import install
+from harness.compress import evidence_retention
 from harness.errors import KvbenchError
 from harness.io import RowStore, atomic_write_json, atomic_write_text
 from harness.metrics import summarize
@@ -120,6 +121,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         task = tasks.get_task(name, **task_params(cfg.task))
         encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
         samples = task.samples(encoder, int(cfg.context_length), int(cfg.n_samples), int(cfg.seed))
+        for sample in samples:
+            n_tokens = encoder.count(sample.context, sample.question + sample.answer_prefix)
+            if n_tokens > int(cfg.context_length):
+                raise KvbenchError(
+                    f"context_length={cfg.context_length} is smaller than the prompt of {name} "
+                    f"({n_tokens} tokens for sample {sample.sample_id}); raise context_length"
+                )
         loaded.append((name, task, encoder, samples))
     prepare_dir(out_dir, cfg)
     store = RowStore(out_dir / "predictions.jsonl")
@@ -152,9 +160,11 @@ def _sample_rows(cfg, model, tokenizer, hooks, method, task, name, encoder, samp
         "context_length": int(cfg.context_length), "seed": int(cfg.seed), "query_aware": bool(cfg.query_aware),
         "answers": list(sample.answers), "meta": _jsonable(sample.meta),
     }
+    evidence = (encoder.context_token_indices(sample.context, sample.meta["evidence"])
+                if sample.meta.get("evidence") else None)
     try:
         outcomes = run_sample(model, tokenizer, hooks, method, ctx_ids, q_ids, ratios, bool(cfg.query_aware),
-                              max_new, task.stop_strings(), seed=int(cfg.seed))
+                              max_new, task.stop_strings(), seed=int(cfg.seed), keep_indices=evidence is not None)
     except (RuntimeError, torch.cuda.OutOfMemoryError, ValueError, IndexError) as err:
         # One failing sample (CUDA OOM, a generation error) must not end a sweep: record it and go on.
         log.warning("sample %s failed: %s", sample.sample_id, _error_text(err))
@@ -165,6 +175,9 @@ def _sample_rows(cfg, model, tokenizer, hooks, method, task, name, encoder, samp
                 for r in ratios]
     rows = []
     for o in outcomes:
+        if evidence is not None:
+            overall, by_layer = evidence_retention(o.kept, evidence)
+            o.extras = {**o.extras, "evidence_retention": overall, "evidence_retention_by_layer": by_layer}
         rows.append({
             **base, "keep_ratio": o.keep_ratio, "prediction": o.prediction, "score": float(task.score(o.prediction, sample)),
             "error": None, "context_tokens": o.context_tokens, "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes,

@@ -63,6 +63,19 @@ class PromptEncoder:
         ctx_ids, q_ids = self.encode(context, question)
         return len(ctx_ids) + len(q_ids)
 
+    def context_token_indices(self, context: str, spans: list[list[int]]) -> list[int]:
+        """Indices (in the encoded context) of the tokens overlapping any character span ``[start, end)``."""
+        wrapped, _ = self._wrap(context, "")
+        shift = wrapped.find(context) if self.chat else 0
+        enc = self.tokenizer(wrapped, add_special_tokens=not self.chat, return_offsets_mapping=True)
+        hits = []
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            if end <= start:
+                continue  # special tokens
+            if any(start < e + shift and end > b + shift for b, e in spans):
+                hits.append(i)
+        return hits
+
     def encode_sample(self, sample: Sample) -> tuple[list[int], list[int]]:
         return self.encode(sample.context, sample.question + sample.answer_prefix)
 

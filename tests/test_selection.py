@@ -141,3 +141,25 @@ def test_unknown_parameter_is_refused():
 def test_kvpress_preset_sets_window_kernel_pool():
     m = method("snapkv", preset="kvpress")
     assert (m.scorer.window, m.scorer.kernel, m.scorer.pool, m.n_recent) == (64, 5, "avg", 64)
+
+
+def test_evidence_retention_by_hand():
+    from harness.compress import evidence_retention
+
+    # Evidence tokens 2 and 5. Layer 0 kept whole; layer 1 dense: head 0 keeps both, head 1 keeps only 5;
+    # layer 2 ragged: head 0 keeps none, head 1 keeps 2.
+    kept = [None, torch.tensor([[1, 2, 5], [0, 5, 7]]), [torch.tensor([0, 1]), torch.tensor([2, 3, 4, 6])]]
+    overall, by_layer = evidence_retention(kept, [5, 2])
+    assert by_layer == [1.0, 0.75, 0.25]
+    assert overall == pytest.approx((1.0 + 0.75 + 0.25) / 3)
+    assert evidence_retention([None, None], [1])[0] == 1.0  # keep 1.0 keeps all evidence
+
+
+def test_evidence_char_spans_map_to_tokens():
+    from harness.tokenizer import byte_tokenizer
+    from tasks.base import PromptEncoder
+
+    enc = PromptEncoder(byte_tokenizer())
+    context = "abc KEY=42 def"
+    idx = enc.context_token_indices(context, [[8, 10]])  # "42"; token 0 is BOS, so byte i is token i+1
+    assert idx == [9, 10]
