@@ -57,6 +57,17 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, kv_len = query.shape[2], key.shape[2]
+    mask_fn = getattr(module, "_kvbench_mask_fn", None)
+    if mask_fn is not None:
+        # A method's own mask or additive bias (bool: True = attend; float: added to the logits), causality
+        # included; set on the module by the method's prefill/decode patch (SP-KV gates, LKV training biases).
+        mask = mask_fn(module, query, key)
+        if mask is not None:
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            hooks = getattr(module, "_kvbench_hooks", None)
+            if hooks is not None and hooks.scorer is not None:
+                hooks.on_prefill_attention(module, query, key, value)
+            return out, None
     # Plain prefill and one-token decoding: mask None, exactly what stock sdpa gets (bit-identical outputs).
     mask = None if (q_len == 1 or q_len == kv_len) else bottom_right_causal(q_len, kv_len, query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)

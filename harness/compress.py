@@ -90,6 +90,10 @@ class Scorer:
         shortens hidden states from some layer on). Such a scorer sets ``shares_across_ratios = False``."""
         return nullcontext()
 
+    def decode_patch(self, model: nn.Module, cache):
+        """Context manager entered around decoding on the pruned cache (e.g. SP-KV gates new entries)."""
+        return nullcontext()
+
 
 class Allocator:
     """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer."""

@@ -188,7 +188,9 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
         per_head = kept_per_head(cache)
         kv_bytes = cache_bytes(cache)
-        gen = decode(model, cache, tail, last_logits, len(prompt), max_new_tokens, tokenizer, stop_strings)
+        patch = method.scorer.decode_patch(model, cache) if method.scorer is not None else nullcontext()
+        with patch:
+            gen = decode(model, cache, tail, last_logits, len(prompt), max_new_tokens, tokenizer, stop_strings)
         meter.sample()
         n_heads = sum(len(h) for h in per_head)
         outcomes.append(Outcome(
