@@ -57,19 +57,14 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, kv_len = query.shape[2], key.shape[2]
+    # A method may set its own mask or additive bias on the module (bool: True = attend; float: added to the
+    # logits; causality included), e.g. SP-KV's gates or LKV's training bias. Otherwise: plain prefill and
+    # one-token decoding get mask None, exactly what stock sdpa gets (bit-identical outputs), and a multi-token
+    # step on a cache gets the bottom-right causal mask.
     mask_fn = getattr(module, "_kvbench_mask_fn", None)
-    if mask_fn is not None:
-        # A method's own mask or additive bias (bool: True = attend; float: added to the logits), causality
-        # included; set on the module by the method's prefill/decode patch (SP-KV gates, LKV training biases).
-        mask = mask_fn(module, query, key)
-        if mask is not None:
-            out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-            hooks = getattr(module, "_kvbench_hooks", None)
-            if hooks is not None and hooks.scorer is not None:
-                hooks.on_prefill_attention(module, query, key, value)
-            return out, None
-    # Plain prefill and one-token decoding: mask None, exactly what stock sdpa gets (bit-identical outputs).
-    mask = None if (q_len == 1 or q_len == kv_len) else bottom_right_causal(q_len, kv_len, query.device)
+    mask = mask_fn(module, query, key) if mask_fn is not None else None
+    if mask is None and q_len != 1 and q_len != kv_len:
+        mask = bottom_right_causal(q_len, kv_len, query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     hooks = getattr(module, "_kvbench_hooks", None)
     if hooks is not None and hooks.scorer is not None:
