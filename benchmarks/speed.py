@@ -1,0 +1,153 @@
+"""Speed of a sweep, measured side by side in one process (medians over repeats, alternating order).
+
+    python benchmarks/speed.py [--model reference|tiny] [--context 4096] [--repeats 3] [--json out.json]
+
+Prints, with the machine:
+  * sweep_5_ratios / single_ratio: one SnapKV prefill serving 5 keep ratios vs one ratio (target <= 1.3x);
+  * separate_5 / sweep_5_ratios: 5 separate runs (what kvpress does) vs our shared sweep;
+  * harness_full / bare_generate: our full-cache run vs transformers' model.generate on the same input
+    (target <= 1.05x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RATIOS = [0.1, 0.25, 0.5, 0.75, 0.9]
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": torch.get_num_threads(), "device": "cpu"}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def load(model_name: str):
+    from omegaconf import OmegaConf
+
+    from harness.models import REFERENCE_DIR, build_tiny, load_model
+
+    if model_name == "reference" and (REFERENCE_DIR / "config.json").exists():
+        return load_model(OmegaConf.create({"name": "reference", "path": None}))
+    if model_name == "reference":
+        print("reference checkpoint absent: using a random 4-layer model of similar size", file=sys.stderr)
+    return build_tiny("llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=32)
+
+
+def prompt(tokenizer, context: int) -> tuple[list[int], list[int]]:
+    import tasks
+    from tasks.base import PromptEncoder
+
+    try:
+        task = tasks.get_task("ruler/niah_single_1")
+        sample = task.samples(PromptEncoder(tokenizer), context, 1, 0)[0]
+        return PromptEncoder(tokenizer).encode_sample(sample)
+    except KeyError:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, len(tokenizer), (context,), generator=g).tolist()
+        return ids[:-16], ids[-16:]
+
+
+def method(name: str):
+    from omegaconf import OmegaConf
+
+    import methods
+
+    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
+    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml")).items()
+           if k != "defaults"}
+    return methods.build_method({**base, **own})
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from harness.attention import install
+    from harness.pipeline import run_sample
+
+    model, tok = load(args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    ctx, q = prompt(tok, args.context)
+    snap, full = method("snapkv"), method("full")
+    n = args.new_tokens
+    model.generation_config.eos_token_id = None  # every variant decodes exactly n tokens
+    tok_eos, tok.eos_token_id = tok.eos_token_id, None
+
+    def ours(m, ratios):
+        with install(model) as hooks:
+            run_sample(model, tok, hooks, m, ctx, q, ratios, True, n, [], 0)
+
+    def bare_generate():
+        ids = torch.tensor([ctx + q], device=device)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    variants = {
+        "single_ratio": lambda: ours(snap, [0.25]),
+        "sweep_5_ratios": lambda: ours(snap, RATIOS),
+        "separate_5": lambda: [ours(snap, [r]) for r in RATIOS],
+        "harness_full": lambda: ours(full, [1.0]),
+        "bare_generate": bare_generate,
+    }
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    tok.eos_token_id = tok_eos
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "context_tokens": len(ctx) + len(q),
+        "new_tokens": n,
+        "median_s": med,
+        "ratios": {
+            "sweep_5_ratios / single_ratio": med["sweep_5_ratios"] / med["single_ratio"],
+            "separate_5 / sweep_5_ratios": med["separate_5"] / med["sweep_5_ratios"],
+            "harness_full / bare_generate": med["harness_full"] / med["bare_generate"],
+        },
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
