@@ -13,17 +13,26 @@ from methods._attention import attention_probs, per_kv_head
 
 
 def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str) -> torch.Tensor:
+    """Window attention onto the tokens before the window, pooled; the window's own entries score 0 here and
+    are kept by the selector (``n_recent`` = window), as both the official code and kvpress force them in."""
     n_tokens = inputs.keys.shape[2]
     window = min(window, n_tokens)
-    probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_tokens - window)
-    scores = probs.mean(dim=2)  # [B, H_q, T]
+    n_prefix = n_tokens - window
+    batch, n_kv = inputs.keys.shape[:2]
+    if n_prefix == 0:
+        return torch.zeros(batch, n_kv, n_tokens, device=inputs.keys.device)
+    # Softmax over all keys (window included in the normalisation), then only the prefix columns.
+    probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_prefix)
+    scores = probs[..., :n_prefix].mean(dim=2)  # [B, H_q, T - window]
     if kernel > 1:
+        # Pooled over the prefix only, zero padding counted (avg) / -inf padding (max), like both references.
         pad = kernel // 2
         if pool == "max":
             scores = F.max_pool1d(scores, kernel, stride=1, padding=pad)
         else:
-            scores = F.avg_pool1d(scores, kernel, stride=1, padding=pad, count_include_pad=False)
-    return per_kv_head(scores, inputs.keys.shape[1])
+            scores = F.avg_pool1d(scores, kernel, stride=1, padding=pad)
+    scores = per_kv_head(scores, n_kv)
+    return F.pad(scores, (0, window), value=0.0)
 
 
 @register_scorer("snapkv")
