@@ -1,0 +1,121 @@
+"""Variable tracking (RULER ``vt``), after NVIDIA/RULER scripts/data/synthetic/variable_tracking.py.
+
+A chain ``VAR AAAAA = 12345``, ``VAR BBBBB = VAR AAAAA``, ... (num_hops + 1 statements, 5-letter names) is
+hidden among noise sentences, one statement per line, each statement at a random line (order kept). The
+prompt starts with one solved in-context example (3-letter names, its own noise, at most 500 tokens, its
+names and value re-drawn per sample as RULER's ``randomize_icl`` does), then a blank line, then the task.
+
+``meta["evidence"]``: spans of the queried chain's statements in ``context`` (the example's excluded);
+``meta["depth"]``: line depth in percent of the chain's first statement, ``meta["depths"]``: all of them.
+"""
+from __future__ import annotations
+
+import random
+import string
+
+from tasks.base import PromptEncoder, Sample
+from tasks.ruler.common import RulerTask, TextBuilder, depth_percent, fit_length, make_sample, rng_for
+from tasks.ruler.templates import CONFIGS, NOISE, split_template
+
+ICL_MAX_TOKENS = 500  # variable_tracking.py main(): the example is fitted to max_seq_length=500
+
+
+def _names(rng: random.Random, count: int, k: int) -> list[str]:
+    out: list[str] = []
+    while len(out) < count:
+        name = "".join(rng.choices(string.ascii_uppercase, k=k))
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _chains(rng: random.Random, num_chains: int, num_hops: int, k: int) -> tuple[list[list[str]], list[list[str]]]:
+    names = _names(rng, num_chains * (num_hops + 1), k)
+    all_vars, chains = [], []
+    for c in range(num_chains):
+        v = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
+        value = rng.randint(10000, 99998)  # np.random.randint(10000, 99999): upper bound exclusive
+        chain = [f"VAR {v[0]} = {value}"] + [f"VAR {v[j + 1]} = VAR {v[j]} " for j in range(num_hops)]
+        all_vars.append(v)
+        chains.append(chain)
+    return all_vars, chains
+
+
+def _haystack(rng: random.Random, chains: list[list[str]], n: int) -> list:
+    """Noise lines with each chain's statements at sorted random lines; statements as (chain, j, text).
+
+    RULER samples distinct lines (so it needs at least as many noise lines as statements); with fewer
+    noise lines (short budgets) the lines are drawn with replacement and statements may be adjacent."""
+    lines: list = [NOISE] * n
+    for c, chain in enumerate(chains):
+        if len(lines) >= len(chain):
+            positions = sorted(rng.sample(range(len(lines)), len(chain)))
+        else:
+            positions = sorted(rng.choices(range(len(lines) + 1), k=len(chain)))
+        for j, p in enumerate(positions):
+            lines.insert(p + j, (c, j, chain[j]))
+    return lines
+
+
+class VariableTrackingTask(RulerTask):
+    ruler_name = "vt"
+    category = "multi-hop tracing"
+    metric = "string_match_all"
+    haystack = "noise"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        cfg = CONFIGS["vt"]
+        self.num_chains, self.num_hops = cfg["num_chains"], cfg["num_hops"]
+        self.max_new_tokens = 30  # constants.py: variable_tracking tokens_to_generate
+        self.n_min = 0
+        self._icl_sizes: dict[tuple, int] = {}
+
+    def _prompt_parts(self, value: str, num_v: int) -> tuple[str, str, str]:
+        head, tail, prefix = split_template("variable_tracking")
+        return head, tail.format(query=value), prefix.format(query=value, num_v=num_v)
+
+    def _icl(self, rng: random.Random, n_icl: int) -> str:
+        """The solved example: its noise layout is fixed (one example per dataset as in RULER), names and
+        value are drawn from ``rng`` (RULER's randomize_icl)."""
+        hops = min(10, self.num_hops)
+        all_vars, chains = _chains(rng, 1, hops, 3)
+        lines = _haystack(rng_for("vt-icl-layout", n_icl), chains, n_icl)
+        body = "\n".join(x if isinstance(x, str) else x[2] for x in lines)
+        value = chains[0][0].split("=")[-1].strip()
+        head, tail, prefix = self._prompt_parts(value, hops + 1)
+        return head + body + tail + prefix + " " + " ".join(all_vars[0]) + "\n"
+
+    def _icl_size(self, encoder: PromptEncoder) -> int:
+        k = self._encoder_key(encoder, ICL_MAX_TOKENS)
+        if k not in self._icl_sizes:
+            rng_key = ("vt-icl-calibration",)
+            n, t = fit_length(lambda n: encoder.count(self._icl(rng_for(*rng_key), n), ""),
+                              ICL_MAX_TOKENS, 0, 0)
+            self._icl_sizes[k] = n if n is not None else 0
+        return self._icl_sizes[k]
+
+    def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        rng = rng_for(*key)
+        icl = self._icl(rng, self._icl_size(encoder))
+        all_vars, chains = _chains(rng, self.num_chains, self.num_hops, 5)
+        value = chains[0][0].split("=")[-1].strip()
+        lines = _haystack(rng_for(*key, "haystack", n), chains, n)
+        # RULER then applies context.replace(". \n", ".\n"): a no-op here (no line ends with ". ").
+        body = TextBuilder()
+        depths = []
+        for i, line in enumerate(lines):
+            if i:
+                body.add("\n")
+            if isinstance(line, str):
+                body.add(line)
+            else:
+                c, j, text = line
+                if c == 0:
+                    body.add(text, ("evidence", 0, len(text.rstrip())))
+                    depths.append(depth_percent(i, len(lines)))
+                else:
+                    body.add(text)
+        head, tail, prefix = self._prompt_parts(value, self.num_hops + 1)
+        meta = {"haystack": self.haystack, "depth": depths[0], "depths": depths, "query": value}
+        return make_sample(icl + "\n" + head, body, tail, prefix, all_vars[0], self.max_new_tokens, meta)
