@@ -384,6 +384,7 @@ class LKVLearner:
 
     def __init__(self, model: nn.Module, method_cfg: dict, hp: dict, seed: int = 0):
         sig = model_signature(model)
+        model.requires_grad_(False)  # LKV trains only its own parameters
         self.hp = {"width": int(hp.get("width", 32)), "use_hidden": bool(hp.get("use_hidden", False)),
                    "mode": str(hp.get("mode", "bias")), "temp": float(hp.get("temp", 1.0)),
                    "budget_weight": float(hp.get("budget_weight", 1.0)),
@@ -448,10 +449,13 @@ class LKVLearner:
             out = model(input_ids=qa, position_ids=pos, past_key_values=copy_cache(cache, values), use_cache=True)
         rate = torch.stack(keep_rate).mean()
         aux = {"budget": self.hp["budget_weight"] * (rate - keep_ratio) ** 2}
-        return out.logits[0], aux, {"keep": float(rate)}
+        return out.logits[0], aux, {"keep": float(rate.detach())}
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.params.parameters() if p.requires_grad]
 
     def checkpoint_hparams(self, method_cfg: dict) -> dict:
         return {**self.hp, "n_sink": self.n_sink, "n_recent": self.n_recent}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.params.state_dict())

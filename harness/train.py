@@ -1,0 +1,402 @@
+"""``kvbench-train``: train a learned eviction method (LKV, SP-KV) on a frozen model; a Hydra app (conf/train.yaml).
+
+    kvbench-train method=lkv model=reference out=harness/reference/lkv
+    kvbench-train method=spkv model=tiny-random data.source=random steps=20
+    kvbench-train method=lkv model=hf model.path=/ckpt data.path=corpus.jsonl
+
+Each step takes one sample: the context is prefilled with the full cache (no gradient), the full-cache model's
+continuation after the question is the target (``data.target=teacher``; ``answer`` uses the sample's answer,
+text corpora their own next tokens), and the method's learner computes the student's logits on the question +
+target with its soft compression; loss = ``ce_weight`` * next-token loss + ``kl_weight`` * KL(full || student)
+on the target positions + the learner's own terms (LKV's budget penalty, SP-KV's gate sparsity).
+
+Data (``data.source``): ``ruler`` (the RULER generators of ``data.tasks``, seeds from ``data.seed`` >= 1_000_000,
+never the evaluation seeds < 1000; falls back to ``synthetic`` while tasks/ruler is missing), ``synthetic``
+(built-in needle / multi-key / variable-tracking prompts in the same spirit), ``text`` (``data.path``: a .txt
+file or a .jsonl with a "text" field; random windows), ``random`` (random token ids, for tests).
+
+Checkpoints: the learned tensors only (``params.safetensors``) + ``config.json`` (model name/path and
+architecture, hyper-parameters, step) every ``save_every`` steps and at the end, plus ``train_state.pt``
+(optimizer) for resuming: rerunning the same command continues from the last saved step (the data of step k
+depends only on ``data.seed + k``, so a resumed run sees what an uninterrupted one would have).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import ListConfig
+
+from harness.errors import KvbenchError
+
+log = logging.getLogger("kvbench.train")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STATE_FILE, HISTORY_FILE = "train_state.pt", "history.jsonl"
+
+
+def learners() -> dict[str, type]:
+    from methods.lkv import LKVLearner
+    from methods.spkv import SPKVLearner
+
+    return {"lkv": LKVLearner, "spkv": SPKVLearner}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    ctx_ids: list[int]
+    q_ids: list[int]
+    target_ids: list[int] | None = None  # None = the teacher's greedy continuation
+    kind: str = ""
+
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+WORDS = ("apple river stone cloud maple tiger copper violet harbor falcon lemon orbit canyon willow ember "
+         "quartz meadow signal comet cedar velvet prism tundra beacon").split()
+
+
+def _fill(tok, parts: list[tuple[str, bool]], n_tokens: int, rng: random.Random) -> str:
+    """Haystack text of about ``n_tokens`` tokens with the needles inserted at random depths."""
+    per = max(1, len(tok(FILLER, add_special_tokens=False).input_ids))
+    n_fill = max(1, n_tokens // per)
+    chunks = [FILLER] * n_fill
+    for text, _ in parts:
+        chunks.insert(rng.randrange(len(chunks) + 1), text + " ")
+    return "".join(chunks)
+
+
+def synthetic_example(tok, n_tokens: int, seed: int) -> Example:
+    """A needle-in-a-haystack, multi-key or variable-tracking prompt of about ``n_tokens`` tokens."""
+    rng = random.Random(seed)
+    kind = ("niah_single", "niah_multikey", "vt")[seed % 3]
+    if kind == "vt":
+        value = str(rng.randrange(10000, 99999))
+        names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
+        lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 4)]
+        question = f"\nFind all variables that are assigned the value {value} in the text above."
+        prefix = f" Answer: According to the chain(s) of variables assigned the value {value}, 4 variable names are:"
+        answer = " " + " ".join(names)
+        needles = lines
+    else:
+        keys = rng.sample(WORDS, 4 if kind == "niah_multikey" else 1)
+        values = [str(rng.randrange(1000000, 9999999)) for _ in keys]
+        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        key, answer = keys[0], " " + values[0]
+        question = f"\nWhat is the special magic number for {key} mentioned in the provided text?"
+        prefix = f" The special magic number for {key} mentioned in the provided text is"
+    reserve = len(tok(question + prefix, add_special_tokens=False).input_ids) + 8 * len(needles) + 24
+    context = _fill(tok, [(n, True) for n in needles], max(16, n_tokens - reserve), rng)
+    ctx = tok(context, add_special_tokens=True).input_ids
+    q = tok(question + prefix, add_special_tokens=False).input_ids
+    return Example(list(ctx), list(q), list(tok(answer, add_special_tokens=False).input_ids), kind)
+
+
+def random_example(vocab: int, n_tokens: int, seed: int, n_question: int = 8) -> Example:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
+    return Example(ids[: n_tokens - n_question], ids[n_tokens - n_question:], None, "random")
+
+
+class TextCorpus:
+    """Random windows of a tokenized text corpus: context, one question token, then the scored continuation."""
+
+    def __init__(self, path: str, tok, continuation: int):
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise KvbenchError(f"data.path={path!r} does not exist; pass a .txt file or a .jsonl with a 'text' field")
+        if p.suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(p.read_text().splitlines()):
+                if line.strip():
+                    try:
+                        texts.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise KvbenchError(f"data.path={path!r} line {i + 1} is not JSON with a 'text' field") from None
+            text = "\n\n".join(texts)
+        else:
+            text = p.read_text()
+        self.ids = tok(text, add_special_tokens=False).input_ids
+        self.continuation = continuation
+
+    def example(self, n_tokens: int, seed: int) -> Example:
+        need = n_tokens + self.continuation
+        if len(self.ids) < need + 1:
+            raise KvbenchError(f"data.path corpus has {len(self.ids)} tokens, fewer than context_length + continuation ({need})")
+        start = random.Random(seed).randrange(len(self.ids) - need)
+        window = self.ids[start : start + need]
+        return Example(window[:n_tokens], window[n_tokens : n_tokens + 1], window[n_tokens + 1 :], "text")
+
+
+class DataStream:
+    """The example of step k (deterministic in ``data.seed + k``)."""
+
+    def __init__(self, cfg, tok, chat: bool):
+        self.cfg, self.tok, self.chat = cfg, tok, chat
+        self.source = "text" if cfg.get("path") else str(cfg.source)
+        if self.source not in ("ruler", "synthetic", "text", "random"):
+            raise KvbenchError(f"data.source={self.source!r} is not supported; allowed: ruler, synthetic, text, random")
+        if int(cfg.seed) < 1_000_000:
+            raise KvbenchError(f"data.seed={cfg.seed} must be >= 1000000 (evaluation uses seeds < 1000)")
+        lengths = cfg.context_length
+        self.lengths = [int(x) for x in lengths] if isinstance(lengths, (list, tuple, ListConfig)) else [int(lengths)]
+        self.corpus = TextCorpus(cfg.path, tok, int(cfg.continuation)) if self.source == "text" else None
+        self.tasks = None
+        if self.source == "ruler":
+            self.tasks = self._ruler_tasks()
+            if self.tasks is None:
+                log.warning("tasks/ruler is not available yet: training on the built-in synthetic prompts")
+                self.source = "synthetic"
+
+    def _ruler_tasks(self):
+        import tasks
+
+        out = []
+        for name in self.cfg.tasks:
+            try:
+                out.append((name, tasks.get_task(str(name))))
+            except KeyError:
+                return None
+        return out
+
+    def example(self, step: int) -> Example:
+        seed = int(self.cfg.seed) + step
+        n_tokens = self.lengths[random.Random(seed).randrange(len(self.lengths))]
+        if self.source == "random":
+            return random_example(len(self.tok), n_tokens, seed)
+        if self.source == "text":
+            return self.corpus.example(n_tokens, seed)
+        if self.source == "synthetic":
+            return synthetic_example(self.tok, n_tokens, seed)
+        from tasks.base import PromptEncoder
+
+        name, task = self.tasks[step % len(self.tasks)]
+        encoder = PromptEncoder(self.tok, chat=self.chat and not getattr(task, "skip_chat_template", False))
+        sample = task.samples(encoder, n_tokens, 1, seed)[0]
+        ctx, q = encoder.encode_sample(sample)
+        target = None
+        if str(self.cfg.target) == "answer":
+            answer = sample.answers[0] if len(sample.answers) == 1 else " ".join(sample.answers)
+            target = self.tok(" " + answer, add_special_tokens=False).input_ids
+        return Example(ctx, q, target, name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One step
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    ctx_ids: list[int]
+    qa_ids: list[int]  # question + target[:-1]: the student's input after the context
+    n_ctx: int
+    loss_from: int  # index in qa of the first position whose next token is a target
+    targets: list[int]
+    teacher: torch.Tensor  # [len(targets), V] full-cache logits at the target positions
+    cache: Any = None  # full-cache DynamicCache of the context
+    hidden: dict = field(default_factory=dict)  # layer -> hidden states of the context (if the learner asked)
+
+
+def eos_ids(model, tok) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = tok.eos_token_id if ids is None else ids
+    return set() if ids is None else set(ids if isinstance(ids, (list, tuple)) else [int(ids)])
+
+
+@torch.no_grad()
+def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidden: bool) -> Batch:
+    """Full-cache prefill of the context and the teacher's logits (and continuation) after the question."""
+    from transformers import DynamicCache
+
+    from methods.lkv import copy_cache, stash_hidden
+
+    device = model.device
+    n_ctx = len(ex.ctx_ids)
+    hidden: dict = {}
+    handles = stash_hidden(modules, hidden) if want_hidden else []
+    try:
+        out = model(input_ids=torch.tensor([ex.ctx_ids], device=device), position_ids=torch.arange(n_ctx, device=device)[None],
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    cache = out.past_key_values
+    q = list(ex.q_ids)
+    if ex.target_ids is not None:
+        targets = list(ex.target_ids)
+        ids = q + targets[:-1]
+        o = model(input_ids=torch.tensor([ids], device=device),
+                  position_ids=torch.arange(n_ctx, n_ctx + len(ids), device=device)[None],
+                  past_key_values=copy_cache(cache), use_cache=True)
+        teacher = o.logits[0, len(q) - 1 :]
+    else:
+        c = copy_cache(cache)
+        o = model(input_ids=torch.tensor([q], device=device),
+                  position_ids=torch.arange(n_ctx, n_ctx + len(q), device=device)[None], past_key_values=c, use_cache=True)
+        logits = [o.logits[0, -1]]
+        targets = []
+        pos = n_ctx + len(q)
+        for _ in range(max_new):
+            t = int(logits[-1].argmax())
+            targets.append(t)
+            if t in eos or len(targets) == max_new:
+                break
+            o = model(input_ids=torch.tensor([[t]], device=device), position_ids=torch.tensor([[pos]], device=device),
+                      past_key_values=c, use_cache=True)
+            logits.append(o.logits[0, -1])
+            pos += 1
+        teacher = torch.stack(logits[: len(targets)])
+        ids = q + targets[:-1]
+    return Batch(list(ex.ctx_ids), ids, n_ctx, len(q) - 1, targets, teacher.float(), cache,
+                 {k: v.detach() for k, v in hidden.items()})
+
+
+def step_loss(learner, model, modules, batch: Batch, keep_ratio: float, gen: torch.Generator, ce_w: float, kl_w: float):
+    logits, aux, stats = learner.student_logits(model, modules, batch, keep_ratio, gen)
+    student = logits[batch.loss_from : batch.loss_from + len(batch.targets)].float()
+    targets = torch.tensor(batch.targets, device=student.device)
+    ce = F.cross_entropy(student, targets)
+    kl = F.kl_div(student.log_softmax(-1), batch.teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+    loss = ce_w * ce + kl_w * kl + sum(aux.values())
+    return loss, {"ce": float(ce.detach()), "kl": float(kl.detach()), **{k: float(v.detach()) for k, v in aux.items()}, **stats}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------------------
+def model_info(model_cfg, model) -> dict:
+    from methods.lkv import model_signature
+
+    info = {"name": str(model_cfg.get("name")), "path": model_cfg.get("path"),
+            "family": model_cfg.get("family") if model_cfg.get("name") == "tiny-random" else None}
+    return {**info, **model_signature(model)}
+
+
+def train(cfg, out_dir: str | Path | None = None) -> dict:
+    """Train (or resume) into ``out_dir``; returns the final config.json content."""
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from harness.attention import attention_modules, install
+    from harness.models import load_model
+    from methods.lkv import ARCH_KEYS, load_checkpoint, save_checkpoint
+
+    name = str(cfg.method.name)
+    table = learners()
+    if name not in table:
+        raise KvbenchError(f"method={name!r} has nothing to train; allowed: {', '.join(sorted(table))}")
+    out = Path(out_dir or cfg.get("out") or f"results/train/{name}-{cfg.model.name}")
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    torch.manual_seed(int(cfg.seed))
+    model, tok = load_model(cfg.model)
+    model.requires_grad_(False)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    hp = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+    learner = table[name](model, method_cfg, hp, seed=int(cfg.seed))
+    info = model_info(cfg.model, model)
+    chat = bool(cfg.model.get("chat", False)) and getattr(tok, "chat_template", None) is not None
+    data = DataStream(cfg.data, tok, chat)
+    params = learner.trainable()
+    opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+    start, history = 0, []
+    if (out / "config.json").exists() and not cfg.get("overwrite", False):
+        prev = json.loads((out / "config.json").read_text())
+        if prev.get("method") != name:
+            raise KvbenchError(f"{out} holds a {prev.get('method')!r} checkpoint; use another out=<dir> or overwrite=true")
+        diff = [k for k in ARCH_KEYS if prev.get("model", {}).get(k) != info.get(k)]
+        if diff:
+            raise KvbenchError(f"{out} holds a checkpoint for model {prev['model'].get('name')} ({', '.join(diff)} differ); "
+                               "use another out=<dir> or overwrite=true")
+        _, tensors = load_checkpoint(out, name)
+        learner.load_state(tensors)
+        start = int(prev.get("step", 0))
+        if (out / HISTORY_FILE).exists():
+            history = [json.loads(x) for x in (out / HISTORY_FILE).read_text().splitlines() if x.strip()][:start]
+        if (out / STATE_FILE).exists():
+            state = torch.load(out / STATE_FILE, weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+        log.info("resuming %s from step %d", out, start)
+    steps = int(cfg.steps)
+    ratios = [float(r) for r in cfg.keep_ratios]
+    eos = eos_ids(model, tok)
+    hparams = {**learner.checkpoint_hparams(method_cfg), "lr": float(cfg.lr), "keep_ratios": ratios}
+
+    def save(step: int) -> None:
+        extra = {"step": step, "data": OmegaConf.to_container(cfg.data, resolve=True),
+                 "seed": int(cfg.seed), "steps": steps}
+
+        class _P(torch.nn.Module):  # what save_checkpoint stores: the learner's tensors
+            def state_dict(self, *a, **k):
+                return learner.state_dict()
+
+        save_checkpoint(out, name, _P(), info, hparams, extra)
+        (out / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+        torch.save({"optimizer": opt.state_dict(), "step": step}, out / (STATE_FILE + ".tmp"))
+        os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+
+    if start >= steps:
+        log.info("%s already trained for %d steps", out, start)
+        return json.loads((out / "config.json").read_text())
+    ema = None
+    t0 = time.time()
+    with install(model) as _:
+        modules = attention_modules(model)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {name}",
+                   disable=not cfg.get("progress", True), file=sys.stderr)
+        for step in bar:
+            ex = data.example(step)
+            rng = random.Random(int(cfg.data.seed) + step)
+            ratio = ratios[rng.randrange(len(ratios))]
+            gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
+            batch = prepare(model, modules, ex, int(cfg.data.max_new_tokens), eos, learner.needs_hidden)
+            loss, stats = step_loss(learner, model, modules, batch, ratio, gen, float(cfg.ce_weight), float(cfg.kl_weight))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
+            opt.step()
+            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            history.append({"step": step + 1, "loss": round(loss.item(), 5), "ratio": ratio, "kind": ex.kind,
+                            **{k: round(v, 5) for k, v in stats.items()}})
+            bar.set_postfix(loss=f"{loss.item():.3f}", ema=f"{ema:.3f}", **{k: f"{v:.3f}" for k, v in stats.items()})
+            if (step + 1) % int(cfg.save_every) == 0 or step + 1 == steps:
+                save(step + 1)
+        bar.close()
+    log.info("trained %s for %d steps in %.0fs -> %s", name, steps - start, time.time() - t0, out)
+    return json.loads((out / "config.json").read_text())
+
+
+def _app(cfg) -> None:
+    from harness.cli import fail
+
+    try:
+        train(cfg)
+    except KvbenchError as err:
+        fail(str(err))
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from harness.cli import check_group_overrides
+
+    check_group_overrides(sys.argv[1:])
+    import hydra
+
+    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")(_app)()
+
+
+if __name__ == "__main__":
+    main()
