@@ -220,11 +220,12 @@ def fit_length(measure: Callable[[int], int], limit: int, n_min: int, n_start: i
         elif hi is None:  # everything tried fits: grow along the measured slope
             pts = sorted(seen.items())
             fit_pts = [p for p in pts if p[1] <= limit]
+            slope = lo[1] / max(lo[0], 1)  # overestimates the slope (fixed part included): stays below
             if len(fit_pts) >= 2 and fit_pts[-1][0] > fit_pts[0][0]:
                 (a, ta), (b, tb) = fit_pts[0], fit_pts[-1]
-                slope = max((tb - ta) / (b - a), 1e-9)
-            else:
-                slope = max(lo[1] / max(lo[0], 1), 1e-9)  # overestimates the slope: stays below the limit
+                if tb > ta:
+                    slope = (tb - ta) / (b - a)
+            slope = max(slope, 0.25)  # a haystack unit (word, line, document) is never under ~1/4 token
             n = lo[0] + max(1, int((limit - lo[1]) / slope))
         else:
             (n0, t0), (n1, t1) = lo, hi

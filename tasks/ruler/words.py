@@ -1,0 +1,132 @@
+"""Aggregation tasks: common words extraction (``cwe``) and frequent words extraction (``fwe``).
+
+After NVIDIA/RULER scripts/data/synthetic/common_words_extraction.py and freq_words_extraction.py.
+
+cwe: a numbered list ``1. word 2. word ...`` where 10 common words appear ``freq_cw`` times and the others
+``freq_ucw`` times, shuffled; one solved example (40 words, 10x/3x) comes first. Below a 4096-token budget
+RULER uses a 20-word example (3x/1x) and 6x/1x in the task. The haystack size is the number of distinct
+words. ``meta["evidence"]``: spans of every occurrence of the 10 common words in the task's list.
+
+fwe: coded text of random 6-letter words drawn with Zipf counts ``int(n * k**-alpha / zeta(alpha))`` for
+rank k, the top word replaced by '...' (noise); the answer is ranks 2-4. Vocabulary size is
+``context_length // 50``. ``meta["evidence"]``: spans of every occurrence of the three answer words.
+"""
+from __future__ import annotations
+
+import random
+import string
+
+from tasks.base import PromptEncoder, Sample
+from tasks.ruler.common import (RulerTask, TextBuilder, common_words, make_sample, rng_for, word_list, zeta)
+from tasks.ruler.templates import CONFIGS, split_template
+
+
+def draw_words(rng: random.Random, k: int) -> list[str]:
+    """``k`` distinct words from the wonderwords vocabulary; beyond its size, adjective-noun compounds too."""
+    words = common_words()
+    if k <= len(words):
+        return rng.sample(words, k)
+    adjs, nouns = word_list("adjectives"), word_list("nouns")
+    idx = rng.sample(range(len(words) + len(adjs) * len(nouns)), k)
+    return [words[i] if i < len(words) else
+            f"{adjs[(i - len(words)) // len(nouns)]}-{nouns[(i - len(words)) % len(nouns)]}" for i in idx]
+
+
+def numbered(words: list[str]) -> str:
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+
+
+class CommonWordsTask(RulerTask):
+    ruler_name = "cwe"
+    category = "aggregation"
+    metric = "string_match_all"
+    haystack = "words"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        cfg = CONFIGS["cwe"]
+        self.freq_cw, self.freq_ucw, self.num_cw = cfg["freq_cw"], cfg["freq_ucw"], cfg["num_cw"]
+        self.max_new_tokens = 120  # constants.py: common_words_extraction tokens_to_generate
+        self.n_min = self.num_cw
+
+    def _example(self, rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int,
+                 rng_rest: random.Random | None = None):
+        """RULER's get_example. With ``rng_rest`` the common words come from ``rng`` and the rest (and the
+        shuffle) from ``rng_rest``: the same distribution, but the answer does not change with the size."""
+        if rng_rest is None:
+            words = draw_words(rng, num_words)
+            common, uncommon = words[:self.num_cw], words[self.num_cw:]
+        else:
+            common = draw_words(rng, self.num_cw)
+            taken = set(common)
+            uncommon = [w for w in draw_words(rng_rest, num_words) if w not in taken][:num_words - self.num_cw]
+            rng = rng_rest
+        word_list_ = common * common_repeats + uncommon * uncommon_repeats
+        rng.shuffle(word_list_)
+        return word_list_, common
+
+    def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        rng = rng_for(*key)
+        small = context_length < 4096  # RULER switches on max_seq_length < 4096
+        head, tail, prefix = split_template("common_words_extraction")
+        if small:
+            shot_list, shot_answer = self._example(rng, 20, 3, 1)
+            reps = (6, 1)
+        else:
+            shot_list, shot_answer = self._example(rng, 40, 10, 3)
+            reps = (self.freq_cw, self.freq_ucw)
+        shot = head + numbered(shot_list) + tail + prefix + " " + numbered(shot_answer)
+        items, answer = self._example(rng, n, *reps, rng_rest=rng_for(*key, "haystack", n))
+        common = set(answer)
+        body = TextBuilder()
+        for i, w in enumerate(items):
+            if i:
+                body.add(" ")
+            label = f"{i + 1}. "
+            if w in common:
+                body.add(label + w, ("evidence", len(label), len(label) + len(w)))
+            else:
+                body.add(label + w)
+        meta = {"haystack": self.haystack, "depth": None}
+        return make_sample(shot + "\n" + head, body, tail, prefix, answer, self.max_new_tokens, meta)
+
+
+class FreqWordsTask(RulerTask):
+    ruler_name = "fwe"
+    category = "aggregation"
+    metric = "string_match_all"
+    haystack = "coded words"
+    coded_wordlen = 6
+    n_min = 30  # enough words for ranks 2-4 to appear at least once
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(CONFIGS["fwe"]["alpha"])
+        self.max_new_tokens = 50  # constants.py: freq_words_extraction tokens_to_generate
+        self._zeta = zeta(self.alpha)
+
+    def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        rng = rng_for(*key)
+        vocab_size = max(10, context_length // 50)
+        vocab: list[str] = []
+        seen: set[str] = set()
+        while len(vocab) < vocab_size:
+            w = "".join(rng.choices(string.ascii_lowercase, k=self.coded_wordlen))
+            if w not in seen:
+                seen.add(w)
+                vocab.append(w)
+        vocab.sort()
+        rng.shuffle(vocab)
+        vocab[0] = "..."  # the top ranked word is noise
+        answer = vocab[1:4]
+        words = [w for k, w in enumerate(vocab, start=1) for _ in range(int(n * k ** -self.alpha / self._zeta))]
+        rng_for(*key, "haystack", n).shuffle(words)
+        wanted = set(answer)
+        body = TextBuilder()
+        for i, w in enumerate(words):
+            if i:
+                body.add(" ")
+            body.add(w, "evidence") if w in wanted else body.add(w)
+        head, tail, prefix = split_template("freq_words_extraction")
+        meta = {"haystack": self.haystack, "depth": None, "vocab_size": vocab_size}
+        return make_sample(head, body, tail, prefix, answer, self.max_new_tokens, meta)
