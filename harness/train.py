@@ -307,7 +307,8 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     chat = bool(cfg.model.get("chat", False)) and getattr(tok, "chat_template", None) is not None
     data = DataStream(cfg.data, tok, chat)
     params = learner.trainable()
-    opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+    lr = float(cfg.lr) if cfg.get("lr") is not None else learner.default_lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.weight_decay))
     start, history = 0, []
     if (out / "config.json").exists() and not cfg.get("overwrite", False):
         prev = json.loads((out / "config.json").read_text())
@@ -329,7 +330,7 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     steps = int(cfg.steps)
     ratios = [float(r) for r in cfg.keep_ratios]
     eos = eos_ids(model, tok)
-    hparams = {**learner.checkpoint_hparams(method_cfg), "lr": float(cfg.lr), "keep_ratios": ratios}
+    hparams = {**learner.checkpoint_hparams(method_cfg), "lr": lr, "keep_ratios": ratios}
 
     def save(step: int) -> None:
         extra = {"step": step, "data": OmegaConf.to_container(cfg.data, resolve=True),

@@ -451,6 +451,8 @@ class LKVLearner:
         aux = {"budget": self.hp["budget_weight"] * (rate - keep_ratio) ** 2}
         return out.logits[0], aux, {"keep": float(rate.detach())}
 
+    default_lr = 0.01
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.params.parameters() if p.requires_grad]
 

@@ -327,6 +327,8 @@ class SPKVLearner:
         open_share = float(torch.cat([(g > 0.1).float().flatten() for g in far_gates]).mean()) if far_gates else 1.0
         return out.logits[0, batch.n_ctx:], aux, {"u": float(u.detach()), "open": open_share}
 
+    default_lr = 0.05
+
     def trainable(self) -> list[nn.Parameter]:
         return list(self.params.parameters()) + list(self.model_params.values())
 
