@@ -1,0 +1,100 @@
+"""Time NVIDIA kvpress's own pipeline on a SnapKV ratio sweep. Runs in kvpress's environment, not kvbench's:
+
+    .peers/kvpress-venv/bin/python tools/conformance/kvpress_speed.py --model DIR --ids IDS.json \
+        [--ratios 0.1 0.25 0.5 0.75 0.9] [--max-new-tokens 16] [--repeats 3] [--threads 1]
+
+``DIR`` is a saved model (+ tokenizer) directory; ``IDS.json`` = ``{"context": [ids], "question": [ids]}``.
+``benchmarks/vs_kvpress.py`` writes both and calls this script, so the two sides load the same weights and
+get the same ids.
+
+What is timed, per compression ratio: kvpress's ``kv-press-text-generation`` pipeline with
+``SnapKVPress(compression_ratio=cr)`` (its defaults: window 64, kernel 5), query-agnostic (the pipeline's
+default: the press wraps the prefill of the context, the question is fed after it on the compressed cache),
+then greedy decoding of exactly ``max_new_tokens`` tokens (the model's ``eos_token_id`` is unset so no run
+stops early). The pipeline is called through ``Pipeline.forward`` on the already tokenised ids -- i.e. the
+whole pipeline minus ``preprocess`` (tokenisation of a string) and ``postprocess`` (a dict around the
+answer) -- because both sides must get identical ids; those two steps cost microseconds. kvpress, like any
+per-ratio press, prefills the context once per ratio: a 5-ratio sweep is 5 runs.
+
+Prints one JSON object: medians over ``repeats`` (after one warm-up sweep) of each ratio's run and of the
+whole sweep (sum of the 5 runs of one repeat), the answers, versions and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ids", required=True)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import kvpress
+    import transformers
+    from kvpress import SnapKVPress
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    with open(args.ids) as fh:
+        ids = json.load(fh)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None  # every run decodes exactly max_new_tokens tokens
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    inputs = {"context_ids": torch.tensor([ids["context"]]), "questions_ids": [torch.tensor([ids["question"]])]}
+
+    def run(cr: float) -> tuple[float, str]:
+        start = time.perf_counter()
+        out = pipe.forward(inputs, press=SnapKVPress(compression_ratio=cr), max_new_tokens=args.max_new_tokens)
+        elapsed = time.perf_counter() - start
+        return elapsed, pipe.postprocess(out, single_question=True)["answer"]
+
+    for cr in args.ratios:  # warm-up
+        run(cr)
+    per_ratio: dict[float, list[float]] = {cr: [] for cr in args.ratios}
+    sweeps, answers = [], {}
+    for _ in range(args.repeats):
+        total = 0.0
+        for cr in args.ratios:
+            elapsed, answers[cr] = run(cr)
+            per_ratio[cr].append(elapsed)
+            total += elapsed
+        sweeps.append(total)
+    print(json.dumps({
+        "kvpress_version": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "press": "SnapKVPress(window_size=64, kernel_size=5)",
+        "context_tokens": len(ids["context"]),
+        "question_tokens": len(ids["question"]),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "sweep_s": statistics.median(sweeps),
+        "sweep_s_all": sweeps,
+        "per_ratio_s": {str(cr): statistics.median(v) for cr, v in per_ratio.items()},
+        "answers": {str(cr): a for cr, a in answers.items()},
+    }))
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
