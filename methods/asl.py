@@ -1,0 +1,288 @@
+"""ASL, Adaptive Selection Layer (Taniguchi et al., ACL Findings 2026, arXiv 2601.07667): training-free
+layer-wise token pruning where the layer of the one-shot token selection is chosen per prompt.
+
+Per layer during prefill (``score`` is called from the attention function with that layer's post-RoPE
+queries and keys):
+
+* token scores: the softmax attention of the last ``window`` queries (the observation window) onto the
+  tokens before the window ("past-only"), summed over the window queries, smoothed by a 1-D **average** pool
+  of ``kernel`` (7) over those tokens (zero padding counted, ``AvgPool1D``'s default), and **summed over all
+  query heads** (one score per token: the selection drops hidden states, so it cannot differ per head).
+  Average pooling and the head sum follow the paper's description (SnapKV's official code max-pools;
+  ``pool: max`` is available). The method description is from secondary summaries of the paper (the PDF and
+  code were not available here), so thresholds may need re-checking against the authors' code;
+* ranks: 0 = most attended, over the ``T - window`` context tokens;
+* from ``start_layer`` on, ``V(l)`` = mean over the top-``k`` tokens of layer ``l`` (``k = budget - window``)
+  of the variance (population) of each token's rank over layers ``l - lookback + 1 .. l``; the ratio
+  ``V(l) / V(start_layer)`` is 1 at the start layer, and the first layer ``l >= start_layer`` where it is
+  below ``threshold`` is the selection layer (``choose_layer`` is that rule as a pure function; the prefill
+  applies it incrementally, layer by layer, with the same code).
+
+At the selection layer ``l`` the kept tokens are the top-``k`` context tokens by that layer's scores plus the
+last ``window`` tokens (``budget = n_keep(T, keep_ratio)`` in all), in original order. Layer ``l``'s cache is
+cut to them at once, and a forward pre-hook on every deeper decoder layer (installed by ``prefill_patch``)
+shortens ``hidden_states``, ``position_embeddings`` (cos, sin), ``position_ids`` and any attention mask to
+them, so deeper layers compute and cache only the kept tokens, with their original positions (RoPE).
+The last prompt token is always kept (it is in the window), so ``logits_to_keep=1`` still gives its logits.
+
+Layers before ``l`` keep their full cache (``early_layers: full``) or get SnapKV at the same budget
+(``early_layers: snapkv``, the default, as the paper pairs ASL with SnapKV for decoding). If no layer
+qualifies, every layer gets SnapKV (``asl_layer = -1``). ``fixed_layer`` forces the selection at one layer
+(fixed-layer one-shot selection, as FastKV / GemFilter, for ablations and tests).
+
+Defaults: window 32, kernel 7, threshold 0.3, start layer 10 and lookback 8 on 32-layer models, scaled
+for other depths as ``round_half_up(10 / 32 * n_layers)`` and ``max(2, round_half_up(8 / 32 * n_layers))``.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
+from harness.errors import KvbenchError
+from methods._attention import attention_probs
+from methods.snapkv import snap_scores
+
+REF_LAYERS, REF_START, REF_LOOKBACK = 32, 10, 8
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def default_start(n_layers: int) -> int:
+    return min(n_layers - 1, _round_half_up(REF_START / REF_LAYERS * n_layers))
+
+
+def default_lookback(n_layers: int) -> int:
+    return max(2, _round_half_up(REF_LOOKBACK / REF_LAYERS * n_layers))
+
+
+def ranks_of(scores: Tensor) -> Tensor:
+    """Rank of every token (0 = highest score; ties broken by position), float32."""
+    order = scores.argsort(descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks.float()
+
+
+def rank_variance(rank_history: list[Tensor | None], layer: int, lookback: int, k: int) -> float:
+    """``V(layer)``: mean over the top-``k`` tokens of ``layer`` (rank < k) of the population variance of each
+    token's rank over layers ``layer - lookback + 1 .. layer`` (clipped at layer 0)."""
+    first = max(0, layer - lookback + 1)
+    window = torch.stack([rank_history[i] for i in range(first, layer + 1)])  # [n, T_ctx]
+    top = rank_history[layer] < k
+    if not bool(top.any()):
+        return 0.0
+    return float(window[:, top].var(dim=0, unbiased=False).mean())
+
+
+def variance_ratio(v: float, v_start: float) -> float:
+    if v_start > 0:
+        return v / v_start
+    return 1.0 if v == v_start else math.inf  # a start layer with no variance: only a threshold > 1 selects
+
+
+def choose_layer(rank_history: list[Tensor | None], start: int, lookback: int, threshold: float, k: int) -> int:
+    """The selection layer by ASL's rule, or -1 when no layer qualifies.
+
+    ``rank_history[l]`` is the rank (0 = most attended) of every context token at layer ``l`` (entries before
+    ``start - lookback + 1`` may be None). The first ``l >= start`` with ``V(l) / V(start) < threshold``.
+    """
+    v_start = None
+    for layer in range(start, len(rank_history)):
+        v = rank_variance(rank_history, layer, lookback, k)
+        if v_start is None:
+            v_start = v
+        if variance_ratio(v, v_start) < threshold:
+            return layer
+    return -1
+
+
+def _pool(scores: Tensor, kernel: int, pool: str) -> Tensor:
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    pad = kernel // 2
+    if pool == "max":
+        return F.max_pool1d(scores, kernel, stride=1, padding=pad)
+    return F.avg_pool1d(scores, kernel, stride=1, padding=pad)  # zero padding counted, as AvgPool1D's default
+
+
+def _index_seq(t: Tensor, idx: Tensor, n_tokens: int, dim: int) -> Tensor:
+    return t.index_select(dim, idx) if t.shape[dim] == n_tokens else t
+
+
+@register_scorer("asl")
+class ASLScorer(Scorer):
+    shares_across_ratios = False  # the prefill itself depends on the budget
+
+    def __init__(self, window: int = 32, kernel: int = 7, pool: str = "avg", threshold: float = 0.3,
+                 start_layer: int | None = None, lookback: int | None = None, early_layers: str = "snapkv",
+                 snapkv_kernel: int = 7, snapkv_pool: str = "max", fixed_layer: int | None = None):
+        for name, value in (("pool", pool), ("snapkv_pool", snapkv_pool)):
+            if value not in ("max", "avg"):
+                raise KvbenchError(f"method.{name}={value!r} is not supported; allowed: max, avg")
+        if early_layers not in ("full", "snapkv"):
+            raise KvbenchError(f"method.early_layers={early_layers!r} is not supported; allowed: full, snapkv")
+        if lookback is not None and int(lookback) < 1:
+            raise KvbenchError(f"method.lookback={lookback!r} must be >= 1")
+        self.window, self.kernel, self.pool = int(window), int(kernel), pool
+        self.threshold = float(threshold)
+        self.start_layer = None if start_layer is None else int(start_layer)
+        self.lookback = None if lookback is None else int(lookback)
+        self.early_layers = early_layers
+        self.snapkv_kernel, self.snapkv_pool = int(snapkv_kernel), snapkv_pool
+        self.fixed_layer = None if fixed_layer is None else int(fixed_layer)
+        self._active = False
+        self._reset(1.0)
+
+    # ---- per-prefill state -------------------------------------------------------------------------------
+    def _reset(self, keep_ratio: float) -> None:
+        self.keep_ratio = keep_ratio
+        self.n_tokens = 0
+        self.n_layers = 0
+        self.budget = 0
+        self.rank_history: list[Tensor | None] = []
+        self.ratios: dict[int, float] = {}
+        self._v_start: float | None = None
+        self.last_selection_layer = -1
+        self.last_selected: Tensor | None = None  # kept token indices (original positions), sorted
+        self._cache = None
+        self._short: dict[str, Any] = {}
+
+    def resolved(self, n_layers: int) -> tuple[int, int]:
+        """(start layer, lookback) for a model depth."""
+        start = default_start(n_layers) if self.start_layer is None else min(self.start_layer, n_layers - 1)
+        lookback = default_lookback(n_layers) if self.lookback is None else self.lookback
+        return start, lookback
+
+    def split(self, n_tokens: int) -> tuple[int, int]:
+        """(k, n_window): top-k context tokens + the last n_window tokens = the budget."""
+        n_window = min(self.window, n_tokens, self.budget)
+        return self.budget - n_window, n_window
+
+    # ---- scoring, called from the attention function of every layer ---------------------------------------
+    def score(self, inputs: LayerInputs) -> Tensor | None:
+        layer = inputs.layer_idx
+        if not self._active:
+            raise KvbenchError("method asl needs its prefill_patch (harness.pipeline.prefill enters it)")
+        if self.last_selected is not None:
+            return None  # a layer at or after the selection: already holds only the kept tokens
+        self.n_layers = inputs.n_layers
+        n_tokens = inputs.keys.shape[2]
+        if self.budget == 0:
+            self.n_tokens, self.budget = n_tokens, n_keep(n_tokens, self.keep_ratio)
+            self.rank_history = [None] * inputs.n_layers
+        start, lookback = self.resolved(inputs.n_layers)
+        k, n_window = self.split(n_tokens)
+        forced = self.fixed_layer is not None
+        if (layer >= start - lookback + 1 and not forced) or layer == self.fixed_layer:
+            w, n_ctx = min(self.window, n_tokens), n_tokens - n_window
+            probs = attention_probs(inputs.queries[:, :, -w:], inputs.keys, inputs.scaling, n_tokens - w)
+            past = probs[:, :, :, :n_ctx].sum(dim=2)  # [B, H_q, T_ctx]: the window's attention onto the past
+            token_scores = _pool(past, self.kernel, self.pool).sum(dim=1)[0]  # [T_ctx]
+            self.rank_history[layer] = ranks_of(token_scores)
+            selected = False
+            if forced:
+                selected = layer == self.fixed_layer
+            elif layer >= start:
+                v = rank_variance(self.rank_history, layer, lookback, k)
+                if self._v_start is None:
+                    self._v_start = v
+                self.ratios[layer] = variance_ratio(v, self._v_start)
+                selected = self.ratios[layer] < self.threshold
+            if selected:
+                self._select(inputs, token_scores, k, n_window)
+                return None
+        # SnapKV scores for the layers before the selection (or every layer when none qualifies): exactly the
+        # snapkv scorer's (it recomputes the window's attention, a small cost next to the layer).
+        return snap_scores(inputs, self.window, self.snapkv_kernel, self.snapkv_pool)
+
+    def _select(self, inputs: LayerInputs, token_scores: Tensor, k: int, n_window: int) -> None:
+        layer, n_tokens = inputs.layer_idx, self.n_tokens
+        device = inputs.keys.device
+        top = token_scores.topk(k).indices if k > 0 else torch.zeros(0, dtype=torch.long, device=device)
+        recent = torch.arange(n_tokens - n_window, n_tokens, device=device)
+        idx = torch.cat([top.sort().values, recent])
+        self.last_selection_layer, self.last_selected = layer, idx
+        # This layer's cache keeps only the selected tokens (its attention output is already computed).
+        cache_layer = self._cache.layers[layer]
+        cache_layer.keys = cache_layer.keys.index_select(2, idx)
+        cache_layer.values = cache_layer.values.index_select(2, idx)
+        hooks = getattr(inputs.module, "_kvbench_hooks", None)
+        if self.early_layers == "full" and hooks is not None:
+            # Earlier layers returned SnapKV scores in case no layer qualified; now they stay whole.
+            for i in range(layer):
+                hooks.scores[i] = None
+
+    # ---- the prefill patch: decoder-layer pre-hooks that shorten everything after the selection -----------
+    def _pre_hook(self, module, args, kwargs):
+        layer = module._kvbench_asl_idx
+        if layer == 0 and self._cache is None:
+            self._cache = kwargs.get("past_key_values")
+            if self._cache is None:
+                raise KvbenchError("method asl needs use_cache=True during prefill")
+        idx = self.last_selected
+        if idx is None or layer <= self.last_selection_layer:
+            return None
+        n = self.n_tokens
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = _index_seq(hidden, idx, n, 1)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            if "pe" not in self._short:
+                self._short["pe"] = tuple(_index_seq(t, idx, n, 1) for t in pe)
+            kwargs["position_embeddings"] = self._short["pe"]
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, Tensor):
+            kwargs["position_ids"] = _index_seq(pos, idx, n, pos.dim() - 1)
+        cpos = kwargs.get("cache_position")
+        if isinstance(cpos, Tensor):
+            kwargs["cache_position"] = _index_seq(cpos, idx, n, cpos.dim() - 1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 4:
+            kwargs["attention_mask"] = _index_seq(_index_seq(mask, idx, n, 2), idx, n, 3)
+        elif mask is not None and not isinstance(mask, Tensor):
+            raise KvbenchError(f"method asl cannot shorten an attention mask of type {type(mask).__name__}")
+        return args, kwargs
+
+    @contextmanager
+    def prefill_patch(self, model, keep_ratio: float):
+        layers = list(getattr(getattr(model, "model", model), "layers"))
+        self._reset(keep_ratio)
+        self._active = True
+        handles = []
+        try:
+            for i, layer in enumerate(layers):
+                layer._kvbench_asl_idx = i
+                handles.append(layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in layers:
+                if hasattr(layer, "_kvbench_asl_idx"):
+                    del layer._kvbench_asl_idx
+            self._active = False
+            self._cache = None
+            self._short = {}
+
+    # ---- facts for the rows ------------------------------------------------------------------------------
+    def row_extras(self) -> dict[str, Any]:
+        """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens
+        the deeper layers processed (the prompt length when none); ``asl_skipped``: fraction of the
+        (layer, token) work of the decoder layers skipped, an estimate of the prefill saved."""
+        layer, n, n_layers = self.last_selection_layer, self.n_tokens, max(1, self.n_layers)
+        kept = n if self.last_selected is None else int(self.last_selected.numel())
+        deeper = 0 if layer < 0 else n_layers - 1 - layer
+        skipped = deeper * (n - kept) / (n_layers * n) if n else 0.0
+        return {"asl_layer": layer, "asl_kept_tokens": kept, "asl_skipped": round(skipped, 6)}
