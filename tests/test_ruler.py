@@ -320,3 +320,54 @@ def test_qa_fixture(enc, name):
     s = task.sample(enc, 2048, 0, 0)
     assert task.score(f"The answer is {s.answers[0].upper()}.", s) == 1.0
     assert task.score("no idea", s) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ essays
+def _essay_text():
+    return " ".join(f"Essay sentence number {i} talks about towns and rivers. Another point follows here!"
+                    for i in range(400))
+
+
+@pytest.mark.parametrize("layout", ["json", "folder"])
+def test_essays_from_data_dir(enc, tmp_path, layout):
+    import json
+
+    text = _essay_text()
+    if layout == "json":
+        (tmp_path / "PaulGrahamEssays.json").write_text(json.dumps({"text": text}))
+    else:
+        (tmp_path / "PaulGrahamEssays").mkdir()
+        (tmp_path / "PaulGrahamEssays" / "a.txt").write_text(text[:5000])
+        (tmp_path / "PaulGrahamEssays" / "b.txt").write_text(text[5000:])
+    s = make_task("niah_single_2", data_dir=str(tmp_path)).sample(enc, 4096, 0, 0)
+    _check_fit(enc, s, 4096)
+    assert s.meta["fallback_haystack"] is False
+    assert "Essay sentence number 0 talks about towns and rivers." in s.context
+    # the needle sits between whole sentences
+    b, e = s.meta["needle_spans"][0]
+    assert s.context[b - 2] in ".!\n" and s.context[e] == " "
+    # longer than the corpus: RULER repeats it
+    long = make_task("niah_single_2", data_dir=str(tmp_path)).sample(enc, 65536, 0, 0)
+    assert long.context.count("Essay sentence number 0 talks") >= 2
+
+
+def test_fit_with_a_bpe_tokenizer():
+    """Merges make token counts non-additive: the fit must still hold (a BPE trained here, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.ruler.common import DATA
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([(DATA / "fallback_essays.txt").read_text()[:60000]], trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", model_max_length=1 << 20)
+    enc = PromptEncoder(tok)
+    for name in ("niah_single_2", "niah_multikey_3", "vt", "fwe", "qa_1"):
+        kw = {"data_dir": FIXTURES} if name == "qa_1" else {}
+        for s in make_task(name, **kw).samples(enc, 4096, 3, seed=0):
+            _check_fit(enc, s, 4096)
