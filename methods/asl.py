@@ -277,6 +277,15 @@ class ASLScorer(Scorer):
             self._short = {}
 
     # ---- facts for the rows ------------------------------------------------------------------------------
+    def prefill_kept(self) -> list[Tensor | None]:
+        """Per layer, the original indices the last prefill already cut the cache to (``[1, S]``, shared by all
+        heads), None where the prefill kept every token. ``Method.plan`` sees those layers as kept whole
+        (score None), so diagnostics such as evidence retention need these instead."""
+        layer, idx = self.last_selection_layer, self.last_selected
+        if idx is None:
+            return [None] * self.n_layers
+        return [None] * layer + [idx[None]] * (self.n_layers - layer)
+
     def row_extras(self) -> dict[str, Any]:
         """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens
         the deeper layers processed (the prompt length when none); ``asl_skipped``: fraction of the

@@ -101,6 +101,8 @@ def test_cache_lengths_after_selection_all_families(family):
             assert lengths == [t if early == "full" else budget] * sel + [budget] * (N_LAYERS - sel)
             idx = m.scorer.last_selected
             assert idx.numel() == budget and bool((idx[1:] > idx[:-1]).all())
+            pk = m.scorer.prefill_kept()
+            assert pk[:sel] == [None] * sel and all(torch.equal(p[0], idx) for p in pk[sel:])
             assert idx[-32:].tolist() == list(range(t - 32, t))  # the observation window
             assert pre.extras == {"asl_layer": sel, "asl_kept_tokens": budget,
                                   "asl_skipped": round((N_LAYERS - 1 - sel) * (t - budget) / (N_LAYERS * t), 6)}
