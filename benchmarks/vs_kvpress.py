@@ -15,7 +15,9 @@
   ``SnapKVPress`` at compression ratios [0.1, 0.25, 0.5, 0.75, 0.9] = the same 5 budgets, 5 runs (kvpress
   prefills once per ratio).
 * Both decode exactly ``--max-new-tokens`` tokens greedily (EOS unset), on the same number of threads; times
-  are medians over ``--repeats`` sweeps after a warm-up sweep, model loading excluded.
+  are medians over ``--repeats`` sweeps after a warm-up sweep each, model loading excluded. kvpress runs as a
+  server (``--serve``) so that its sweeps alternate with ours (who goes first alternates too): on a shared
+  machine both sides then see the same load. Process CPU time is reported beside wall-clock time.
 
 The answers of both sides are compared per ratio (same kept entries and greedy decoding should give the same
 text; a difference can only come from float-level ties). Target: kvpress_time / ours >= 3.
@@ -142,23 +144,49 @@ def main() -> None:
                                   args.max_new_tokens, [], 0)
 
         ours()  # warm-up
-        sweeps, outcomes = [], None
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            outcomes = ours()
-            sweeps.append(time.perf_counter() - start)
-        ours_s = statistics.median(sweeps)
-
         cmd = [args.kvpress_python, str(ROOT / "tools/conformance/kvpress_speed.py"), "--model", str(model_dir),
                "--ids", str(ids_path), "--ratios", *[str(round(1 - r, 6)) for r in KEEP_RATIOS],
-               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            sys.exit(f"kvpress run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-        theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--serve"]
+        with open(tmp_dir / "kvpress.stderr", "w+") as err, subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT
+        ) as proc:
 
-    same = {str(r): outcomes[i].prediction == theirs["answers"][str(round(1 - r, 6))]
+            def kvpress_line() -> dict:
+                line = proc.stdout.readline()
+                if not line:
+                    err.seek(0)
+                    sys.exit(f"kvpress run failed ({' '.join(cmd)}):\n{err.read()[-3000:]}")
+                return json.loads(line)
+
+            def kvpress_sweep() -> dict:
+                proc.stdin.write("sweep\n")
+                proc.stdin.flush()
+                return kvpress_line()
+
+            def ours_sweep():
+                start, cpu = time.perf_counter(), time.process_time()
+                result = ours()
+                return time.perf_counter() - start, time.process_time() - cpu, result
+
+            info = kvpress_line()["ready"]  # loaded and warmed up
+            mine, theirs = [], []
+            for i in range(args.repeats):  # interleaved, alternating who goes first: both see the same load
+                if i % 2:
+                    theirs.append(kvpress_sweep())
+                    mine.append(ours_sweep())
+                else:
+                    mine.append(ours_sweep())
+                    theirs.append(kvpress_sweep())
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+        outcomes = mine[-1][2]
+        ours_s = statistics.median(m[0] for m in mine)
+        kvpress_s = statistics.median(t["sweep_s"] for t in theirs)
+        ours_cpu = statistics.median(m[1] for m in mine)
+        kvpress_cpu = statistics.median(t["sweep_cpu_s"] for t in theirs)
+        pair_ratios = [t["sweep_s"] / m[0] for m, t in zip(mine, theirs)]
+
+    same = {str(r): outcomes[i].prediction == theirs[-1]["answers"][str(round(1 - r, 6))]
             for i, r in enumerate(KEEP_RATIOS)}
     result = {
         "machine": machine(args.threads),
@@ -170,18 +198,24 @@ def main() -> None:
         "method": "snapkv preset=kvpress (window 64, kernel 5, avg), query-agnostic",
         "keep_ratios": KEEP_RATIOS,
         "ours_sweep_s": ours_s,
-        "ours_sweep_s_all": sweeps,
-        "ours_prefill_s": outcomes[0].prefill_s,
-        "ours_compress_s": [o.compress_s for o in outcomes],
-        "ours_decode_s": [o.decode_s for o in outcomes],
-        "kvpress": {k: v for k, v in theirs.items() if k != "answers"},
+        "ours_sweep_s_all": [m[0] for m in mine],
+        "ours_sweep_cpu_s": ours_cpu,
+        "ours_last_sweep": {"prefill_s": outcomes[0].prefill_s, "compress_s": [o.compress_s for o in outcomes],
+                            "decode_s": [o.decode_s for o in outcomes]},
+        "kvpress": {**info, "sweep_s": kvpress_s, "sweep_s_all": [t["sweep_s"] for t in theirs],
+                    "sweep_cpu_s": kvpress_cpu,
+                    "per_ratio_s": {cr: statistics.median(t["per_ratio_s"][cr] for t in theirs)
+                                    for cr in theirs[0]["per_ratio_s"]}},
         "same_answer_per_keep_ratio": same,
-        "kvpress_time / ours": theirs["sweep_s"] / ours_s,
+        "kvpress_time / ours per interleaved pair": pair_ratios,
+        "kvpress_cpu / ours_cpu": kvpress_cpu / ours_cpu,
+        "kvpress_time / ours": kvpress_s / ours_s,
     }
     print(json.dumps(result, indent=2))
-    print(f"kvpress_time / ours = {theirs['sweep_s']:.3f} s / {ours_s:.3f} s = {theirs['sweep_s'] / ours_s:.2f}x "
-          f"(target >= 3x; {len(ctx)}-token context, {args.max_new_tokens} new tokens, 5 ratios, "
-          f"{args.threads} thread(s), {result['machine'].get('cpu', '?')})")
+    print(f"kvpress_time / ours = {kvpress_s:.3f} s / {ours_s:.3f} s = {kvpress_s / ours_s:.2f}x wall "
+          f"({kvpress_cpu / ours_cpu:.2f}x CPU time; target >= 3x; {len(ctx)}-token context, "
+          f"{args.max_new_tokens} new tokens, 5 ratios, {args.threads} thread(s), "
+          f"{result['machine'].get('cpu', '?')}, load {result['machine'].get('load_average', '?')})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

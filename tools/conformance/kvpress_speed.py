@@ -1,7 +1,7 @@
 """Time NVIDIA kvpress's own pipeline on a SnapKV ratio sweep. Runs in kvpress's environment, not kvbench's:
 
     .peers/kvpress-venv/bin/python tools/conformance/kvpress_speed.py --model DIR --ids IDS.json \
-        [--ratios 0.1 0.25 0.5 0.75 0.9] [--max-new-tokens 16] [--repeats 3] [--threads 1]
+        [--ratios 0.1 0.25 0.5 0.75 0.9] [--max-new-tokens 16] [--repeats 3] [--threads 1] [--serve]
 
 ``DIR`` is a saved model (+ tokenizer) directory; ``IDS.json`` = ``{"context": [ids], "question": [ids]}``.
 ``benchmarks/vs_kvpress.py`` writes both and calls this script, so the two sides load the same weights and
@@ -17,13 +17,19 @@ answer) -- because both sides must get identical ids; those two steps cost micro
 per-ratio press, prefills the context once per ratio: a 5-ratio sweep is 5 runs.
 
 Prints one JSON object: medians over ``repeats`` (after one warm-up sweep) of each ratio's run and of the
-whole sweep (sum of the 5 runs of one repeat), the answers, versions and thread count.
+whole sweep (sum of the 5 runs of one repeat), wall-clock and process CPU time, the answers, versions and
+thread count.
+
+``--serve``: after loading and the warm-up, print ``{"ready": ...}`` and then run one sweep per ``sweep`` line
+read on stdin, printing one JSON line per sweep (``quit`` or end of input stops). ``benchmarks/vs_kvpress.py``
+uses it to interleave kvpress's sweeps with ours, so both see the same machine load.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -37,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serve", action="store_true", help="one sweep per 'sweep' line on stdin (see above)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -59,18 +66,14 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         return elapsed, pipe.postprocess(out, single_question=True)["answer"]
 
-    for cr in args.ratios:  # warm-up
-        run(cr)
-    per_ratio: dict[float, list[float]] = {cr: [] for cr in args.ratios}
-    sweeps, answers = [], {}
-    for _ in range(args.repeats):
-        total = 0.0
+    def sweep() -> dict:
+        cpu_start, per_ratio, answers = time.process_time(), {}, {}
         for cr in args.ratios:
-            elapsed, answers[cr] = run(cr)
-            per_ratio[cr].append(elapsed)
-            total += elapsed
-        sweeps.append(total)
-    print(json.dumps({
+            per_ratio[str(cr)], answers[str(cr)] = run(cr)
+        return {"sweep_s": sum(per_ratio.values()), "sweep_cpu_s": time.process_time() - cpu_start,
+                "per_ratio_s": per_ratio, "answers": answers}
+
+    info = {
         "kvpress_version": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -79,11 +82,22 @@ def main() -> None:
         "context_tokens": len(ids["context"]),
         "question_tokens": len(ids["question"]),
         "max_new_tokens": args.max_new_tokens,
+    }
+    sweep()  # warm-up
+    if args.serve:
+        print(json.dumps({"ready": info}), flush=True)
+        while sys.stdin.readline().strip() == "sweep":
+            print(json.dumps(sweep()), flush=True)
+        return
+    results = [sweep() for _ in range(args.repeats)]
+    print(json.dumps({
+        **info,
         "repeats": args.repeats,
-        "sweep_s": statistics.median(sweeps),
-        "sweep_s_all": sweeps,
-        "per_ratio_s": {str(cr): statistics.median(v) for cr, v in per_ratio.items()},
-        "answers": {str(cr): a for cr, a in answers.items()},
+        "sweep_s": statistics.median(r["sweep_s"] for r in results),
+        "sweep_s_all": [r["sweep_s"] for r in results],
+        "sweep_cpu_s": statistics.median(r["sweep_cpu_s"] for r in results),
+        "per_ratio_s": {str(cr): statistics.median(r["per_ratio_s"][str(cr)] for r in results) for cr in args.ratios},
+        "answers": results[-1]["answers"],
     }))
 
 
