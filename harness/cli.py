@@ -48,6 +48,18 @@ def check_group_overrides(argv: list[str]) -> None:
                 fail(f"{group}={choice!r} is not known; allowed: {shown}")
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """The run/sweep dir must be creatable: Hydra makes it before our code runs, with a traceback on failure."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for path in chosen or ["results"]:
+        probe = Path(path).expanduser().absolute()
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK):
+            fail(f"output dir {path!r} is not writable ({probe} is not a writable directory); "
+                 "pass hydra.run.dir=<writable dir>")
+
+
 def run_name(override_dirname: str) -> str:
     """A run directory name from the overrides: stable (resume), readable, filesystem-safe."""
     name = override_dirname.replace("/", ".") or "defaults"
@@ -87,6 +99,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     check_group_overrides(sys.argv[1:])
+    check_output_dir(sys.argv[1:])
     import hydra
 
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()

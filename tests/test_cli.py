@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr naming the bad value and the allowed ones (or the fix), exit status 2, and an
+existing results dir left byte-for-byte unchanged."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["model=tiny-random", "task=ruler/niah_single_1", "context_length=512", "n_samples=1", "max_new_tokens=2",
+        "progress=false"]
+
+
+def kvbench(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def snapshot(d: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("existing")
+    r = kvbench(*BASE, "method=snapkv", "keep_ratio=0.5", f"hydra.run.dir={d}")
+    assert r.returncode == 0, r.stderr
+    assert {"config.yaml", "predictions.jsonl", "metrics.json"} <= set(snapshot(d))
+    return d
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["method=nope"], ["method='nope'", "allowed:", "snapkv"]),
+        (["task=ruler/nope"], ["task='ruler/nope'", "allowed:", "ruler/niah_single_1"]),
+        (["model=gpt5"], ["model='gpt5'", "allowed:", "tiny-random"]),
+        (["method=snapkv", "method.allocator=nope"], ["method.allocator='nope'", "allowed:", "uniform"]),
+        (["method=snapkv", "keep_ratio=1.5"], ["keep_ratio=1.5", "(0, 1]"]),
+        (["method=snapkv", "keep_ratio=0"], ["keep_ratio=0", "(0, 1]"]),
+        (["method=snapkv", "keep_ratio=[]"], ["keep_ratio=[]", "empty"]),
+        (["method=snapkv", "keep_ratio=0.5", "context_length=20"], ["context_length=20", "too short"]),
+        (["method=snapkv", "keep_ratio=0.5", "context_length=10000000"], ["context_length=10000000", "maximum"]),
+        (["model=hf", "model.path=someorg/some-model-not-cached"], ["hub id", "HF_HUB_OFFLINE=1", "model.path=/path"]),
+        (["model=hf", "model.path=/nonexistent/dir"], ["does not exist"]),
+    ],
+)
+def test_bad_input_one_line_exit_2_and_dir_unchanged(existing_run, args, needles):
+    before = snapshot(existing_run)
+    args = [a for a in BASE if a.split("=")[0] not in {x.split("=")[0] for x in args}] + args
+    r = kvbench(*args, f"hydra.run.dir={existing_run}")
+    assert_one_line_error(r, *needles)
+    assert snapshot(existing_run) == before
+
+
+def test_changed_config_in_existing_dir_refused_unless_overwrite(existing_run, tmp_path):
+    before = snapshot(existing_run)
+    r = kvbench(*BASE, "method=h2o", "keep_ratio=0.5", f"hydra.run.dir={existing_run}")
+    assert_one_line_error(r, "different config", "method", "overwrite=true")
+    assert snapshot(existing_run) == before
+
+
+def test_non_writable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = kvbench(*BASE, "method=snapkv", f"hydra.run.dir={blocker}/run")
+    assert_one_line_error(r, "not writable")
+
+
+def test_rerun_resumes_without_duplicates(existing_run):
+    before = (existing_run / "predictions.jsonl").read_text()
+    r = kvbench(*BASE, "method=snapkv", "keep_ratio=0.5", f"hydra.run.dir={existing_run}")
+    assert r.returncode == 0, r.stderr
+    assert (existing_run / "predictions.jsonl").read_text() == before
+
+
+def test_same_config_gives_identical_predictions(existing_run, tmp_path):
+    import json
+
+    r = kvbench(*BASE, "method=snapkv", "keep_ratio=0.5", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    def preds(d):
+        return [(j["sample_id"], j["prediction"], j["kept_tokens"], j["kv_bytes"])
+                for j in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())]
+    assert preds(tmp_path) == preds(existing_run)
