@@ -74,6 +74,8 @@ class Prefill:
     prefill_s: float
     score_s: float
     extras: dict[str, Any] = field(default_factory=dict)
+    # Per layer, the original token indices a prefill-changing method (ASL) already cut the cache to.
+    prefill_kept: list[Any] | None = None
 
 
 @dataclass
@@ -109,7 +111,18 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         score_s = hooks.score_seconds
         scores = list(hooks.scores)
     extras = method.scorer.row_extras() if method.scorer is not None else {}
-    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras)
+    cut = getattr(method.scorer, "prefill_kept", None)
+    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras,
+                   cut() if cut is not None else None)
+
+
+def full_cache_bytes(cache: DynamicCache, n_tokens: int) -> int:
+    """Bytes the uncompressed cache of ``n_tokens`` takes (also when a method shortened layers during prefill)."""
+    total = 0
+    for layer in cache.layers:
+        batch, n_heads, _, dim = layer.keys.shape
+        total += 2 * batch * n_heads * n_tokens * dim * layer.keys.element_size()
+    return total
 
 
 @torch.no_grad()
@@ -176,7 +189,8 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
         meter.sample()
-        last_logits, full_bytes, extras = shared.last_logits, cache_bytes(shared.cache), shared.extras
+        last_logits, extras = shared.last_logits, shared.extras
+        full_bytes = full_cache_bytes(shared.cache, shared.n_tokens)
         _sync(device)
         start = time.perf_counter()
         budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
@@ -184,6 +198,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         cache = prune(shared.cache, kept)
         _sync(device)
         compress_s = score_s + time.perf_counter() - start
+        shared_cut = shared.prefill_kept
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
         per_head = kept_per_head(cache)
@@ -198,7 +213,14 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
             kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
             prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
             budgets=budgets.tolist() if budgets is not None else [],
-            kept=kept if keep_indices else None, extras=extras,
+            kept=_diagnostic_kept(kept, shared_cut) if keep_indices else None, extras=extras,
         ))
         del cache
     return outcomes
+
+
+def _diagnostic_kept(kept: list, prefill_kept: list | None) -> list:
+    """Kept indices for diagnostics: layers the prefill already shortened report what it kept, not 'whole'."""
+    if prefill_kept is None:
+        return kept
+    return [cut if k is None and cut is not None else k for k, cut in zip(kept, prefill_kept)]
