@@ -17,9 +17,11 @@ Press -> our method (``method.preset=kvpress`` wherever the scorer has that pres
     TOVAPress                  tova
     KnormPress                 knorm
     ObservedAttentionPress     h2o preset=kvpress (normalised sums, no recent share)
-    ExpectedAttentionPress     expected_attention (preset=kvpress if it has one)
-    PyramidKVPress             pyramidkv (preset=kvpress if it has one)
-    AdaKVPress(SnapKVPress)    snapkv preset=kvpress, allocator=adakv
+    ExpectedAttentionPress     expected_attention (its defaults are kvpress's; no preset)
+    PyramidKVPress             pyramidkv preset=kvpress (SnapKV scorer's preset; window 64 also sets the pyramid)
+    AdaKVPress(SnapKVPress)    snapkv preset=kvpress, allocator=adakv (alpha 0.2; window 64 forced in the cut)
+
+A method whose config or scorer/allocator is not there yet is skipped with the reason.
 
 The rule is **"identical up to ties"**: per layer and KV head, ``kept - near_ties`` must be equal on both
 sides (``near_ties`` = the fixture's positions within float rounding of the cut, a superset of the exact
