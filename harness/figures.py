@@ -1,4 +1,5 @@
-"""Heatmaps drawn by the report when the runs hold what they need (PNG and PDF)."""
+"""Figures drawn by the report when the runs hold what they need, each as PNG and PDF: score vs keep ratio per
+task group, a method x task heatmap, NIAH depth x length and head-budget heatmaps."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +23,108 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
         fig.savefig(p, dpi=120)
     _plt().close(fig)
     return paths
+
+
+# LongBench's six categories (Bai et al., 2023), by dataset name; LongBench-E names end in "_e".
+LONGBENCH_CATEGORIES = {
+    "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
+    "multi-doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
+    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
+    "few-shot": ("trec", "triviaqa", "samsum", "lsht"),
+    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
+    "code": ("lcc", "repobench-p"),
+}
+_LB_CATEGORY = {d: c for c, ds in LONGBENCH_CATEGORIES.items() for d in ds}
+
+
+def task_group(task: str) -> str:
+    """The panel a task is drawn in: RULER NIAH, RULER other, LongBench <category>, else its prefix."""
+    suite, _, name = task.partition("/")
+    if suite == "ruler":
+        return "RULER NIAH" if name.startswith("niah") else "RULER other"
+    if suite.startswith("longbench"):
+        cat = _LB_CATEGORY.get(name.removesuffix("_e"))
+        return f"LongBench {cat}" if cat else "LongBench other"
+    return suite if name else task
+
+
+def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Score vs keep ratio per method, one panel per task group (columns) and model (rows). ``table`` is
+    ``report.score_table``'s (failed samples already excluded); a group's score is the mean over its tasks."""
+    t = table.dropna(subset=["score"]).copy()
+    if t.empty:
+        return []
+    t["group"] = t["task"].map(task_group)
+    models = sorted(t["model"].unique())
+    groups = sorted(t["group"].unique())
+    plt = _plt()
+    fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.6 * len(models)),
+                             squeeze=False)
+    for i, model in enumerate(models):
+        for j, group in enumerate(groups):
+            ax = axes[i][j]
+            sub = t[(t["model"] == model) & (t["group"] == group)]
+            n_tasks = sub["task"].nunique()
+            for method, g in sub.groupby("method"):
+                g = g.groupby("keep_ratio")["score"].mean().sort_index()
+                ax.plot(g.index, g.values, marker="o", label=method)
+            ax.set_title(f"{model}: {group} ({n_tasks} task{'s' if n_tasks != 1 else ''})", fontsize=9)
+            ax.set_xlabel("keep ratio")
+            ax.set_ylabel("score")
+            ax.grid(alpha=0.3)
+            if len(sub):
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "score_vs_keep_ratio_by_group")
+
+
+def common_keep_ratio(table: pd.DataFrame) -> float | None:
+    """The smallest keep ratio every evicting method (all but ``full``) ran; if none is shared, the smallest
+    ratio run by the most methods."""
+    t = table[table["method"] != "full"]
+    if t.empty:
+        t = table
+    if t.empty:
+        return None
+    per_ratio = t.groupby("keep_ratio")["method"].nunique()
+    shared = per_ratio[per_ratio == t["method"].nunique()]
+    if len(shared):
+        return float(shared.index.min())
+    best = per_ratio[per_ratio == per_ratio.max()]
+    return float(best.index.min())
+
+
+def task_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Score per method x task at the smallest common keep ratio, one panel per model; ``full`` (any ratio, it
+    evicts nothing) is drawn as a reference row."""
+    t = table.dropna(subset=["score"])
+    ratio = common_keep_ratio(t)
+    if ratio is None:
+        return []
+    at = t[((t["keep_ratio"] - ratio).abs() < 1e-6) & (t["method"] != "full")]
+    full = t[t["method"] == "full"]
+    if at.empty or at["task"].nunique() < 1:
+        return []
+    models = sorted(set(at["model"]))
+    plt = _plt()
+    n_tasks = at["task"].nunique()
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.0, 0.55 * n_tasks + 2.5) * len(models),
+                                                      0.45 * (at["method"].nunique() + 1) + 2.5), squeeze=False)
+    im = None
+    for ax, model in zip(axes[0], models):
+        grid = at[at["model"] == model].pivot_table(index="method", columns="task", values="score", aggfunc="mean")
+        f = full[full["model"] == model]
+        if len(f):
+            grid.loc["full"] = f.groupby("task")["score"].mean().reindex(grid.columns)
+        im = ax.imshow(grid.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), [str(m) for m in grid.index], fontsize=8)
+        for (y, x), v in np.ndenumerate(grid.values):
+            if not np.isnan(v):
+                ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=6)
+        ax.set_title(f"{model} @ keep ratio {ratio:g}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
+    return _save(fig, out, "task_heatmap")
 
 
 def niah_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:

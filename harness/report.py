@@ -1,10 +1,14 @@
 """``kvbench-report DIR``: every run below DIR merged into tables and plots.
 
 Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, n_errors), ``summary.md``
-(methods x keep ratio, per task and mean), ``cost.md`` (time and memory relative to full cache),
-``score_vs_keep_ratio.png``, ``score_vs_kv_bytes.png``, and when present suite tables and NIAH / budget
-heatmaps. Failed samples are counted in ``n_errors`` and never averaged in. Tasks register suite-specific
-aggregations (``tasks.report_hooks``); the report calls them without knowing any suite.
+(methods x keep ratio, per task and mean, and mean evidence retention where tasks mark their evidence),
+``cost.md`` (time and memory relative to full cache), ``score_vs_keep_ratio.{png,pdf}`` (mean over tasks) and
+``score_vs_keep_ratio_by_group.{png,pdf}`` (one panel per task group), ``score_vs_kv_bytes.{png,pdf}``,
+``task_heatmap.{png,pdf}`` (method x task at the smallest common keep ratio), and when present
+``evidence_retention.csv`` / ``evidence_retention_by_layer.csv``, NIAH depth x length and head-budget heatmaps,
+suite tables (``tasks.report_hooks``) and, for runs made from a paper preset, ``published.{md,tex,csv}`` (ours
+beside the published numbers, ``harness.published``). Failed samples (``error`` set or no score) are counted
+in ``n_errors`` / ``n_failed`` and never averaged in, neither in scores nor in evidence retention.
 """
 from __future__ import annotations
 
@@ -32,9 +36,23 @@ def load_rows(root: str | Path) -> pd.DataFrame:
     if not rows:
         raise KvbenchError(f"no predictions.jsonl below {str(root)!r}; run kvbench first")
     df = pd.DataFrame(rows)
+    if "error" not in df:
+        df["error"] = None
     df["keep_ratio"] = df["keep_ratio"].astype(float).round(6)
     df["failed"] = df["error"].notna() | df["score"].isna()
+    df["paper"] = df["run_dir"].map(_paper_names(df["run_dir"].unique()))
     return df
+
+
+def _paper_names(run_dirs) -> dict[str, str | None]:
+    """Run dir -> name of the paper preset it was made from (its config.yaml's paper.name), or None."""
+    from harness.published import read_run_config
+
+    out = {}
+    for d in run_dirs:
+        node = read_run_config(d).get("paper")
+        out[d] = str(node["name"]) if isinstance(node, dict) and node.get("name") else None
+    return out
 
 
 def score_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +94,50 @@ def pivot_scores(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def evidence_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean evidence retention (fraction of the answer's evidence tokens kept, mean over layers) per (model,
+    method, keep_ratio, task) and pooled over all rows of those tasks (task ``all``), for tasks whose rows carry
+    ``evidence_retention``. Failed rows are excluded and counted in ``n_failed``."""
+    cols = ["model", "method", "keep_ratio", "task", "evidence_retention", "n", "n_failed"]
+    if "evidence_retention" not in df:
+        return pd.DataFrame(columns=cols)
+    marked = df[df["evidence_retention"].notna() & ~df["failed"]]
+    if marked.empty:
+        return pd.DataFrame(columns=cols)
+    scope = df[df["task"].isin(set(marked["task"]))]
+    keys = ["model", "method", "keep_ratio"]
+    out = []
+    for level in ("task", "all"):
+        by = keys + (["task"] if level == "task" else [])
+        ok = marked.groupby(by)["evidence_retention"].agg(["mean", "count"]).reset_index()
+        failed = scope[scope["failed"]].groupby(by).size().rename("n_failed").reset_index()
+        t = ok.merge(failed, on=by, how="outer")
+        if level == "all":
+            t["task"] = "all"
+        out.append(t)
+    t = pd.concat(out, ignore_index=True).rename(columns={"mean": "evidence_retention", "count": "n"})
+    t["n"] = t["n"].fillna(0).astype(int)
+    t["n_failed"] = t["n_failed"].fillna(0).astype(int)
+    t["_all"] = t["task"] == "all"
+    t = t.sort_values(keys + ["_all", "task"]).drop(columns="_all").reset_index(drop=True)
+    return t[cols]
+
+
+def evidence_by_layer(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean evidence retention per layer, per (model, method, keep_ratio), over the rows that carry it."""
+    cols = ["model", "method", "keep_ratio", "layer", "evidence_retention", "n"]
+    if "evidence_retention_by_layer" not in df:
+        return pd.DataFrame(columns=cols)
+    ok = df[~df["failed"] & df["evidence_retention_by_layer"].map(lambda v: isinstance(v, list) and len(v) > 0)]
+    rows = []
+    for (model, method, ratio), g in ok.groupby(["model", "method", "keep_ratio"]):
+        lists = list(g["evidence_retention_by_layer"])
+        for layer in range(max(len(v) for v in lists)):
+            vals = [float(v[layer]) for v in lists if layer < len(v)]
+            rows.append((model, method, ratio, layer, sum(vals) / len(vals), len(vals)))
+    return pd.DataFrame(rows, columns=cols)
+
+
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """Median time and memory per (model, method, keep_ratio), and relative to full cache where it ran."""
     ok = df[~df["failed"]].copy()
@@ -114,6 +176,7 @@ def _plot_lines(table: pd.DataFrame, x: str, path: Path, xlabel: str, logx: bool
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
 
 
@@ -130,16 +193,41 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
 
     parts = [f"# kvbench report\n\nRuns below `{root}`: {len(df)} rows, {int(df['failed'].sum())} failed "
              "(failed samples are excluded from scores and counted here).\n"]
+    evidence = evidence_table(df)
     for model, wide in pivot_scores(table).items():
+        ev = evidence[(evidence["model"] == model) & (evidence["task"] == "all")]
+        if len(ev):
+            ev = ev.set_index(["method", "keep_ratio"])["evidence_retention"] * 100
+            wide = wide.copy()
+            wide["evidence_retention (%)"] = [ev.get(k, float("nan")) for k in wide.index]
         parts.append(f"## {model}: score (x100) by method and keep ratio\n\n" + markdown_table(wide, ["method", "keep_ratio"]))
+    if len(evidence):
+        n_failed = int(evidence.loc[evidence["task"] == "all", "n_failed"].sum())
+        parts.append("Evidence retention: share of the answer's evidence tokens still in the cache after eviction "
+                     "(mean over layers and KV heads), averaged over the rows of tasks that mark their evidence; "
+                     f"{n_failed} failed rows of those tasks excluded (evidence_retention.csv).")
     errs = table[table["n_errors"] > 0]
     if len(errs):
-        parts.append("## Failed samples\n\n" + errs[SCORE_COLS + ["n_errors"]].to_markdown(index=False)
-                     if hasattr(errs, "to_markdown") else "")
+        shown = errs.set_index(SCORE_COLS)[["n_errors"]].astype(int).astype(str)  # no tabulate needed
+        parts.append("## Failed samples\n\n" + markdown_table(shown, SCORE_COLS))
     parts.extend(_suite_sections(df))
     p = out / "summary.md"
     atomic_write_text(p, "\n\n".join(x for x in parts if x) + "\n")
     written.append(p)
+
+    if len(evidence):
+        p = out / "evidence_retention.csv"
+        atomic_write_text(p, evidence.round({"evidence_retention": 6}).to_csv(index=False, lineterminator="\n"))
+        written.append(p)
+        by_layer = evidence_by_layer(df)
+        if len(by_layer):
+            p = out / "evidence_retention_by_layer.csv"
+            atomic_write_text(p, by_layer.round({"evidence_retention": 6}).to_csv(index=False, lineterminator="\n"))
+            written.append(p)
+
+    from harness.published import write_published
+
+    written.extend(write_published(df, out))
 
     costs = cost_table(df)
     if len(costs):
@@ -152,7 +240,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
     mean_by_ratio = table.groupby(["model", "method", "keep_ratio"])["score"].mean().reset_index()
     p = out / "score_vs_keep_ratio.png"
     _plot_lines(mean_by_ratio, "keep_ratio", p, "keep ratio")
-    written.append(p)
+    written += [p, p.with_suffix(".pdf")]
 
     if "kv_bytes" in df:
         ok = df[~df["failed"]]
@@ -161,7 +249,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
         by_bytes["score"] *= 100
         p = out / "score_vs_kv_bytes.png"
         _plot_lines(by_bytes, "kv_bytes", p, "KV cache bytes (median per sample)", logx=True)
-        written.append(p)
+        written += [p, p.with_suffix(".pdf")]
 
     written.extend(_figures(df, out))
     return written
@@ -182,6 +270,9 @@ def _figures(df: pd.DataFrame, out: Path) -> list[Path]:
     from harness import figures
 
     paths = []
+    table = score_table(df)
+    paths.extend(figures.score_by_group(table, out))
+    paths.extend(figures.task_heatmap(table, out))
     for fn in (figures.niah_heatmap, figures.budget_heatmap):
         paths.extend(fn(df, out))
     return paths

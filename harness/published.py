@@ -1,0 +1,269 @@
+"""Published numbers beside ours: ``published.md``, ``published.tex``, ``published.csv``.
+
+A run made from a paper preset (``kvbench paper=<name>``, ``kvbench-reproduce <name>``) carries the preset's
+``paper`` node in its ``config.yaml``: ``name``, ``sources`` (key -> citation), ``grid``, ``published`` (a list of
+``{model, method, keep_ratio, task, score, source, note}``) and ``notes`` (claims that are not table cells).
+
+A published cell is matched to ours on (model, method, keep_ratio, task):
+
+- ``task`` is a task name (``ruler/vt``) or a suite name (``ruler``, ``longbench``): a suite cell is our mean
+  over that suite's tasks (the tasks named ``<suite>/...``); the ``tasks`` column says how many we averaged,
+  so a partial mean is visible;
+- ``method`` is the label our rows carry (``snapkv+adakv``), ``keep_ratio`` is the fraction kept
+  (kvpress's compression_ratio is 1 - keep_ratio);
+- ``model`` is the label our rows carry (``Llama-3.1-8B-Instruct`` for ``model.path=.../Llama-3.1-8B-Instruct``);
+  ``null`` means the paper's model is not known and matches every model we ran. When the runs hold no rows of a
+  paper's model but rows of a model the paper never used (a stand-in such as ``reference`` or ``tiny-random``,
+  for a quick check), ours comes from the stand-in, named in the ``ours_model`` column;
+- an optional ``context_length`` restricts ours to runs at that length.
+
+``score: null`` marks a cell whose number is unknown: it is shown as "unknown", never filled in. Rows with
+neither our number nor a published one carry no information and are left out. Scores are x100, like ours; delta
+= ours - published. Failed samples never enter our numbers (``harness.report.score_table``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from harness.io import atomic_write_text
+
+COLUMNS = ["paper", "model", "ours_model", "method", "keep_ratio", "task", "tasks", "n", "ours", "published",
+           "delta", "source", "note"]
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved config a run wrote into its dir ({} when there is none)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def paper_nodes(df: pd.DataFrame) -> dict[str, dict]:
+    """``{paper name: paper node}`` from the runs below the report dir (the newest config.yaml wins)."""
+    nodes: dict[str, tuple[float, dict]] = {}
+    for run_dir in sorted(df["run_dir"].unique()) if "run_dir" in df else []:
+        node = read_run_config(run_dir).get("paper")
+        if not isinstance(node, dict) or not node.get("name"):
+            continue
+        mtime = (Path(run_dir) / "config.yaml").stat().st_mtime
+        name = str(node["name"])
+        if name not in nodes or mtime >= nodes[name][0]:
+            nodes[name] = (mtime, node)
+    return {k: v for k, (_, v) in sorted(nodes.items())}
+
+
+def _num(x) -> float | None:
+    if x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _ours(df: pd.DataFrame, model: str, method: str, ratio: float, task: str,
+          context_length=None) -> tuple[float | None, int, int]:
+    """Our score x100 for one cell: (score, n samples, n tasks averaged). Failed rows excluded."""
+    sub = df[(df["model"] == model) & (df["method"] == method) & ((df["keep_ratio"] - ratio).abs() < 1e-6)
+             & ~df["failed"]]
+    if context_length is not None and "context_length" in sub:
+        sub = sub[sub["context_length"] == int(context_length)]
+    if task in set(sub["task"]):
+        sub = sub[sub["task"] == task]
+    else:  # a suite: mean over its tasks of the per-task means
+        sub = sub[sub["task"].str.startswith(task + "/")]
+    if sub.empty:
+        return None, 0, 0
+    per_task = sub.groupby("task")["score"].mean()
+    return 100.0 * float(per_task.mean()), int(len(sub)), int(len(per_task))
+
+
+def side_by_side(df: pd.DataFrame, paper: dict) -> pd.DataFrame:
+    """One row per published cell (x our model it is matched to), columns ``COLUMNS``."""
+    name = str(paper.get("name"))
+    if "paper" in df:
+        df = df[df["paper"] == name]
+    grid_models = [m.get("label") for m in (paper.get("grid") or {}).get("models") or [] if isinstance(m, dict)]
+    published = paper.get("published") or []
+    paper_models = {str(p.get("model")) for p in published if p.get("model") is not None} | {
+        str(m) for m in grid_models if m}
+    ours_models = sorted(df["model"].dropna().unique()) if len(df) else []
+    stand_ins = [m for m in ours_models if m not in paper_models]
+    sources = paper.get("sources") or {}
+    rows = []
+    for p in published:
+        pmodel = p.get("model")
+        if pmodel is None:
+            targets = ours_models or [None]
+        elif pmodel in ours_models:
+            targets = [pmodel]
+        else:
+            targets = stand_ins or [None]
+        ratio = float(p["keep_ratio"])
+        score = _num(p.get("score"))
+        for m in targets:
+            ours, n, n_tasks = (_ours(df, m, str(p["method"]), ratio, str(p["task"]), p.get("context_length"))
+                                if m is not None else (None, 0, 0))
+            if ours is None and score is None:
+                continue
+            source_key = p.get("source")
+            rows.append({
+                "paper": name,
+                "model": pmodel if pmodel is not None else "(not stated)",
+                "ours_model": m if m is not None else "",
+                "method": str(p["method"]),
+                "keep_ratio": round(ratio, 6),
+                "task": str(p["task"]),
+                "tasks": n_tasks,
+                "n": n,
+                "ours": ours,
+                "published": score,
+                "delta": ours - score if ours is not None and score is not None else None,
+                "source": str(source_key) if source_key is not None else "",
+                "note": str(p.get("note") or ""),
+            })
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    return out.sort_values(["paper", "model", "task", "method", "keep_ratio", "ours_model"],
+                           ascending=[True, True, True, True, False, True], kind="stable").reset_index(drop=True)
+
+
+def _f(x, signed: bool = False) -> str:
+    x = _num(x)
+    if x is None:
+        return ""
+    return f"{x:+.1f}" if signed else f"{x:.1f}"
+
+
+def _cells(r: pd.Series) -> dict[str, str]:
+    return {
+        "ours": _f(r["ours"]) or "–",
+        "published": _f(r["published"]) or "unknown",
+        "delta": _f(r["delta"], signed=True) or "–",
+        "keep_ratio": f"{float(r['keep_ratio']):g}",
+        "tasks": str(int(r["tasks"])) if r["tasks"] else "–",
+        "n": str(int(r["n"])) if r["n"] else "–",
+    }
+
+
+def _show_ours_model(t: pd.DataFrame) -> bool:
+    return bool(((t["ours_model"] != t["model"]) & (t["ours_model"] != "")).any())
+
+
+def to_markdown(table: pd.DataFrame, papers: dict[str, dict]) -> str:
+    parts = ["# Published numbers beside ours",
+             "Scores x100. delta = ours - published. \"unknown\": the cell's number is not known to us (never filled "
+             "in); \"–\": not run. `tasks`: how many tasks our number averages (a suite cell is the mean over its "
+             "tasks). Failed samples are excluded from ours."]
+    for name, paper in papers.items():
+        t = table[table["paper"] == name]
+        title = paper.get("title")
+        parts.append(f"## {name}" + (f": {title}" if title else ""))
+        if t.empty:
+            parts.append("No published cell matches a run below this dir.")
+        else:
+            stand = _show_ours_model(t)
+            head = ["model"] + (["ours on"] if stand else []) + ["method", "keep_ratio", "task", "tasks", "n",
+                                                                 "ours", "published", "delta", "source"]
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for _, r in t.iterrows():
+                c = _cells(r)
+                cells = [r["model"]] + ([r["ours_model"] or "–"] if stand else []) + [
+                    r["method"], c["keep_ratio"], r["task"], c["tasks"], c["n"], c["ours"], c["published"],
+                    c["delta"], r["source"] + (f" ({r['note']})" if r["note"] else "")]
+                lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+            if stand:
+                lines.append("")
+                lines.append("`ours on` differs from `model`: a stand-in model ran the grid (a quick check, not a "
+                             "reproduction); its delta compares different models.")
+            parts.append("\n".join(lines))
+        parts.extend(_sources_and_notes_md(paper))
+    return "\n\n".join(parts) + "\n"
+
+
+def _sources_and_notes_md(paper: dict) -> list[str]:
+    out = []
+    sources = paper.get("sources") or {}
+    if sources:
+        out.append("Sources:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in sources.items()))
+    notes = paper.get("notes") or []
+    if notes:
+        out.append("Claims that are not table cells (recorded, not compared):\n\n" + "\n".join(
+            f"- {n.get('claim')} (source: `{n.get('source')}`)" for n in notes if isinstance(n, dict)))
+    return out
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--", "≈": r"$\approx$"}
+
+
+def tex_escape(text) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, papers: dict[str, dict]) -> str:
+    """One booktabs table per paper (needs \\usepackage{booktabs}); sources and notes as a footnote block."""
+    out = ["% kvbench: published numbers beside ours (scores x100, delta = ours - published).",
+           "% Needs \\usepackage{booktabs}."]
+    for name, paper in papers.items():
+        t = table[table["paper"] == name]
+        stand = _show_ours_model(t) if len(t) else False
+        cols = ["Model"] + (["Ours on"] if stand else []) + ["Method", "Keep", "Task", "Ours", "Published",
+                                                             r"$\Delta$", "Source"]
+        align = "l" * (2 if stand else 1) + "lrl" + "rrr" + "l"  # model, [ours on], method, keep, task, numbers, source
+        out += ["", r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+                " & ".join(cols) + r" \\", r"\midrule"]
+        for _, r in t.iterrows():
+            c = _cells(r)
+            cells = [r["model"]] + ([r["ours_model"] or "--"] if stand else []) + [
+                r["method"], c["keep_ratio"], r["task"], c["ours"], c["published"], c["delta"],
+                r["source"] + (f" ({r['note']})" if r["note"] else "")]
+            out.append(" & ".join(tex_escape(x) for x in cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}"]
+        caption = f"{name}: ours beside published numbers (x100)."
+        if paper.get("title"):
+            caption = f"{name} ({paper['title']}): ours beside published numbers (x100)."
+        out.append(rf"\caption{{{tex_escape(caption)}}}")
+        out.append(rf"\label{{tab:paper-{tex_escape(name).replace(chr(92), '')}}}")
+        out.append(r"\end{table}")
+        for k, v in (paper.get("sources") or {}).items():
+            out.append(f"% source {k}: {v}")
+        for n in paper.get("notes") or []:
+            if isinstance(n, dict):
+                out.append(f"% claim (not a table cell): {n.get('claim')} [{n.get('source')}]")
+    return "\n".join(out) + "\n"
+
+
+def to_csv(table: pd.DataFrame, papers: dict[str, dict]) -> str:
+    """Long CSV: COLUMNS + source_text (the full citation of the source key)."""
+    t = table.copy()
+    t["source_text"] = [str((papers.get(p, {}).get("sources") or {}).get(s, "")) for p, s in
+                        zip(t["paper"], t["source"])]
+    for col in ("ours", "published", "delta"):
+        t[col] = t[col].map(lambda x: "" if _num(x) is None else f"{float(x):.4f}")
+    t["keep_ratio"] = t["keep_ratio"].map(lambda x: f"{float(x):g}")
+    return t.to_csv(index=False, lineterminator="\n")
+
+
+def write_published(df: pd.DataFrame, out: Path) -> list[Path]:
+    """published.{md,tex,csv} in ``out`` when the runs carry a paper node; [] otherwise."""
+    papers = paper_nodes(df)
+    if not papers:
+        return []
+    table = pd.concat([side_by_side(df, p) for p in papers.values()], ignore_index=True) if papers else None
+    if table is None or table.empty:
+        table = pd.DataFrame(columns=COLUMNS)
+    paths = []
+    for suffix, text in (("md", to_markdown(table, papers)), ("tex", to_latex(table, papers)),
+                         ("csv", to_csv(table, papers))):
+        p = Path(out) / f"published.{suffix}"
+        atomic_write_text(p, text)
+        paths.append(p)
+    return paths

@@ -1,0 +1,270 @@
+"""``kvbench-reproduce <paper> [options] [overrides...]``: run a paper preset's grid, then the report.
+
+A preset (``conf/paper/<name>.yaml``, a ``# @package _global_`` config of group ``paper``) sets keep ratios,
+context length, sample count and a ``paper`` node: ``grid`` (models x methods x tasks x context lengths, each
+model and method with its own overrides), ``published`` (numbers with their source, null where unknown) and
+``notes``. For each grid model and method this runs::
+
+    kvbench -m paper=<name> method=<method> [method.label=<label>] <method overrides> task=<t1,t2,...>
+        context_length=<c1,...> <model overrides> <your overrides> hydra.sweep.dir=<out>/<name>/<model label>
+
+(one prefill serves all keep ratios of a job; reruns skip finished rows), then ``kvbench-report <out>/<name>``,
+which writes ``published.{md,tex,csv}``: ours beside the published numbers.
+
+Overrides on the command line go to every job. ``model=...`` (with ``model.*``) replaces the grid's models by
+that one model: ``model=reference`` runs the grid offline on a stand-in for a quick check (the report then shows
+the stand-in's numbers beside the paper's, marked so). Before anything runs, every job's config is composed and
+its method built, so a preset naming a method, task or model that does not exist fails at once, with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.errors import KvbenchError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+REPO = CONF_DIR.parent
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "paper").glob("*.yaml") if not p.name.startswith("_"))
+
+
+def _fmt_list(values) -> str:
+    return "[" + ",".join(str(float(v)) for v in values) + "]"
+
+
+def _missing(raw: dict, grid: dict, with_defaults: bool) -> list[str]:
+    """conf/ files a preset needs that do not exist: its grid's methods, tasks and models, and (with_defaults)
+    the method/task/model its own defaults list selects (what ``kvbench paper=<name>`` alone runs)."""
+    missing = []
+    if with_defaults:
+        for d in (x for x in raw.get("defaults") or [] if isinstance(x, dict)):
+            for key, value in d.items():
+                group = key.replace("override", "").strip().lstrip("/")
+                if group in ("model", "method", "task") and not (CONF_DIR / group / f"{value}.yaml").exists():
+                    missing.append(f"conf/{group}/{value}.yaml")
+    missing += [f"conf/method/{m['method']}.yaml" for m in grid["methods"]
+                if not (CONF_DIR / "method" / f"{m['method']}.yaml").exists()]
+    missing += [f"conf/task/{t}.yaml" for t in grid["tasks"] if not (CONF_DIR / "task" / f"{t}.yaml").exists()]
+    for m in grid["models"]:
+        for o in m.get("overrides") or []:
+            if o.startswith("model=") and not (CONF_DIR / "model" / f"{o.split('=', 1)[1]}.yaml").exists():
+                missing.append(f"conf/model/{o.split('=', 1)[1]}.yaml")
+    return list(dict.fromkeys(missing))
+
+
+def load_preset(name: str, methods: list[str] | None = None, tasks: list[str] | None = None,
+                check_models: bool = True) -> dict:
+    """The preset's ``paper`` node (a plain dict), its grid cut to ``methods`` (labels) / ``tasks`` if given,
+    and checked: every method, task and model it names must exist in conf/ (and, for the whole preset, what its
+    defaults list selects). Raises ``KvbenchError`` with one line naming what is missing."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "paper" / f"{name}.yaml"
+    if not path.exists():
+        raise KvbenchError(f"paper={name!r} is not known; allowed: {', '.join(presets())}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    paper = raw.get("paper") if isinstance(raw, dict) else None
+    if not isinstance(paper, dict) or paper.get("name") != name:
+        raise KvbenchError(f"conf/paper/{name}.yaml has no paper node named {name!r} (paper.name must be the file name)")
+    grid = paper.get("grid") or {}
+    for key in ("models", "methods", "tasks", "keep_ratio", "context_length"):
+        if not grid.get(key):
+            raise KvbenchError(f"conf/paper/{name}.yaml: paper.grid.{key} is missing or empty")
+    labels = [m["label"] for m in grid["methods"]]
+    if len(set(labels)) != len(labels):
+        raise KvbenchError(f"conf/paper/{name}.yaml: method labels repeat in paper.grid.methods: {labels}")
+    if methods:
+        unknown = [m for m in methods if m not in labels]
+        if unknown:
+            raise KvbenchError(f"--methods {','.join(unknown)}: not in paper {name}; allowed: {', '.join(labels)}")
+        grid["methods"] = [m for m in grid["methods"] if m["label"] in methods]
+    if tasks:
+        unknown = [t for t in tasks if t not in grid["tasks"]]
+        if unknown:
+            raise KvbenchError(f"--tasks {','.join(unknown)}: not in paper {name}; allowed: {', '.join(grid['tasks'])}")
+        grid["tasks"] = [t for t in grid["tasks"] if t in tasks]
+    if not check_models:
+        grid = {**grid, "models": []}
+    missing = _missing(raw, grid, with_defaults=not (methods or tasks or not check_models))
+    if missing:
+        raise KvbenchError(f"paper={name} needs {', '.join(missing)}, which do(es) not exist (not written yet?); "
+                           "add it, or leave it out with --methods/--tasks")
+    return paper
+
+
+def model_label(overrides: list[str]) -> str:
+    """The model name our rows will carry for these model overrides (harness.runner.model_label's rule)."""
+    kv = dict(o.split("=", 1) for o in overrides if "=" in o)
+    name = kv.get("model", "tiny-random")
+    if name == "hf" and kv.get("model.path"):
+        return Path(kv["model.path"].rstrip("/")).name
+    return name
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _merge(*groups: list[str]) -> list[str]:
+    """Overrides in order, a later one replacing an earlier one of the same key."""
+    out: dict[str, str] = {}
+    for group in groups:
+        for o in group:
+            out[_key(o)] = o
+    return list(out.values())
+
+
+def plan(name: str, overrides: list[str], methods: list[str] | None = None, models: list[str] | None = None,
+         tasks: list[str] | None = None, out_root: str = "results/paper") -> tuple[dict, list[dict]]:
+    """The paper node and the jobs: ``[{model, label, overrides, sweep_dir}]`` (overrides without ``-m``)."""
+    user_model = [o for o in overrides if _key(o) == "model" or _key(o).startswith("model.")]
+    paper = load_preset(name, methods, tasks, check_models=not user_model)
+    grid = paper["grid"]
+    rest = [o for o in overrides if o not in user_model]
+    if user_model:
+        model_entries = [{"label": model_label(user_model), "overrides": user_model}]
+    else:
+        model_entries = list(grid["models"])
+        if models:
+            unknown = sorted(set(models) - {m["label"] for m in model_entries})
+            if unknown:
+                raise KvbenchError(f"--models {','.join(unknown)}: not in paper {name}; allowed: "
+                                   f"{', '.join(m['label'] for m in model_entries)}")
+            model_entries = [m for m in model_entries if m["label"] in models]
+    task_list = list(grid["tasks"])
+    contexts = [int(c) for c in grid["context_length"]]
+    jobs = []
+    for model in model_entries:
+        for m in grid["methods"]:
+            base = [f"paper={name}", f"method={m['method']}"] + list(m.get("overrides") or [])
+            sweep = [f"task={','.join(task_list)}", f"context_length={','.join(str(c) for c in contexts)}"]
+            fixed = [f"keep_ratio={_fmt_list(m['keep_ratio'])}"] if m.get("keep_ratio") else []
+            # the method's own keep ratios (full: 1.0) win over the user's; everything else the user sets wins
+            job = _merge(base, sweep, list(model.get("overrides") or []), rest, fixed)
+            jobs.append({"model": model["label"], "label": m["label"], "overrides": job,
+                         "sweep_dir": str(Path(out_root) / name / model["label"])})
+    return paper, jobs
+
+
+def _first(override: str) -> str:
+    """A sweep override reduced to its first value (for composing one config)."""
+    key, _, value = override.partition("=")
+    if value.startswith("["):
+        return override
+    return f"{key}={value.split(',')[0]}"
+
+
+def preflight(jobs: list[dict]) -> None:
+    """Compose every job's config with Hydra and build its method: unknown methods, allocators, parameters and
+    tasks fail here, before any run, with one line. Adds ``method.label=<label>`` where the method's own label
+    differs from the grid's, so our rows carry the label the published cells use."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    import methods
+    import tasks
+    from harness.cli import _register_resolvers
+
+    _register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for job in jobs:
+            overrides = [_first(o) for o in job["overrides"]]
+            try:
+                cfg = compose("config", overrides=overrides)
+            except HydraException as err:
+                raise KvbenchError(f"{job['label']} on {job['model']}: {str(err).splitlines()[0]}") from None
+            try:
+                method = methods.build_method(OmegaConf.to_container(cfg.method, resolve=True))
+            except KvbenchError as err:
+                raise KvbenchError(f"{job['label']} ({' '.join(job['overrides'][1:2])}): {err}") from None
+            except Exception as err:  # a method that cannot be built (a missing checkpoint, profile, ...)
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise KvbenchError(f"{job['label']}: cannot build the method ({type(err).__name__}: {first})") from None
+            if method.name != job["label"]:
+                job["overrides"] = _merge(job["overrides"], [f"method.label={job['label']}"])
+            for o in job["overrides"]:
+                if _key(o) == "task":
+                    for t in o.split("=", 1)[1].split(","):
+                        try:
+                            tasks.expand(t)
+                        except KeyError:
+                            raise KvbenchError(f"task={t!r} is not a registered task or suite; allowed: "
+                                               f"{', '.join(sorted(tasks.suites()) + tasks.available())}") from None
+    GlobalHydra.instance().clear()
+
+
+def command(job: dict) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "-m", *job["overrides"], f"hydra.sweep.dir={job['sweep_dir']}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from harness.cli import fail
+
+    parser = argparse.ArgumentParser(
+        prog="kvbench-reproduce",
+        description="Run a paper preset's grid (conf/paper/<name>.yaml) and write the report with the published "
+                    "numbers beside ours. Extra key=value overrides go to every job; model=... replaces the grid's "
+                    "models (e.g. model=reference for a quick offline check).")
+    parser.add_argument("paper", help=f"one of: {', '.join(presets())}")
+    parser.add_argument("overrides", nargs="*", help="kvbench overrides, e.g. n_samples=5 model=reference")
+    parser.add_argument("--methods", help="comma list of grid method labels to run (default: all)")
+    parser.add_argument("--models", help="comma list of grid model labels to run (default: all)")
+    parser.add_argument("--tasks", help="comma list of grid tasks to run (default: all)")
+    parser.add_argument("--out", default="results/paper", help="results root (default: results/paper)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="run the grid only")
+    args = parser.parse_intermixed_args(argv)
+    split = lambda s: [x for x in s.split(",") if x] if s else None  # noqa: E731
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        fail(f"{bad[0]!r} is not an override (key=value)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from harness.cli import check_group_overrides
+
+    check_group_overrides(args.overrides)
+    try:
+        paper, jobs = plan(args.paper, args.overrides, split(args.methods), split(args.models), split(args.tasks),
+                           args.out)
+        if not args.dry_run:
+            preflight(jobs)
+    except KvbenchError as err:
+        fail(str(err))
+    failed = []
+    for i, job in enumerate(jobs, 1):
+        cmd = command(job)
+        shown = " ".join(cmd[2:])
+        print(f"[{i}/{len(jobs)}] kvbench {' '.join(cmd[4:])}", flush=True)
+        if args.dry_run:
+            continue
+        rc = subprocess.call(cmd, cwd=os.getcwd())
+        if rc != 0:
+            failed.append((job, rc))
+            print(f"kvbench-reproduce: job {job['label']} on {job['model']} failed (exit {rc}): {shown}",
+                  file=sys.stderr, flush=True)
+    root = Path(args.out) / args.paper
+    if not args.dry_run and not args.no_report and root.exists():
+        from harness.report import write_report
+
+        try:
+            for p in write_report(root):
+                print(p)
+        except KvbenchError as err:
+            fail(str(err))
+    if failed:
+        fail(f"{len(failed)} of {len(jobs)} jobs failed: "
+             + ", ".join(f"{j['label']} on {j['model']}" for j, _ in failed), code=1)
+
+
+if __name__ == "__main__":
+    main()

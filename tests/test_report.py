@@ -1,0 +1,225 @@
+"""Report tables against a fixed, hand-written results dir (tests/fixtures/report/runs: 2 methods x 2 keep ratios
+x 2 tasks, 2 samples each, plus 3 failed rows, each run's config.yaml with a paper node), and the paper presets.
+
+Hand-computed (scores x100; see tests/fixtures/report/README.md):
+  snapkv 0.5:  niah (1, 1) = 100, vt (1, .5) = 75  -> suite mean 87.5 vs published 90 -> -2.5
+  snapkv 0.25: niah (1, 0) = 50 vs published 40 (task cell) -> +10
+  knorm 0.25:  niah (0, 0) = 0, vt (0, .5) = 25    -> suite mean 12.5 vs published 20 -> -7.5
+  evidence retention (niah only): snapkv 0.5 (.9+.7)/2 = .8, 0.25 (.6+.2)/2 = .4; knorm 0.5 (.8+.4)/2 = .6 (a
+  failed row carrying a stale 0.0 is excluded), 0.25 (.1+.3)/2 = .2
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.errors import KvbenchError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report"
+RUNS = FIXTURE / "runs"
+EXPECTED = FIXTURE / "expected"
+CONF = Path(__file__).resolve().parent.parent / "conf"
+FROZEN = ["published.md", "published.tex", "published.csv", "evidence_retention.csv",
+          "evidence_retention_by_layer.csv", "summary.csv"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from harness.report import write_report
+
+    out = tmp_path_factory.mktemp("report")
+    paths = write_report(RUNS, out)
+    return out, paths
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_tables_match_frozen(report, name):
+    out, paths = report
+    assert out / name in paths
+    assert (out / name).read_text() == (EXPECTED / name).read_text(), f"{name} differs from {EXPECTED / name}"
+
+
+def test_published_cells_hand_computed(report):
+    out, _ = report
+    t = pd.read_csv(out / "published.csv")
+    cell = lambda **kw: t[(t[list(kw)] == pd.Series(kw)).all(axis=1)].iloc[0]  # noqa: E731
+    c = cell(model="tiny-llama", method="snapkv", keep_ratio=0.5, task="ruler")
+    assert (c.ours, c.published, c.delta, c.tasks, c.n) == (87.5, 90.0, -2.5, 2, 4)
+    c = cell(model="tiny-llama", method="snapkv", keep_ratio=0.25, task="ruler/niah_single_1")
+    assert (c.ours, c.published, c.delta, c.tasks) == (50.0, 40.0, 10.0, 1)
+    c = cell(model="tiny-llama", method="knorm", keep_ratio=0.25, task="ruler")
+    assert (c.ours, c.published, c.delta, c.note) == (12.5, 20.0, -7.5, "approximate")
+    c = cell(model="tiny-llama", method="knorm", keep_ratio=0.5, task="ruler")
+    assert c.ours == 50.0 and pd.isna(c.published) and pd.isna(c.delta)  # unknown stays unknown
+    c = cell(model="big-model", method="snapkv")
+    assert pd.isna(c.ours) and c.published == 95.0  # published, not run
+    assert len(t) == 5  # rows with neither number (big-model knorm, full) are left out
+    assert "unknown" in (out / "published.md").read_text()
+
+
+def test_evidence_retention_mean_and_failed_rows(report):
+    out, _ = report
+    ev = pd.read_csv(out / "evidence_retention.csv")
+    got = {(r.method, r.keep_ratio): (r.evidence_retention, r.n, r.n_failed) for r in ev[ev.task == "all"].itertuples()}
+    assert got == {("snapkv", 0.5): (0.8, 2, 1), ("snapkv", 0.25): (0.4, 2, 1),
+                   ("knorm", 0.5): (0.6, 2, 1), ("knorm", 0.25): (0.2, 2, 0)}
+    assert set(ev.task) == {"ruler/niah_single_1", "all"}  # vt marks no evidence
+    summary = (out / "summary.md").read_text()
+    assert "| snapkv | 0.5 | 100.0 | 75.0 | 87.5 | 80.0 |" in summary  # evidence column beside the score
+    assert "| knorm | 0.5 | 50.0 | 50.0 | 50.0 | 60.0 |" in summary
+    assert "19 rows, 3 failed" in summary and "## Failed samples" in summary
+    s = pd.read_csv(out / "summary.csv")
+    assert int(s.n_errors.sum()) == 3 and int(s.n.sum()) == 16
+
+
+def test_figures_png_and_pdf(report):
+    out, paths = report
+    for stem in ("score_vs_keep_ratio", "score_vs_kv_bytes", "score_vs_keep_ratio_by_group", "task_heatmap",
+                 "niah_heatmap"):
+        for ext in ("png", "pdf"):
+            assert out / f"{stem}.{ext}" in paths and (out / f"{stem}.{ext}").stat().st_size > 0
+
+
+def test_stand_in_model_is_compared_and_marked(tmp_path):
+    from harness.published import paper_nodes, side_by_side
+    from harness.report import load_rows
+
+    df = load_rows(RUNS)
+    df["model"] = "reference"  # a model the paper never ran: compared against every paper model's cells
+    paper = paper_nodes(df)["fixture_paper"]
+    t = side_by_side(df, paper)
+    assert set(t.ours_model) == {"reference"}
+    big = t[(t.model == "big-model") & (t.method == "snapkv")].iloc[0]
+    assert (big.ours, big.published) == (87.5, 95.0)
+
+
+def test_no_paper_node_no_published_tables(tmp_path):
+    from harness.report import write_report
+
+    runs = tmp_path / "runs"
+    shutil.copytree(RUNS, runs)
+    for cfg in runs.rglob("config.yaml"):
+        cfg.unlink()
+    names = {p.name for p in write_report(runs, tmp_path / "out")}
+    assert "summary.md" in names and not any(n.startswith("published.") for n in names)
+
+
+def test_task_groups():
+    from harness.figures import task_group
+
+    assert task_group("ruler/niah_multikey_2") == "RULER NIAH"
+    assert task_group("ruler/vt") == "RULER other"
+    assert task_group("longbench/hotpotqa") == "LongBench multi-doc QA"
+    assert task_group("longbench_e/gov_report_e") == "LongBench summarization"
+
+
+# ---- paper presets -------------------------------------------------------------------------------------------
+
+PRESETS = sorted(p.stem for p in (CONF / "paper").glob("*.yaml"))
+
+
+def test_presets_listed():
+    assert {"kvpress_ruler4k", "lkv_longbench", "lukv_ruler_longbench", "spkv", "asl_ruler_niah"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_or_fails_clearly(name):
+    """Every preset names methods/tasks/models that exist (and composes with `paper=<name>`), or fails with one
+    line naming the missing file."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.reproduce import load_preset
+
+    try:
+        paper = load_preset(name)
+    except KvbenchError as err:
+        msg = str(err)
+        assert "\n" not in msg and f"paper={name} needs conf/" in msg
+        named = [w.rstrip(",") for w in msg.split() if w.startswith("conf/")]
+        assert named and all(not (CONF.parent / p).exists() for p in named)
+        return
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=[f"paper={name}"])
+    GlobalHydra.instance().clear()
+    assert cfg.paper.name == name
+    grid = paper["grid"]
+    assert [float(r) for r in cfg.keep_ratio] == [float(r) for r in grid["keep_ratio"]]
+    assert int(cfg.context_length) == int(grid["context_length"][0])
+    for m in grid["methods"]:
+        assert (CONF / "method" / f"{m['method']}.yaml").exists()
+    for t in grid["tasks"]:
+        assert (CONF / "task" / f"{t}.yaml").exists()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_published_cells(name):
+    """Published cells: numbers only with a known source, null otherwise; no cell twice."""
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.to_container(OmegaConf.load(CONF / "paper" / f"{name}.yaml"))["paper"]
+    sources = paper["sources"]
+    keys = set()
+    for p in paper["published"]:
+        assert set(p) >= {"model", "method", "keep_ratio", "task", "score", "source"}, p
+        assert p["source"] in sources, p
+        assert p["score"] is None or isinstance(p["score"], (int, float))
+        assert 0.0 < float(p["keep_ratio"]) <= 1.0
+        key = (p["model"], p["method"], float(p["keep_ratio"]), p["task"], p.get("context_length"))
+        assert key not in keys, key
+        keys.add(key)
+    for n in paper.get("notes") or []:
+        assert n["source"] in sources and n["claim"]
+
+
+def test_kvpress_published_numbers():
+    """The numbers quoted in /work/shared/METHODS.md, at keep_ratio = 1 - compression; every grid cell listed."""
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.to_container(OmegaConf.load(CONF / "paper" / "kvpress_ruler4k.yaml"))["paper"]
+    cells = {(p["model"], p["method"], p["keep_ratio"]): p["score"] for p in paper["published"]}
+    llama, qwen = "Llama-3.1-8B-Instruct", "Qwen3-8B"
+    known = {(llama, "full", 1.0): 95.5, (llama, "snapkv", 0.75): 81.8, (llama, "snapkv+adakv", 0.75): 88.1,
+             (llama, "expected_attention", 0.75): 88.5, (llama, "expected_attention+adakv", 0.75): 93.6,
+             (qwen, "knorm", 0.75): 87.2, (qwen, "knorm", 0.5): 68.3, (qwen, "knorm", 0.25): 32.6,
+             (qwen, "knorm", 0.12): 8.9}
+    assert {k: v for k, v in cells.items() if v is not None} == known
+    for model in (llama, qwen):
+        for m in paper["grid"]["methods"]:
+            for r in m.get("keep_ratio") or paper["grid"]["keep_ratio"]:
+                assert (model, m["label"], float(r)) in cells, (model, m["label"], r)
+
+
+def test_missing_method_fails_with_one_line(tmp_path, monkeypatch):
+    import harness.reproduce as rp
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "method" / "expected_attention_adakv.yaml").unlink()
+    monkeypatch.setattr(rp, "CONF_DIR", conf)
+    with pytest.raises(KvbenchError) as err:
+        rp.load_preset("kvpress_ruler4k")
+    assert "\n" not in str(err.value) and "conf/method/expected_attention_adakv.yaml" in str(err.value)
+    # leaving it out explicitly works
+    paper = rp.load_preset("kvpress_ruler4k", methods=["snapkv", "knorm"])
+    assert [m["label"] for m in paper["grid"]["methods"]] == ["snapkv", "knorm"]
+
+
+def test_reproduce_plan_stand_in_and_overrides():
+    from harness.reproduce import plan
+
+    paper, jobs = plan("kvpress_ruler4k", ["model=tiny-random", "n_samples=2", "keep_ratio=[0.5]"],
+                       methods=["full", "knorm+adakv"])
+    assert [j["label"] for j in jobs] == ["full", "knorm+adakv"]
+    assert all(j["sweep_dir"] == "results/paper/kvpress_ruler4k/tiny-random" for j in jobs)
+    full, knorm = (j["overrides"] for j in jobs)
+    assert "keep_ratio=[1.0]" in full and "keep_ratio=[0.5]" not in full  # full cache keeps its own ratio
+    assert "keep_ratio=[0.5]" in knorm and "method.allocator=adakv" in knorm and "model=tiny-random" in knorm
+    assert "paper=kvpress_ruler4k" in knorm and "task=ruler" in knorm
+    _, jobs = plan("kvpress_ruler4k", [], methods=["snapkv"])  # the grid's own models
+    assert [j["model"] for j in jobs] == ["Llama-3.1-8B-Instruct", "Qwen3-8B"]
+    assert "model.path=Qwen/Qwen3-8B" in jobs[1]["overrides"]
