@@ -1,0 +1,480 @@
+"""``kvbench-profile``: offline LU-KV budget profiles (per keep ratio, per layer and KV head).
+
+LU-KV (seed 002) allocates budgets to maximise the *future utility* kept in the cache. Here:
+
+* **Utility of a cached entry** ``j`` of KV head ``h`` (layer ``l``): what it contributes to future outputs,
+  ``u_j = sum over future queries t and the query heads g of h of  a_{g,t,j} * ||W_o^(g) v_j||``, with ``a`` the
+  attention of the *future* queries (question + reference answer of a calibration sample, teacher-forced
+  after the context; random tokens for the random calibration set) on the full cache and ``W_o^(g)`` the
+  columns of ``o_proj`` that read query head ``g``.
+* **Retained-utility curve** of a head: ``U_h(b)`` = sum of ``u`` over the ``b`` entries the method's own
+  within-head scorer keeps (its scores on the context prefill, sinks/recent protected as the selector does),
+  on a grid ``b = f * T``, ``f = 0, 1/K, ..., 1``. Curves are normalised per sample (``normalize=layer``: each
+  layer's heads sum to 1 at full budget, so every layer weighs the same; ``normalize=global``: all heads of
+  the model sum to 1) and averaged over samples.
+* **Allocation**: the upper concave envelope (convex hull) of each curve, then greedy by marginal utility over
+  the hull segments (the optimum of the relaxed problem, where the last segment is taken fractionally).
+  ``scope=global`` (LU-KV, default): one budget for all layers and heads, ``total = L * H * keep_ratio * T``;
+  ``scope=layer``: each layer's heads share ``H * keep_ratio * T``.
+* **Profile file** (safetensors): ``budgets [n_ratios, n_layers, n_kv_heads]`` = the share of the context each
+  head keeps (fraction of T), ``ratios [n_ratios]``, ``curves [n_layers, n_kv_heads, K + 1]`` and ``grid``;
+  metadata: model name, config fingerprint, n_layers, n_kv_heads, method, task, samples, context length, date.
+  The ``lukv`` allocator (methods/lukv.py) reads it, interpolates between ratios and rescales to the current
+  T with exact integer sums.
+
+Usage (Hydra-style overrides as ``kvbench``, plus the profile's own keys)::
+
+    kvbench-profile model=tiny-random method=lukv task=ruler/niah_single_1 context_length=1024 n_samples=8 \
+        out=profiles/tiny.safetensors [ratios=0.05:0.95:0.05] [grid=100] [scope=global] [normalize=layer]
+
+``task=random`` (or a task that cannot be loaded) uses random token ids as calibration contexts.
+The method's scorer is the within-head order (the method's allocator is ignored).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from harness.errors import KvbenchError
+
+FORMAT = "kvbench-lukv-profile/1"
+OWN_KEYS = {"out", "ratios", "grid", "scope", "normalize", "future_tokens"}
+DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
+log = logging.getLogger("kvbench.profile")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hull and greedy allocation (pure math, tested on hand-made curves)
+
+
+def concave_envelope(x: list[float], y: list[float]) -> list[int]:
+    """Indices of the points on the upper concave envelope of ``(x, y)`` (``x`` strictly increasing),
+    first and last point included (Andrew's monotone chain, upper half)."""
+    hull: list[int] = []
+    for i in range(len(x)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or below the segment a -> i
+            cross = (x[b] - x[a]) * (y[i] - y[a]) - (y[b] - y[a]) * (x[i] - x[a])
+            if cross >= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def hull_segments(x: list[float], y: list[float]) -> list[tuple[float, float]]:
+    """``(length, slope)`` of the envelope's segments from left to right (slopes non-increasing)."""
+    idx = concave_envelope(x, y)
+    return [(x[b] - x[a], (y[b] - y[a]) / (x[b] - x[a])) for a, b in zip(idx, idx[1:])]
+
+
+def greedy_allocate(x: list[float], curves: Tensor, total: float) -> Tensor:
+    """Budgets (in ``x`` units, from ``x[0]``) of each curve ``[N, K+1]`` summing to ``total``: greedy marginal
+    utility over the hull segments (highest slope first; ties: lower curve index, then left segment)."""
+    n = curves.shape[0]
+    segs = []
+    for i in range(n):
+        for j, (length, slope) in enumerate(hull_segments(x, curves[i].tolist())):
+            segs.append((-slope, i, j, length))
+    segs.sort()
+    out = torch.full((n,), float(x[0]), dtype=torch.float64)
+    left = float(total) - float(x[0]) * n
+    for _, i, _, length in segs:
+        if left <= 1e-12:
+            break
+        take = min(length, left)
+        out[i] += take
+        left -= take
+    return out
+
+
+def round_to_total(ideal: Tensor, total: int, lo: Tensor | int, hi: Tensor | int) -> Tensor:
+    """Integers within ``[lo, hi]`` summing to ``total`` (clipped to what the bounds allow), close to ``ideal``:
+    floor, then +1 to the largest fractional parts (or -1 to the smallest) until the sum is exact."""
+    ideal = ideal.double().flatten()
+    lo_t = torch.as_tensor(lo, dtype=torch.long).flatten().expand_as(ideal).clone()
+    hi_t = torch.as_tensor(hi, dtype=torch.long).flatten().expand_as(ideal).clone()
+    total = int(min(max(total, int(lo_t.sum())), int(hi_t.sum())))
+    out = torch.minimum(torch.maximum(ideal.floor().long(), lo_t), hi_t)
+    frac = ideal - ideal.floor()
+    while int(out.sum()) != total:
+        diff = total - int(out.sum())
+        if diff > 0:
+            room = out < hi_t
+            key = torch.where(room, frac + (ideal - out.double()).clamp(min=0), torch.full_like(frac, -1e18))
+            order = key.argsort(descending=True, stable=True)[: min(diff, int(room.sum()))]
+            out[order] += 1
+        else:
+            room = out > lo_t
+            key = torch.where(room, frac - (out.double() - ideal).clamp(min=0), torch.full_like(frac, 1e18))
+            order = key.argsort(stable=True)[: min(-diff, int(room.sum()))]
+            out[order] -= 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Profile files
+
+
+@dataclass
+class Profile:
+    budgets: Tensor  # [n_ratios, n_layers, n_kv_heads]: share of the context each head keeps
+    ratios: Tensor  # [n_ratios], ascending
+    meta: dict[str, Any]
+    curves: Tensor | None = None  # [n_layers, n_kv_heads, K + 1]
+    grid: Tensor | None = None  # [K + 1]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.budgets.shape[1])
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(self.budgets.shape[2])
+
+    def shares(self, keep_ratio: float) -> Tensor:
+        """``[L, H]`` shares for a keep ratio, linear between the profiled ratios (and toward share 1 at ratio
+        1, share proportional below the smallest ratio); the caller rescales to its exact total."""
+        ratios = self.ratios.double().tolist()
+        table = self.budgets.double()
+        if ratios[-1] < 1.0:
+            ratios.append(1.0)
+            table = torch.cat([table, torch.ones_like(table[:1])])
+        r = float(keep_ratio)
+        if r <= ratios[0]:
+            return table[0] * (r / ratios[0])
+        if r >= ratios[-1]:
+            return table[-1]
+        k = max(i for i, v in enumerate(ratios) if v <= r)
+        w = (r - ratios[k]) / (ratios[k + 1] - ratios[k])
+        return table[k] * (1 - w) + table[k + 1] * w
+
+
+def model_fingerprint(config) -> dict[str, Any]:
+    """Architecture facts a profile must match (and a short hash of them)."""
+    text = getattr(config, "text_config", config)
+    facts = {
+        "model_type": getattr(text, "model_type", "?"),
+        "n_layers": int(getattr(text, "num_hidden_layers", 0)),
+        "n_kv_heads": int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0)),
+        "n_heads": int(getattr(text, "num_attention_heads", 0)),
+        "hidden_size": int(getattr(text, "hidden_size", 0)),
+        "head_dim": int(getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // max(1, getattr(text, "num_attention_heads", 1))),
+        "vocab_size": int(getattr(text, "vocab_size", 0)),
+    }
+    facts["config_hash"] = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+    return facts
+
+
+def model_name(model, fallback: str = "") -> str:
+    name = str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "") or "")
+    return name.rstrip("/").split("/")[-1] if name else fallback
+
+
+def save_profile(path: str | Path, profile: Profile) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"budgets": profile.budgets.float().contiguous(), "ratios": profile.ratios.float().contiguous()}
+    if profile.curves is not None:
+        tensors["curves"] = profile.curves.float().contiguous()
+    if profile.grid is not None:
+        tensors["grid"] = profile.grid.float().contiguous()
+    meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in profile.meta.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path: str | Path) -> Profile:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise KvbenchError(f"method.profile={str(path)!r} does not exist; make one with kvbench-profile model=<model> out=<file>")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # not a safetensors file
+        raise KvbenchError(f"method.profile={str(path)!r} is not a kvbench-profile file ({type(err).__name__})") from None
+    if raw.get("format") != FORMAT or "budgets" not in tensors or "ratios" not in tensors:
+        raise KvbenchError(f"method.profile={str(path)!r} is not a kvbench-profile file (format {raw.get('format')!r})")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            meta[k] = v
+    budgets, ratios = tensors["budgets"], tensors["ratios"]
+    if budgets.dim() != 3 or budgets.shape[0] != ratios.numel():
+        raise KvbenchError(f"method.profile={str(path)!r}: budgets {tuple(budgets.shape)} do not match {ratios.numel()} ratios")
+    order = ratios.argsort()
+    return Profile(budgets[order], ratios[order], meta, tensors.get("curves"), tensors.get("grid"))
+
+
+def check_profile_model(profile: Profile, model, source: str = "method.profile") -> None:
+    """One-line ``KvbenchError`` when a profile was made for another model (architecture or name)."""
+    facts = model_fingerprint(model.config)
+    if (profile.n_layers, profile.n_kv_heads) != (facts["n_layers"], facts["n_kv_heads"]):
+        raise KvbenchError(
+            f"{source} was profiled for {profile.meta.get('model', '?')!r} with {profile.n_layers} layers x "
+            f"{profile.n_kv_heads} KV heads; this model has {facts['n_layers']} x {facts['n_kv_heads']}: run kvbench-profile for it"
+        )
+    want = profile.meta.get("config_hash")
+    if want and want != facts["config_hash"]:
+        raise KvbenchError(
+            f"{source} was profiled for another model ({profile.meta.get('model', '?')!r}, config {want}; this model's "
+            f"config is {facts['config_hash']}): run kvbench-profile for it"
+        )
+    name, theirs = model_name(model), profile.meta.get("model") or ""
+    if name and theirs and name != theirs:
+        raise KvbenchError(f"{source} was profiled for model {theirs!r}, not {name!r}: run kvbench-profile for it")
+
+
+def allocate_table(curves: Tensor, grid: list[float], ratios: list[float], scope: str) -> Tensor:
+    """``[n_ratios, L, H]`` shares from averaged curves ``[L, H, K+1]``."""
+    n_layers, n_heads = curves.shape[:2]
+    rows = []
+    for r in ratios:
+        if scope == "global":
+            shares = greedy_allocate(grid, curves.reshape(n_layers * n_heads, -1), r * n_layers * n_heads)
+            rows.append(shares.reshape(n_layers, n_heads))
+        else:
+            rows.append(torch.stack([greedy_allocate(grid, curves[l], r * n_heads) for l in range(n_layers)]))
+    return torch.stack(rows).float()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring the curves
+
+
+class _FutureCapture:
+    """A Scorer-like object for harness.attention.Hooks: during the forward of the future tokens on the full
+    cache, turns each layer's future queries into per-entry utilities ``u [H_kv, T_ctx]``."""
+
+    shares_across_ratios = True
+    needs_hidden_states = False
+
+    def __init__(self, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.utility: dict[int, Tensor] = {}
+
+    def score(self, inputs) -> None:
+        q, k, v = inputs.queries.float(), inputs.keys.float(), inputs.values.float()
+        batch, n_q, q_len, d = q.shape
+        n_kv, n_all = k.shape[1], k.shape[2]
+        group = n_q // n_kv
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q.reshape(batch, n_kv, group, q_len, d), k) * inputs.scaling
+        q_pos = torch.arange(n_all - q_len, n_all, device=k.device)[:, None]
+        logits = logits.masked_fill(torch.arange(n_all, device=k.device)[None, :] > q_pos, float("-inf"))
+        mass = logits.softmax(dim=-1)[..., : self.n_ctx].sum(dim=3)  # [B, H_kv, G, T_ctx]
+        w_o = inputs.module.o_proj.weight.float()  # [hidden, H_q * d]
+        w_o = w_o.reshape(w_o.shape[0], n_kv, group, d)
+        gram = torch.einsum("ohgd,ohge->hgde", w_o, w_o)  # W_o^(g)^T W_o^(g), [H_kv, G, d, d]
+        # ||W_o^(g) v_j|| = sqrt(v_j^T gram_g v_j) for each query head g of KV head h and context entry j
+        vc = v[:, :, : self.n_ctx]
+        contrib = torch.einsum("bhjd,hgde,bhje->bhgj", vc, gram, vc).clamp(min=0).sqrt()  # [B, H_kv, G, T]
+        self.utility[inputs.layer_idx] = (mass * contrib).sum(dim=2)[0].cpu()
+        return None
+
+
+def grid_points(n_tokens: int, grid: list[float]) -> Tensor:
+    return torch.tensor([min(n_tokens, int(round(f * n_tokens))) for f in grid], dtype=torch.long)
+
+
+def retained_curves(scores: list[Tensor], utility: dict[int, Tensor], method, grid: list[float]) -> Tensor:
+    """``[L, H, K+1]`` utility kept at each grid budget, entries ranked by the method's protected scores."""
+    from harness.compress import protect
+
+    out = []
+    for layer, s in enumerate(scores):
+        u = utility[layer]
+        if s is None:  # a layer the scorer keeps whole: keeping more is all it can do; rank by position
+            s = torch.arange(u.shape[-1], dtype=torch.float32).expand_as(u)
+        s = s[0] if s.dim() == 3 else s
+        s = protect(s.float().cpu(), method.n_sink, method.n_recent)
+        order = s.argsort(dim=-1, descending=True, stable=True)
+        cum = torch.cat([torch.zeros(u.shape[0], 1), u.gather(-1, order).double().cumsum(-1)], dim=-1)
+        out.append(cum[:, grid_points(u.shape[-1], grid)])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def measure_curves(model, method, prompts: list[tuple[list[int], list[int]]], grid: list[float], normalize: str,
+                   seed: int = 0) -> Tensor:
+    """Mean normalised retained-utility curves ``[L, H, K+1]`` over calibration prompts (context, future)."""
+    from harness.attention import install
+    from harness.pipeline import prefill
+
+    total = None
+    device = model.device
+    with install(model) as hooks:
+        for i, (ctx, future) in enumerate(prompts):
+            pre = prefill(model, hooks, ctx, method, seed=seed + i)
+            capture = _FutureCapture(len(ctx))
+            with hooks.scoring(capture, seed + i):
+                ids = torch.tensor([future], device=device)
+                pos = torch.arange(len(ctx), len(ctx) + len(future), device=device)[None]
+                model(input_ids=ids, position_ids=pos, past_key_values=pre.cache, use_cache=True, logits_to_keep=1)
+            curves = retained_curves(pre.scores, capture.utility, method, grid)
+            full = curves[..., -1]
+            if normalize == "global":
+                curves = curves / full.sum().clamp(min=1e-30)
+            else:
+                curves = curves / full.sum(dim=1, keepdim=True)[..., None].clamp(min=1e-30)
+            total = curves if total is None else total + curves
+            del pre
+    return total / len(prompts)
+
+
+def calibration_prompts(tokenizer, cfg, n_samples: int, context_length: int, seed: int, future_tokens: int,
+                        chat: bool, random: bool = False) -> tuple[list[tuple[list[int], list[int]]], str]:
+    """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids."""
+    task_name = "random" if random else str(cfg.task.name)
+    if task_name != "random":
+        try:
+            import tasks
+            from harness.runner import task_params
+            from tasks.base import PromptEncoder
+
+            task = tasks.get_task(task_name, **task_params(cfg.task))
+            encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
+            out = []
+            for sample in task.samples(encoder, context_length, n_samples, seed):
+                ctx, q = encoder.encode_sample(sample)
+                answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids if sample.answers else []
+                out.append((list(ctx), list(q) + list(answer)))
+            if out:
+                return out, task_name
+        except Exception as err:  # a task not written yet, or data missing: random calibration instead
+            log.warning("kvbench-profile: task %r unavailable (%s: %s); using random calibration tokens",
+                        task_name, type(err).__name__, err)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 256
+    low = min(8, vocab - 1)
+    out = []
+    for _ in range(n_samples):
+        ids = torch.randint(low, vocab, (context_length,), generator=gen).tolist()
+        n_future = min(future_tokens, context_length // 4)
+        out.append((ids[: context_length - n_future], ids[context_length - n_future :]))
+    return out, "random"
+
+
+def parse_ratios(text: str) -> list[float]:
+    text = str(text).strip().strip("[]")
+    if ":" in text:
+        start, stop, step = (float(t) for t in text.split(":"))
+        n = int(round((stop - start) / step)) + 1
+        values = [round(start + i * step, 6) for i in range(n)]
+    else:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise KvbenchError(f"ratios={text!r}: give keep ratios in (0, 1], e.g. 0.05:0.95:0.05 or 0.1,0.25,0.5")
+    return sorted(set(values))
+
+
+def build_profile(model, method, prompts, ratios: list[float], grid_size: int, scope: str, normalize: str,
+                  meta: dict[str, Any], seed: int = 0) -> Profile:
+    if scope not in ("global", "layer"):
+        raise KvbenchError(f"scope={scope!r} is not supported; allowed: global, layer")
+    if normalize not in ("layer", "global"):
+        raise KvbenchError(f"normalize={normalize!r} is not supported; allowed: layer, global")
+    if grid_size < 2:
+        raise KvbenchError(f"grid={grid_size} must be at least 2")
+    grid = [i / grid_size for i in range(grid_size + 1)]
+    curves = measure_curves(model, method, prompts, grid, normalize, seed)
+    table = allocate_table(curves, grid, ratios, scope)
+    facts = model_fingerprint(model.config)
+    meta = {**meta, **facts, "scope": scope, "normalize": normalize, "ratios": ratios, "grid_size": grid_size,
+            "n_calibration": len(prompts), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return Profile(table, torch.tensor(ratios), meta, curves.float(), torch.tensor(grid))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    own, overrides = {}, []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if "=" in arg and key in OWN_KEYS:
+            own[key] = arg.split("=", 1)[1]
+        elif arg == "task=random":  # the profile's own calibration set, not a registered task
+            own["task"] = "random"
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+def run(argv: list[str]) -> Path:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import methods
+    from harness.cli import CONF_DIR, check_group_overrides
+    from harness.models import load_model
+
+    own, overrides = _split_args(argv)
+    if "out" not in own:
+        raise KvbenchError("out=<file.safetensors> is required (where the profile is written)")
+    check_group_overrides(overrides)
+    if not any(o.lstrip("+").startswith("method=") for o in overrides):
+        overrides = ["method=lukv", *overrides]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cfg["allocator"] = "uniform"  # only the scorer (and the selector's protected tokens) matter here
+    method_cfg = {k: v for k, v in method_cfg.items() if k not in ("profile", "alpha", "beta")}
+    method = methods.build_method(method_cfg)
+    if method.scorer is None:
+        raise KvbenchError(f"method={cfg.method.name} has no scorer; profile a method that evicts (e.g. method=lukv)")
+    model, tok = load_model(cfg.model)
+    ratios = parse_ratios(own.get("ratios", ",".join(str(r) for r in DEFAULT_RATIOS)))
+    prompts, source = calibration_prompts(tok, cfg, int(cfg.n_samples), int(cfg.context_length), int(cfg.seed),
+                                          int(own.get("future_tokens", 64)), bool(cfg.model.get("chat", False)),
+                                          own.get("task") == "random")
+    meta = {"model": model_name(model, str(cfg.model.name)), "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+            "method": method_cfg, "task": source, "n_samples": len(prompts), "context_length": int(cfg.context_length),
+            "seed": int(cfg.seed)}
+    profile = build_profile(model, method, prompts, ratios, int(own.get("grid", 100)), own.get("scope", "global"),
+                            own.get("normalize", "layer"), meta, int(cfg.seed))
+    return save_profile(own["out"], profile)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    try:
+        path = run(argv)
+    except KvbenchError as err:
+        print(f"kvbench-profile: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    prof = load_profile(path)
+    print(f"{path}: {prof.n_layers} layers x {prof.n_kv_heads} KV heads, {prof.ratios.numel()} ratios, "
+          f"{prof.meta.get('n_samples')} {prof.meta.get('task')} samples")
+
+
+if __name__ == "__main__":
+    main()

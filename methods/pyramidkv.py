@@ -1,0 +1,59 @@
+"""PyramidKV (Cai et al., 2024): per-layer budgets that decrease linearly with depth (allocator ``pyramid``).
+
+Every KV head of a layer gets the same budget; the layer budgets form an arithmetic sequence from layer 0
+(largest) to the last layer (smallest) whose mean is the uniform budget. The formula is kvpress's
+``PyramidKVPress.get_layer_budget`` (itself KVCache-Factory's), with ``window`` = SnapKV's observation window
+(the method config's ``window`` key, shared with the scorer) and ``beta`` the steepness::
+
+    capacity = window + T * keep_ratio              # "max_capacity_prompt"
+    min_num  = (capacity - window) / beta
+    max_num  = 2 * (capacity - window) - min_num
+    if max_num >= T - window:                        # the first layer cannot keep more than the prefix
+        max_num = T - window
+        min_num = 2 * (capacity - window) - max_num
+    if not (T >= max_num >= min_num >= window):      # degenerate pyramid: SnapKV's uniform budget
+        budget = max(1, round(T * keep_ratio))         (note round(), as kvpress; uniform uses floor)
+    else:
+        budget(l) = round(max_num - l * (max_num - min_num) / (L - 1))   # Python round: half to even
+
+so the budgets sum to the uniform total up to rounding (kvpress does not correct the rounding; we do not
+either, to keep what kvpress keeps). ``l`` is the index among the scored layers.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.compress import Allocator, register_allocator
+from harness.errors import KvbenchError
+
+
+def pyramid_budget(n_tokens: int, keep_ratio: float, layer: int, n_layers: int, window: int, beta: float) -> int:
+    """Budget of one layer, as kvpress 0.5.5 (``PyramidKVPress.get_layer_budget``)."""
+    capacity = window + n_tokens * keep_ratio
+    min_num = (capacity - window) / beta
+    max_num = (capacity - window) * 2 - min_num
+    if max_num >= n_tokens - window:
+        max_num = n_tokens - window
+        min_num = (capacity - window) * 2 - max_num
+    if not (n_tokens >= max_num >= min_num >= window):
+        return max(1, round(n_tokens * keep_ratio))
+    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(max_num - layer * steps)
+
+
+@register_allocator("pyramid")
+class PyramidAllocator(Allocator):
+    def __init__(self, beta: float | None = 20, window: int | None = 0):
+        self.beta = 20.0 if beta is None else float(beta)
+        self.window = int(window or 0)
+        if self.beta < 1:
+            raise KvbenchError(f"method.beta={beta} must be >= 1 (PyramidKV's steepness)")
+
+    def budgets(self, scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
+        n_layers = len(scores)
+        rows = []
+        for layer, s in enumerate(scores):
+            n_heads, n_tokens = s.shape[-2], s.shape[-1]
+            b = pyramid_budget(n_tokens, keep_ratio, layer, n_layers, self.window, self.beta)
+            rows.append([min(max(1, b), n_tokens)] * n_heads)
+        return torch.tensor(rows, dtype=torch.long)
