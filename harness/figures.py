@@ -20,7 +20,7 @@ def _plt():
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     for p in paths:
-        fig.savefig(p, dpi=120)
+        fig.savefig(p, dpi=120, bbox_inches="tight")  # rotated tick labels stay inside
     _plt().close(fig)
     return paths
 
@@ -58,6 +58,7 @@ def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
     models = sorted(t["model"].unique())
     groups = sorted(t["group"].unique())
     plt = _plt()
+    style = method_styles(sorted(t["method"].unique()))
     fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.6 * len(models)),
                              squeeze=False)
     for i, model in enumerate(models):
@@ -67,7 +68,7 @@ def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
             n_tasks = sub["task"].nunique()
             for method, g in sub.groupby("method"):
                 g = g.groupby("keep_ratio")["score"].mean().sort_index()
-                ax.plot(g.index, g.values, marker="o", label=method)
+                ax.plot(g.index, g.values, label=method, **style[method])
             ax.set_title(f"{model}: {group} ({n_tasks} task{'s' if n_tasks != 1 else ''})", fontsize=9)
             ax.set_xlabel("keep ratio")
             ax.set_ylabel("score")
@@ -76,6 +77,15 @@ def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, "score_vs_keep_ratio_by_group")
+
+
+def method_styles(methods: list[str]) -> dict[str, dict]:
+    """A distinct colour + marker + line style per method (more than 10 methods: tab10 alone repeats)."""
+    plt = _plt()
+    colors = plt.cm.tab20.colors
+    markers = "osD^v<>pX*"
+    return {m: {"color": colors[i % 20], "marker": markers[i % len(markers)],
+                "linestyle": "-" if "+" not in m else "--"} for i, m in enumerate(methods)}
 
 
 def common_keep_ratio(table: pd.DataFrame) -> float | None:
