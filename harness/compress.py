@@ -176,7 +176,9 @@ class Method:
         n_heads = squeezed[scored[0]].shape[0] if scored else 0
         budgets = torch.zeros(len(squeezed), n_heads, dtype=torch.long)
         if scored:
-            sub = self.allocator.budgets([squeezed[i] for i in scored], keep_ratio)
+            # The allocator sees sinks and recent tokens at +inf, as kvpress's padding does before AdaKV's cut.
+            protected = [protect(squeezed[i], self.n_sink, self.n_recent) for i in scored]
+            sub = self.allocator.budgets(protected, keep_ratio)
             if sub.shape != (len(scored), n_heads):
                 raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(sub.shape)}")
             budgets[scored] = sub

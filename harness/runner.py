@@ -31,7 +31,7 @@ from tasks.base import PromptEncoder
 log = logging.getLogger("kvbench")
 
 # Keys that may change between a run and its resumption without changing its rows.
-VOLATILE_KEYS = ("overwrite", "output_dir", "progress")
+VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: published numbers, not run inputs
 
 
 def keep_ratios(value: Any) -> list[float]:
@@ -109,6 +109,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         raise KvbenchError(f"n_samples={cfg.n_samples} must be at least 1")
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model(cfg.model)
+    for part in (method.scorer, method.allocator):  # a checkpoint or profile made for another model is refused
+        bind = getattr(part, "bind_model", None)
+        if bind is not None:
+            bind(model)
     limit = max_context(model)
     if limit and int(cfg.context_length) > limit:
         raise KvbenchError(

@@ -14,6 +14,8 @@ from harness.errors import KvbenchError
 
 # Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
 COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset"}
+# Allocator parameters every method config carries (so any method takes any allocator); unused ones are fine.
+SHARED_KEYS = {"alpha", "beta", "profile"}
 _loaded = False
 
 
@@ -54,10 +56,12 @@ def build_method(cfg) -> Method:
             raise KvbenchError(f"method.preset={preset!r} is not known for {cfg['name']}; allowed: {allowed}")
         cfg.update(presets[preset])
     params = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
-    scorer = _construct("scorer", SCORERS, scorer_name, params) if scorer_name else None
+    # A scorer that protects sinks itself (ExpectedAttention's statistics skip them) gets the selector's n_sink.
+    scorer_params = {**params, "n_sink": int(cfg.get("n_sink") or 0)} if "n_sink" in cfg else params
+    scorer = _construct("scorer", SCORERS, scorer_name, scorer_params) if scorer_name else None
     allocator = _construct("allocator", ALLOCATORS, allocator_name, params)
     used = set().union(*(_accepted(type(obj)) for obj in (scorer, allocator) if obj is not None))
-    unknown = sorted(set(params) - used)
+    unknown = sorted(set(params) - used - SHARED_KEYS)
     if unknown:
         raise KvbenchError(
             f"method.{unknown[0]} is not a parameter of scorer {scorer_name!r} or allocator {allocator_name!r}"
