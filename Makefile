@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= results/demo
 
-.PHONY: setup demo test report
+.PHONY: setup demo test report bench
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -19,3 +19,6 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -x tests
+
+bench: setup
+	$(BIN)/python benchmarks/refresh_readme.py

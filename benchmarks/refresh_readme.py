@@ -1,0 +1,76 @@
+"""Run the benchmarks and rewrite the README's measured figures (between the bench markers), with the
+machine and date. One command: ``make bench``.
+
+    python benchmarks/refresh_readme.py [--skip-kvpress] [--context 4096]
+
+The kvpress comparison needs kvpress's own venv (``bash ../shared/peers/kvpress-env.sh .peers/kvpress-venv``);
+without it that line says so instead of a number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def run_json(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, *args, "--json", out.name], cwd=ROOT, check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def render(speed: dict, kvpress: dict | None, kvpress_note: str) -> str:
+    m = speed["machine"]
+    r = speed["ratios"]
+    lines = [
+        START,
+        f"Measured {speed['date']} on {m.get('cpu', m['platform'])}, {m['cpu_count']} threads, {m['device']}, "
+        f"torch {m['torch']}; model `{speed['model']}`, {speed['context_tokens']}-token prompt, "
+        f"{speed['new_tokens']} new tokens, medians of repeats (`make bench` refreshes this block).",
+        "",
+        "| measurement | ratio | target |",
+        "|---|---|---|",
+        f"| 5-ratio SnapKV sweep / single ratio (ours) | {r['sweep_5_ratios / single_ratio']:.2f}x | <= 1.3x |",
+        f"| 5 separate runs / our 5-ratio sweep | {r['separate_5 / sweep_5_ratios']:.2f}x | |",
+        f"| harness full cache / bare `model.generate` | {r['harness_full / bare_generate']:.2f}x | <= 1.05x |",
+    ]
+    if kvpress:
+        ratio = kvpress.get("kvpress_time / ours") or kvpress.get("ratio")
+        lines.append(f"| kvpress 5-ratio SnapKV sweep / ours | {ratio:.2f}x | >= 3x |")
+    else:
+        lines.append(f"| kvpress 5-ratio SnapKV sweep / ours | {kvpress_note} | >= 3x |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-kvpress", action="store_true")
+    parser.add_argument("--context", type=int, default=4096)
+    args = parser.parse_args()
+    speed = run_json(["benchmarks/speed.py", "--context", str(args.context)])
+    kvpress, note = None, "not run (no kvpress venv)"
+    venv = ROOT / ".peers/kvpress-venv/bin/python"
+    if not args.skip_kvpress and venv.exists():
+        kvpress = run_json(["benchmarks/vs_kvpress.py", "--context", str(args.context)])
+    block = render(speed, kvpress, note)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n" + block + "\n"
+    readme.write_text(text)
+    print(block)
+    print(f"README.md updated {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+if __name__ == "__main__":
+    main()
