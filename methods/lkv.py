@@ -303,11 +303,15 @@ class LKVScorer(Scorer):
         self.needs_hidden_states = self.params.use_hidden
         self._checked: set[int] = set()
 
-    def prefill_patch(self, model: nn.Module, keep_ratio: float):
+    def bind_model(self, model: nn.Module) -> None:
+        """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""
         if id(model) not in self._checked:
             check_model(self.config, model, f"method.checkpoint={self.checkpoint!r}")
             self._checked.add(id(model))
         self.params.to(model.device)
+
+    def prefill_patch(self, model: nn.Module, keep_ratio: float):
+        self.bind_model(model)
         return super().prefill_patch(model, keep_ratio)
 
     def score(self, inputs: LayerInputs) -> Tensor:
@@ -324,6 +328,9 @@ class LKVAllocator(Allocator):
         self.config, tensors = load_checkpoint(checkpoint, "lkv")
         self.budget_logits = tensors["budget_logits"].float()
         self.min_budget = int(min_budget)
+
+    def bind_model(self, model: nn.Module) -> None:
+        check_model(self.config, model, f"method.checkpoint={self.checkpoint!r}")
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
         check_shape(self.config, len(scores), scores[0].shape[-2], f"method.checkpoint={self.checkpoint!r}")

@@ -156,6 +156,10 @@ class SPKVScorer(Scorer):
     def where(self) -> str:
         return f"method.checkpoint={self.checkpoint!r}"
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""
+        self._check(model)
+
     def _check(self, model: nn.Module) -> None:
         if id(model) not in self._checked:
             check_model(self.config, model, self.where)

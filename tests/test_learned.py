@@ -242,6 +242,10 @@ def test_checkpoint_for_another_model_is_refused(tiny_llama, tmp_path, name):
     (_lkv_checkpoint if name == "lkv" else _spkv_checkpoint)(model, tmp_path)
     m = methods.build_method(method_cfg(name, checkpoint=str(tmp_path)))
     other, _ = build_tiny("llama", num_hidden_layers=3)
+    for part in (m.scorer, m.allocator):  # the runner binds the model first
+        if hasattr(part, "bind_model"):
+            with pytest.raises(KvbenchError, match="was trained for model tiny-random"):
+                part.bind_model(other)
     with install(other) as hooks, pytest.raises(KvbenchError, match="was trained for model tiny-random"):
         run_sample(other, tok, hooks, m, CTX, QUESTION, [0.2], False, 2, [], 0)
     with pytest.raises(KvbenchError, match="has no config.json"):
