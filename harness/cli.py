@@ -44,8 +44,17 @@ def check_group_overrides(argv: list[str]) -> None:
         allowed = group_options(group)
         for choice in value.split(","):
             if choice not in allowed:
-                shown = ", ".join(allowed) if len(allowed) <= 40 else ", ".join(allowed[:40]) + ", ..."
-                fail(f"{group}={choice!r} is not known; allowed: {shown}")
+                fail(f"{group}={choice!r} is not known; allowed: {_shown(choice, allowed)}")
+
+
+def _shown(choice: str, allowed: list[str]) -> str:
+    """The allowed values worth showing: those under the same prefix (ruler/...), else the top level."""
+    prefix = choice.rsplit("/", 1)[0] + "/" if "/" in choice else None
+    near = [a for a in allowed if prefix and a.startswith(prefix)]
+    if near:
+        return ", ".join(near)
+    top = sorted({a.split("/", 1)[0] + ("/<name>" if "/" in a else "") for a in allowed})
+    return ", ".join(top)
 
 
 def check_output_dir(argv: list[str]) -> None:
