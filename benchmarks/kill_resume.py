@@ -23,7 +23,7 @@ ROW_FIELDS = ("task", "sample_id", "method", "keep_ratio", "prediction", "score"
 
 def command(run_dir: Path, n_samples: int) -> list[str]:
     return [sys.executable, "-m", "harness.cli", "model=tiny-random", "method=snapkv", "task=ruler/niah_single_1",
-            "keep_ratio=[0.25,0.5]", "context_length=512", f"n_samples={n_samples}", "max_new_tokens=24",
+            "keep_ratio=[0.25,0.5]", "context_length=512", f"n_samples={n_samples}", "max_new_tokens=8",
             "progress=false", f"hydra.run.dir={run_dir}"]
 
 
@@ -61,7 +61,7 @@ def kill_and_resume(kills: int, n_samples: int, seed: int = 0, verbose: bool = T
         while proc.poll() is None and _size(victim / "predictions.jsonl") == size and waited < 120:
             time.sleep(0.02)
             waited += 0.02
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             done += 1
