@@ -273,7 +273,7 @@ class SPKVLearner:
         sig = model_signature(model)
         self.window = int(method_cfg.get("window") or hp.get("window") or 64)
         self.hp = {"feature": str(hp.get("feature", "hidden")), "init_bias": float(hp.get("init_bias", 6.0)),
-                   "sparsity_weight": float(hp.get("sparsity_weight", 0.05)), "window": self.window,
+                   "sparsity_weight": float(hp.get("sparsity_weight", 0.2)), "window": self.window,
                    "train_params": [str(p) for p in (hp.get("train_params") or [])]}
         n_feat = sig["hidden_size"] if self.hp["feature"] == "hidden" else sig["head_dim"]
         self.params = SPKVParams(sig["n_layers"], sig["n_kv_heads"], n_feat, self.hp["feature"], self.hp["init_bias"])
