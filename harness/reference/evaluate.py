@@ -1,0 +1,150 @@
+"""Greedy-decoding RULER check of a checkpoint (the reference model's own scorer; the harness has the real one).
+
+    python -m harness.reference.evaluate --model harness/reference/checkpoint --tasks niah_single_1,niah_multikey_1,vt \
+        --lengths 4096 --n 50
+
+Prompts come from the harness's ``tasks/ruler`` when it exists (``--source auto``), else from this package's
+generator (RULER's templates, haystack fitted to the length like RULER's binary search). Seeds are < 1000.
+The score is RULER's string_match_all (fraction of reference answers found in the prediction), x100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+GEN = {  # task -> (builder(rng, n_tokens), max_new_tokens)
+    "niah_single_1": (lambda d, r, n: d.niah(r, n, "noise", "words", "numbers"), 128),
+    "niah_single_2": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers"), 128),
+    "niah_single_3": (lambda d, r, n: d.niah(r, n, "essay", "words", "uuids"), 128),
+    "niah_multikey_1": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_k=4), 128),
+    "niah_multikey_2": (lambda d, r, n: d.niah(r, n, "needle", "words", "numbers"), 128),
+    "niah_multikey_3": (lambda d, r, n: d.niah(r, n, "needle", "uuids", "uuids"), 128),
+    "niah_multivalue": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_v=4), 128),
+    "niah_multiquery": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_q=4), 128),
+    "vt": (lambda d, r, n: d.vt(r, n, 1, 4, "noise", icl=True), 30),
+}
+
+
+def own_samples(task: str, tok, length: int, n: int, seed: int):
+    """(context, question, answers, max_new) fitted so that prompt + max_new <= length (RULER's rule)."""
+    from harness.reference import data
+
+    build, max_new = GEN[task]
+    out = []
+    for i in range(n):
+        base = random.Random(seed * 100_003 + i)
+        state = base.getstate()
+        lo, hi, best = 64, 2 * length, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            base.setstate(state)
+            ex = build(data, base, mid)
+            q, t = ex.turns[0]
+            size = len(tok(ex.context).input_ids) + len(tok(q, add_special_tokens=False).input_ids) + max_new
+            if size <= length:
+                best, lo = ex, mid + 1
+            else:
+                hi = mid - 1
+        ex = best
+        q, t = ex.turns[0]
+        answers = [a.strip() for a in t.strip().rstrip(".").replace(", and ", ", ").split(", ")] \
+            if task != "vt" else t.split()
+        out.append((ex.context, q, answers, max_new))
+    return out
+
+
+def harness_samples(task: str, tok, length: int, n: int, seed: int):
+    import tasks as T
+    from tasks.base import PromptEncoder
+
+    t = T.get_task(f"ruler/{task}")
+    return [(s.context, s.question + s.answer_prefix, list(s.answers), s.max_new_tokens)
+            for s in t.samples(PromptEncoder(tok), length, n, seed)]
+
+
+@torch.no_grad()
+def greedy(model, tok, context: str, question: str, max_new: int) -> tuple[str, int]:
+    ids = tok(context).input_ids + tok(question, add_special_tokens=False).input_ids
+    x = torch.tensor([ids])
+    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+    past, gen = out.past_key_values, []
+    nxt = int(out.logits[0, -1].argmax())
+    for _ in range(max_new):
+        if nxt == tok.eos_token_id:
+            break
+        gen.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+    return tok.decode(gen, skip_special_tokens=True), len(ids)
+
+
+def string_match_all(pred: str, refs: list[str]) -> float:
+    return sum(r.lower() in pred.lower() for r in refs) / len(refs)
+
+
+def evaluate(model_dir: str, tasks: list[str], lengths: list[int], n: int, seed: int = 0, source: str = "auto",
+             verbose: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    use_harness = False
+    if source in ("auto", "harness"):
+        try:
+            import tasks as T
+
+            T.get_task("ruler/niah_single_1")
+            use_harness = True
+        except Exception:
+            if source == "harness":
+                raise
+    results = {}
+    for length in lengths:
+        for task in tasks:
+            samples = (harness_samples if use_harness else own_samples)(task, tok, length, n, seed)
+            t0, scores, ntok = time.time(), [], []
+            for ctx, q, answers, max_new in samples:
+                pred, n_in = greedy(model, tok, ctx, q, max_new)
+                scores.append(string_match_all(pred, answers))
+                ntok.append(n_in)
+                if verbose and scores[-1] < 1:
+                    print(f"  miss {task}@{length}: pred={pred!r} answers={answers}", flush=True)
+            key = f"{task}@{length}"
+            results[key] = {"score": round(100 * sum(scores) / len(scores), 1), "n": len(scores),
+                            "mean_tokens": round(sum(ntok) / len(ntok)),
+                            "s_per_sample": round((time.time() - t0) / len(scores), 3),
+                            "source": "tasks/ruler" if use_harness else "harness.reference.data"}
+            print(key, json.dumps(results[key]), flush=True)
+    return results
+
+
+def main(argv=None):
+    from harness.reference import CHECKPOINT_DIR
+
+    ap = argparse.ArgumentParser(description="greedy RULER check of a checkpoint")
+    ap.add_argument("--model", default=str(CHECKPOINT_DIR))
+    ap.add_argument("--tasks", default="niah_single_1,niah_multikey_1,vt")
+    ap.add_argument("--lengths", default="4096")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", choices=["auto", "own", "harness"], default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    assert args.seed < 1000, "eval seeds are < 1000 (training uses >= 1_000_000)"
+    torch.set_num_threads(args.threads)
+    res = evaluate(args.model, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.n,
+                   args.seed, args.source, args.verbose)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Train the reference model on CPU (or CUDA): ``python -m harness.reference.train --out harness/reference/checkpoint``.
+
+Data: ``harness.reference.data`` (RULER niah / vt templates plus extra retrieval tasks), seeds >= 1_000_000.
+Loss: cross-entropy on the answer tokens (+ EOS), plus ``--lm-weight`` times the LM loss on the rest.
+Curriculum: sequence length grows from ~256 to 4096 tokens over the run; batches hold ``--batch-tokens``
+tokens. AdamW, linear warmup then cosine. Every ``--eval-every`` steps a held-out teacher-forced check (an
+answer counts when every answer token is the argmax, i.e. exactly what greedy decoding would emit) at 1k/4k,
+a save of the model and tokenizer to ``--out`` and of the full training state to ``--work-dir`` (resumable:
+rerun the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from harness.reference.data import corpus_for_tokenizer, sample_example
+from harness.reference.model import REFERENCE_ARCH, TINY_ARCH, reference_config
+from harness.reference.tokenizer import build_tokenizer
+
+TRAIN_SEED = 1_000_000
+HELDOUT_SEED = 900  # < 1000: disjoint from training seeds
+
+
+def curriculum(frac: float, rng: random.Random, max_len: int) -> int:
+    """Target sequence length for a step at fraction ``frac`` of the run."""
+    if frac < 0.3:
+        lo, hi = 128, 512
+    elif frac < 0.55:
+        lo, hi = 256, 1024
+    elif frac < 0.8:
+        lo, hi = 512, 2048
+    elif rng.random() < 0.35:
+        lo, hi = 2048, 4096
+    else:
+        lo, hi = 512, 2048
+    hi = min(hi, max_len)
+    lo = min(lo, hi)
+    return rng.randint(lo, hi)
+
+
+def encode_example(tok, ex, lm_weight: float):
+    """ids, per-token loss weights (target i predicts ids[i]), answer spans [(start, end, task)]."""
+    ids = list(tok(ex.context).input_ids)
+    w = [lm_weight] * len(ids)
+    spans = []
+    for i, (q, t) in enumerate(ex.turns):
+        q_ids = tok(q, add_special_tokens=False).input_ids
+        t_ids = tok(t, add_special_tokens=False).input_ids
+        if i == len(ex.turns) - 1:
+            t_ids = t_ids + [tok.eos_token_id]
+        ids += q_ids
+        w += [lm_weight] * len(q_ids)
+        spans.append((len(ids), len(ids) + len(t_ids), ex.task))
+        ids += t_ids
+        w += [1.0] * len(t_ids)
+    w[0] = 0.0  # BOS is never predicted
+    return ids, w, spans
+
+
+def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weight: float, hard_max: int,
+               copy_share: float = 0.15):
+    n = max(1, batch_tokens // length)
+    rows = []
+    for _ in range(n):
+        want = length
+        for _ in range(4):  # the generators size haystacks roughly: shrink until the sequence fits
+            ex = sample_example(rng, want, copy_share)
+            ids, w, spans = encode_example(tok, ex, lm_weight)
+            if len(ids) <= 1.15 * length:
+                break
+            want = max(64, int(want * length / len(ids) * 0.95))
+        if len(ids) > hard_max:  # keep the end (the question) and BOS
+            cut = len(ids) - hard_max
+            ids, w = ids[:1] + ids[cut + 1:], w[:1] + w[cut + 1:]
+            spans = [(s - cut, e - cut, k) for s, e, k in spans]
+        rows.append((ids, w, spans))
+    T = max(len(r[0]) for r in rows)
+    x = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    wt = torch.zeros((len(rows), T))
+    for i, (ids, w, _) in enumerate(rows):
+        x[i, : len(ids)] = torch.tensor(ids)
+        wt[i, : len(w)] = torch.tensor(w)
+    return x, wt, [r[2] for r in rows]
+
+
+def forward_loss(model, x, wt):
+    """Answer loss (+ LM loss when some weights are in (0, 1)); logits only where a loss is taken."""
+    hidden = model.model(input_ids=x[:, :-1]).last_hidden_state
+    tgt, w = x[:, 1:], wt[:, 1:]
+    sel = w > 0
+    logits = model.lm_head(hidden[sel]).float()
+    ce = F.cross_entropy(logits, tgt[sel], reduction="none")
+    ws = w[sel]
+    ans = (ws >= 1.0).float()
+    ans_loss = (ce * ans).sum() / ans.sum().clamp(min=1)
+    lm = 1.0 - ans
+    lm_loss = (ce * lm).sum() / lm.sum().clamp(min=1)
+    lm_w = float(ws[ws < 1.0][0]) if bool((ws < 1.0).any()) else 0.0
+    pred = torch.full_like(tgt, -1)
+    pred[sel] = logits.detach().argmax(-1)
+    return ans_loss + lm_w * lm_loss, ans_loss, lm_loss, pred
+
+
+def answer_hits(pred, x, spans_per_row):
+    """Per-task (exact answers, answers): an answer is exact if every target token is the argmax."""
+    out = defaultdict(lambda: [0, 0])
+    for i, spans in enumerate(spans_per_row):
+        for s, e, task in spans:
+            ok = bool((pred[i, s - 1: e - 1] == x[i, s:e]).all())
+            out[task][0] += int(ok)
+            out[task][1] += 1
+    return out
+
+
+@torch.no_grad()
+def heldout_eval(model, tok, device, lengths=(1024, 4096), n=8):
+    from harness.reference.data import niah, vt
+
+    model.eval()
+    res = {}
+    for L in lengths:
+        rng = random.Random(HELDOUT_SEED + L)
+        for name, fn in [("niah1", lambda r: niah(r, L, "noise")),
+                         ("mk1", lambda r: niah(r, L, "essay", num_k=4)),
+                         ("vt", lambda r: vt(r, L, 1, 4, "noise", icl=True))]:
+            hits = 0
+            for _ in range(n):
+                ids, w, spans = encode_example(tok, fn(rng), 0.0)
+                x = torch.tensor([ids], device=device)
+                logits = model(input_ids=x[:, :-1], logits_to_keep=x.size(1) - spans[0][0] + 1).logits
+                s, e, _ = spans[0]
+                k = logits.size(1)
+                pred = logits[0].argmax(-1)  # positions T-k .. T-2 predict T-k+1 .. T-1
+                off = x.size(1) - 1 - k
+                hits += int((pred[s - 1 - off: e - 1 - off] == x[0, s:e]).all())
+            res[f"{name}@{L}"] = hits / n
+    model.train()
+    return res
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def save(model, tok, out: Path, meta: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "training_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="harness/reference/checkpoint")
+    ap.add_argument("--work-dir", default="outputs/reference-train")
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch-tokens", type=int, default=6144)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--lm-weight", type=float, default=0.0)
+    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="a toy config (tests)")
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    out, work = Path(args.out), Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.pt"
+
+    tok_dir = work / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        tok = build_tokenizer(corpus_for_tokenizer(), vocab_size=args.vocab_size)
+        tok.save_pretrained(tok_dir)
+
+    from transformers import AutoModelForCausalLM
+
+    config = reference_config(tok, TINY_ARCH if args.tiny else REFERENCE_ARCH)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(device)
+    if args.init:
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).state_dict())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    step, elapsed = 0, 0.0
+    rng = random.Random(TRAIN_SEED + args.seed)
+    history = []
+    if state_path.exists() and not args.no_resume:
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed, history = st["step"], st["elapsed"], st["history"]
+        rng.setstate(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed at step {step} ({elapsed:.0f}s)", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params/1e6:.2f}M vocab {len(tok)} steps {args.steps}", flush=True)
+
+    model.train()
+    t0 = time.time() - elapsed
+    acc = defaultdict(lambda: [0, 0])
+    agg_loss, agg_n, agg_tok = 0.0, 0, 0
+    while step < args.steps:
+        length = curriculum(step / args.steps, rng, args.max_len)
+        copy_share = 0.6 if step < 0.25 * args.steps else 0.15  # induction drill first
+        x, wt, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
+                                  hard_max=int(args.max_len * 1.1), copy_share=copy_share)
+        x, wt = x.to(device), wt.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss, ans_loss, lm_loss, pred = forward_loss(model, x, wt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        for k, (h, n) in answer_hits(pred, x, spans).items():
+            acc[k][0] += h
+            acc[k][1] += n
+        agg_loss += float(ans_loss.detach())
+        agg_n += 1
+        agg_tok += x.numel()
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - t0
+            accs = " ".join(f"{k}={h/n:.2f}" for k, (h, n) in sorted(acc.items()))
+            print(f"step {step} len {length} ans_loss {agg_loss/agg_n:.3f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} tok {agg_tok} {dt:.0f}s | {accs}", flush=True)
+            acc.clear()
+            agg_loss, agg_n, agg_tok = 0.0, 0, 0
+        done = step == args.steps or (args.time_limit and time.time() - t0 > args.time_limit)
+        if step % args.eval_every == 0 or done:
+            elapsed = time.time() - t0
+            ev = heldout_eval(model, tok, device) if not args.tiny else {}
+            history.append({"step": step, "elapsed_s": round(elapsed), **ev})
+            print(f"eval step {step}: {ev}", flush=True)
+            meta = {"step": step, "steps": args.steps, "elapsed_s": round(elapsed), "args": vars(args),
+                    "history": history}
+            save(model, tok, work / f"step{step:05d}", meta)
+            save(model, tok, out, meta)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                        "history": history, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+                       state_path)
+            t0 = time.time() - elapsed
+            if done:
+                break
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
