@@ -26,21 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": "cpu"}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
+from machine import machine  # noqa: E402
 
 
 def load(model_name: str):
@@ -63,16 +51,9 @@ def load(model_name: str):
 
 
 def methods_under_test():
-    from omegaconf import OmegaConf
-
     import methods
 
-    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
-
-    def build(name, **overrides):
-        own = OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml"))
-        own = {k: v for k, v in own.items() if k != "defaults"}
-        return methods.build_method({**base, **own, **overrides})
+    build = methods.load
 
     full = methods.build_method({**base, "name": "full"})
     return {"full": full, "snapkv": build("snapkv"), "asl": build("asl"), "asl_fixed": build("asl")}

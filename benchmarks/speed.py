@@ -21,23 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine  # noqa: E402
 
 RATIOS = [0.1, 0.25, 0.5, 0.75, 0.9]
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": torch.get_num_threads(), "device": "cpu"}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
 def load(model_name: str):
@@ -68,14 +56,9 @@ def prompt(tokenizer, context: int) -> tuple[list[int], list[int]]:
 
 
 def method(name: str):
-    from omegaconf import OmegaConf
-
     import methods
 
-    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml")).items()
-           if k != "defaults"}
-    return methods.build_method({**base, **own})
+    return methods.load(name)
 
 
 def timed(fn) -> float:

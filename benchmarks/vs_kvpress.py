@@ -99,14 +99,9 @@ def prompt_ids(tokenizer, context: int) -> tuple[list[int], list[int]]:
 
 
 def snapkv_kvpress():
-    from omegaconf import OmegaConf
-
     import methods
 
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/snapkv.yaml")).items()
-           if k != "defaults"}
-    return methods.build_method({**base, **own, "preset": "kvpress"})
+    return methods.load("snapkv", preset="kvpress")
 
 
 def main() -> None:

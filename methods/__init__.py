@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 from typing import Any
 
 from harness.compress import ALLOCATORS, SCORERS, Method
@@ -77,6 +78,28 @@ def build_method(cfg) -> Method:
         n_recent=int(cfg.get("n_recent") or 0),
         recent_share=float(cfg.get("recent_share") or 0.0),
     )
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
+
+
+def config(name: str, **overrides: Any) -> dict:
+    """A method's config as kvbench composes it: ``conf/method/_common.yaml``, then ``<name>.yaml``, then the
+    overrides (``methods.config("snapkv", allocator="adakv")``)."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / f"{name}.yaml"
+    if not path.exists():
+        allowed = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.name.startswith("_")))
+        raise KvbenchError(f"method={name!r} is not known; allowed: {allowed}")
+    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "_common.yaml"))
+    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
+    return {**base, **own, **overrides}
+
+
+def load(name: str, **overrides: Any) -> Method:
+    """A ready ``Method`` by config name, for scripts and notebooks: ``methods.load("snapkv", preset="kvpress")``."""
+    return build_method(config(name, **overrides))
 
 
 def available_scorers() -> list[str]:

@@ -16,12 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def method(name, **overrides):
-    from omegaconf import OmegaConf
-
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/method/{name}.yaml")).items()
-           if k != "defaults"}
-    return methods.build_method({**base, **own, **overrides})
+    return methods.load(name, **overrides)
 
 
 def allocator(name, **params):

@@ -95,8 +95,6 @@ CASES = [
 def _method_config(press: str) -> dict:
     """The method config for a press (``conf/method/_common.yaml`` + ``<name>.yaml`` + kvpress overrides),
     or ``pytest.skip`` when that method (or the allocator) does not exist yet."""
-    from omegaconf import OmegaConf
-
     import methods
     from harness.compress import ALLOCATORS, SCORERS
 
@@ -107,9 +105,7 @@ def _method_config(press: str) -> dict:
     if not path.exists():
         pytest.skip(f"{press}: method {name!r} not implemented yet (no conf/method/{name}.yaml)")
     methods.load_all()
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / "_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
-    cfg = {**base, **own, **overrides}
+    cfg = methods.config(name, **overrides)
     scorer = cfg.get("scorer")
     if scorer not in SCORERS:
         pytest.skip(f"{press}: scorer {scorer!r} of method {name!r} is not registered (methods/{name}.py missing?)")

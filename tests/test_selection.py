@@ -10,11 +10,7 @@ from harness.compress import UniformAllocator, n_keep, protect, select
 
 
 def method(name, **overrides):
-    from omegaconf import OmegaConf
-
-    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml")).items() if k != "defaults"}
-    return methods.build_method({**base, **own, **overrides})
+    return methods.load(name, **overrides)
 
 
 def kept(m, inputs, ratio):
