@@ -31,7 +31,7 @@ def render(speed: dict, kvpress: dict | None, kvpress_note: str) -> str:
     r = speed["ratios"]
     lines = [
         START,
-        f"Measured {speed['date']} on {m.get('cpu', m['platform'])}, {m["threads"]} threads, {m['device']}, "
+        f"Measured {speed['date']} on {m.get('cpu', m['platform'])}, {m['threads']} threads, {m['device']}, "
         f"torch {m['torch']}; model `{speed['model']}`, {speed['context_tokens']}-token prompt, "
         f"{speed['new_tokens']} new tokens, medians of repeats (`make bench` refreshes this block).",
         "",
