@@ -64,6 +64,39 @@ def test_bad_input_one_line_exit_2_and_dir_unchanged(existing_run, args, needles
     assert snapshot(existing_run) == before
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A LongBench file with a malformed line 2, and a LU-KV profile made for a 3-layer model."""
+    import torch
+
+    from harness.profile import Profile, save_profile
+
+    d = tmp_path_factory.mktemp("bad")
+    lines = (ROOT / "tests/fixtures/longbench/trec.jsonl").read_text().splitlines()
+    (d / "trec.jsonl").write_text("\n".join([lines[0], '{"input": broken'] + lines[2:]) + "\n")
+    save_profile(d / "other.safetensors", Profile(budgets=torch.full((2, 3, 2), 0.5), ratios=torch.tensor([0.25, 0.5]),
+                                                  meta={"model": "other-3-layer-model"}))
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["task=longbench/trec", "task.data_dir={bad}", "method=snapkv"], ["trec.jsonl:2", "malformed"]),
+        (["task=ruler/qa_1", "method=snapkv"], ["ruler/qa_1", "dev-v2.0.json", "task.data_dir"]),
+        (["method=lkv"], ["method.checkpoint", "trained for model reference", "kvbench-train"]),
+        (["method=lukv", "method.profile={bad}/other.safetensors"], ["method.profile", "3 layers", "kvbench-profile"]),
+    ],
+)
+def test_bad_data_checkpoint_profile_one_line_and_dir_unchanged(existing_run, bad_inputs, args, needles):
+    before = snapshot(existing_run)
+    args = [a.format(bad=bad_inputs) for a in args]
+    r = kvbench(*[a for a in BASE if not (a.startswith("task=") and any(x.startswith("task=") for x in args))],
+                *args, f"hydra.run.dir={existing_run}")
+    assert_one_line_error(r, *needles)
+    assert snapshot(existing_run) == before
+
+
 def test_changed_config_in_existing_dir_refused_unless_overwrite(existing_run, tmp_path):
     before = snapshot(existing_run)
     r = kvbench(*BASE, "method=h2o", "keep_ratio=0.5", f"hydra.run.dir={existing_run}")
