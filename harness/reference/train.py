@@ -67,10 +67,15 @@ def encode_example(tok, ex, lm_weight: float):
 
 
 def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weight: float, hard_max: int,
-               copy_share: float = 0.15):
+               copy_share: float = 0.15, raw_copy_share: float = 0.0):
     n = max(1, batch_tokens // length)
     rows = []
     for _ in range(n):
+        if rng.random() < raw_copy_share:  # random token ids repeated: the plainest induction signal
+            k = rng.randint(8, max(8, min(length // 2, 200)))
+            a = [rng.randrange(3, len(tok)) for _ in range(k)]
+            rows.append(([tok.bos_token_id] + a + a, [0.0] * (1 + k) + [1.0] * k, [(1 + k, 1 + 2 * k, "rawcopy")]))
+            continue
         want = length
         for _ in range(4):  # the generators size haystacks roughly: shrink until the sequence fits
             ex = sample_example(rng, want, copy_share)
@@ -165,15 +170,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="harness/reference/checkpoint")
     ap.add_argument("--work-dir", default="outputs/reference-train")
-    ap.add_argument("--steps", type=int, default=2500)
-    ap.add_argument("--batch-tokens", type=int, default=6144)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-tokens", type=int, default=3072)
     ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--lm-weight", type=float, default=0.0)
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -230,9 +235,10 @@ def main(argv=None):
     agg_loss, agg_n, agg_tok = 0.0, 0, 0
     while step < args.steps:
         length = curriculum(step / args.steps, rng, args.max_len)
-        copy_share = 0.6 if step < 0.25 * args.steps else 0.15  # induction drill first
+        early = step < 0.25 * args.steps  # induction drill first
         x, wt, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
-                                  hard_max=int(args.max_len * 1.1), copy_share=copy_share)
+                                  hard_max=int(args.max_len * 1.1), copy_share=0.5 if early else 0.15,
+                                  raw_copy_share=0.3 if early else 0.05)
         x, wt = x.to(device), wt.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
