@@ -65,9 +65,28 @@ class CommonWordsTask(RulerTask):
         rng.shuffle(word_list_)
         return word_list_, common
 
+    def _use_small(self, encoder: PromptEncoder, context_length: int) -> bool:
+        """RULER switches to the larger example and repeats at max_seq_length >= 4096. With a tokenizer less
+        efficient than Llama's (e.g. the reference model's 2k-word BPE) that configuration's smallest prompt
+        can exceed the budget; then the < 4096 configuration is used, and the sample's meta says so."""
+        if context_length < 4096:
+            return True
+        k = ("small", *self._encoder_key(encoder, context_length))
+        if k not in self._hints:
+            smallest = self._build(encoder, context_length, ("calibration", self.ruler_name), self.n_min, small=False)
+            # Margin: word lengths vary across samples, and the fit must reach 90% of the budget from below.
+            self._hints[k] = self.count(encoder, smallest) > 0.9 * context_length
+        return self._hints[k]
+
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        small = self._use_small(encoder, context_length)
+        sample = self._build(encoder, context_length, key, n, small)
+        if small and context_length >= 4096:
+            sample.meta["ruler_config"] = "below-4096 example (the 4096+ one does not fit this tokenizer)"
+        return sample
+
+    def _build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int, small: bool) -> Sample:
         rng = rng_for(*key)
-        small = context_length < 4096  # RULER switches on max_seq_length < 4096
         head, tail, prefix = split_template("common_words_extraction")
         if small:
             shot_list, shot_answer = self._example(rng, 20, 3, 1)
