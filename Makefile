@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/kvbench -m model=reference task=ruler/niah_single_1,ruler/niah_multikey_1,ruler/vt \
 	  method=full,snapkv,streaming_llm,random 'keep_ratio=[0.1,0.25,0.5]' \
-	  context_length=2048 n_samples=8 hydra.sweep.dir=$(DEMO_DIR)
+	  context_length=1024 n_samples=6 hydra.sweep.dir=$(DEMO_DIR)
 	$(BIN)/kvbench-report $(DEMO_DIR)
 
 test: setup
