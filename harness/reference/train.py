@@ -68,11 +68,13 @@ def encode_example(tok, ex, lm_weight: float):
 
 def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weight: float, hard_max: int,
                copy_share: float = 0.15, raw_copy_share: float = 0.0):
+    if raw_copy_share >= 1.0:  # the drill: 32-token-id lists of fixed length, many rows (as in a toy induction run)
+        length = 97
     n = max(1, batch_tokens // length)
     rows = []
     for _ in range(n):
         if rng.random() < raw_copy_share:  # random token ids repeated: the plainest induction signal
-            k = rng.randint(8, max(8, min(length // 2, 200)))
+            k = 48 if raw_copy_share >= 1.0 else rng.randint(8, max(8, min(length // 2, 200)))
             a = [rng.randrange(3, len(tok)) for _ in range(k)]
             rows.append(([tok.bos_token_id] + a + a, [0.0] * (1 + k) + [1.0] * k, [(1 + k, 1 + 2 * k, "rawcopy")]))
             continue
@@ -185,6 +187,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a toy config (tests)")
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--drill-steps", type=int, default=150,
+                    help="first steps on random-token copying only: induction heads form there in ~100 steps, "
+                         "while on the task mix alone the model sits on a format-only plateau")
     ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
@@ -238,7 +243,7 @@ def main(argv=None):
         early = step < 0.25 * args.steps  # induction drill first
         x, wt, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
                                   hard_max=int(args.max_len * 1.1), copy_share=0.5 if early else 0.15,
-                                  raw_copy_share=0.3 if early else 0.05)
+                                  raw_copy_share=1.0 if step < args.drill_steps else 0.3 if early else 0.05)
         x, wt = x.to(device), wt.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
