@@ -74,7 +74,7 @@ def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weigh
     rows = []
     for _ in range(n):
         if rng.random() < raw_copy_share:  # random token ids repeated: the plainest induction signal
-            k = 48 if raw_copy_share >= 1.0 else rng.randint(8, max(8, min(length // 2, 200)))
+            k = rng.randint(8, 48) if raw_copy_share >= 1.0 else rng.randint(8, max(8, min(length // 2, 200)))
             a = [rng.randrange(3, len(tok)) for _ in range(k)]
             rows.append(([tok.bos_token_id] + a + a, [0.0] * (1 + k) + [1.0] * k, [(1 + k, 1 + 2 * k, "rawcopy")]))
             continue
