@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="reference")
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -81,6 +81,10 @@ def main() -> None:
     from harness.pipeline import run_sample
 
     model, tok = load(args.model)
+    from harness.models import REFERENCE_DIR
+
+    label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
+        "random weights, 4 layers, hidden 192 (reference checkpoint absent)"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     ctx, q = prompt(tok, args.context)
@@ -94,9 +98,12 @@ def main() -> None:
             run_sample(model, tok, hooks, m, ctx, q, ratios, True, n, [], 0)
 
     def bare_generate():
+        # An explicit all-ones mask and the tokenizer's own pad id: with pad_token_id equal to the BOS id,
+        # generate would take the BOS for padding and fall back to a slower masked attention.
         ids = torch.tensor([ctx + q], device=device)
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=tok.pad_token_id)
 
     variants = {
         "single_ratio": lambda: ours(snap, [0.25]),
@@ -116,7 +123,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "model": args.model,
+        "model": label,
         "context_tokens": len(ctx) + len(q),
         "new_tokens": n,
         "median_s": med,
