@@ -35,7 +35,12 @@ def load(model_name: str):
     if model_name == "reference" and (REFERENCE_DIR / "config.json").exists():
         return load_model(OmegaConf.create({"name": "reference", "path": None}))
     if model_name == "reference":
-        print("reference checkpoint absent: using a random 4-layer model of similar size", file=sys.stderr)
+        print("reference checkpoint absent: random weights with its architecture (speed does not depend on "
+              "the weights)", file=sys.stderr)
+        from harness.reference.model import REFERENCE_ARCH
+
+        arch = {k: v for k, v in REFERENCE_ARCH.items() if k not in ("initializer_range",)}
+        return build_tiny("llama", **arch)
     return build_tiny("llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=32)
 
@@ -84,7 +89,7 @@ def main() -> None:
     from harness.models import REFERENCE_DIR
 
     label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
-        "random weights, 4 layers, hidden 192 (reference checkpoint absent)"
+        "reference architecture, random weights (checkpoint absent)"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     ctx, q = prompt(tok, args.context)
