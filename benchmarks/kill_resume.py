@@ -48,6 +48,11 @@ def kill_and_resume(kills: int, n_samples: int, seed: int = 0, verbose: bool = T
     start = time.perf_counter()
     subprocess.run(command(reference, n_samples), check=True, env=env, capture_output=True)
     full_s = time.perf_counter() - start
+    from harness.io import read_rows
+
+    ref_rows, _ = read_rows(reference / "predictions.jsonl")
+    # Work per sample on this machine (from the rows' own timings): kills land within a sample's processing.
+    sample_s = sum(r["prefill_s"] + r["compress_s"] + r["decode_s"] for r in ref_rows) / max(1, n_samples)
     done = 0
     for i in range(3 * kills):
         if done == kills:
@@ -61,7 +66,7 @@ def kill_and_resume(kills: int, n_samples: int, seed: int = 0, verbose: bool = T
         while proc.poll() is None and _size(victim / "predictions.jsonl") == size and waited < 120:
             time.sleep(0.02)
             waited += 0.02
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, 1.5 * sample_s))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             done += 1
