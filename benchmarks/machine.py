@@ -21,5 +21,9 @@ def machine() -> dict:
                     info["cpu"] = line.split(":", 1)[1].strip()
                     break
     except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
         pass
     return info

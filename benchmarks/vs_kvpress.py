@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,26 +37,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import machine  # noqa: E402
 
 KEEP_RATIOS = [0.9, 0.75, 0.5, 0.25, 0.1]
-
-
-def machine(threads: int) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": threads, "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        info["cpu"] = platform.processor() or "unknown"
-    try:
-        info["load_average"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 def save_model(out_dir: Path) -> str:
@@ -184,7 +168,7 @@ def main() -> None:
     same = {str(r): outcomes[i].prediction == theirs[-1]["answers"][str(round(1 - r, 6))]
             for i, r in enumerate(KEEP_RATIOS)}
     result = {
-        "machine": machine(args.threads),
+        "machine": {**machine(), "threads": args.threads},
         "model": what,
         "context_tokens": len(ctx),
         "question_tokens": len(question),

@@ -20,28 +20,25 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from harness.errors import KvbenchError
 
 SCORERS: dict[str, type] = {}
 ALLOCATORS: dict[str, type] = {}
 
 
-def register_scorer(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        SCORERS[name] = cls
-        cls.registered_name = name
-        return cls
+def _registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
+    def register(name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            registry[name] = cls
+            cls.registered_name = name
+            return cls
 
-    return deco
+        return deco
+
+    return register
 
 
-def register_allocator(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        ALLOCATORS[name] = cls
-        cls.registered_name = name
-        return cls
-
-    return deco
+register_scorer = _registrar(SCORERS)
+register_allocator = _registrar(ALLOCATORS)
 
 
 @dataclass
@@ -192,11 +189,6 @@ class Method:
                 n_recent = max(n_recent, int(self.recent_share * int(layer_budgets.min())))
             kept.append(select(layer_scores, layer_budgets, self.n_sink, n_recent))
         return budgets, kept
-
-
-def check_budgets(budgets: Tensor, n_tokens: int) -> None:
-    if (budgets < 1).any() or (budgets > n_tokens).any():
-        raise KvbenchError(f"budgets out of range [1, {n_tokens}]: min {int(budgets.min())}, max {int(budgets.max())}")
 
 
 def evidence_retention(kept: list[Tensor | list[Tensor] | None], evidence: list[int]) -> tuple[float, list[float]]:

@@ -12,7 +12,6 @@ in ``n_errors`` / ``n_failed`` and never averaged in, neither in scores nor in e
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -276,7 +275,3 @@ def _figures(df: pd.DataFrame, out: Path) -> list[Path]:
     for fn in (figures.niah_heatmap, figures.budget_heatmap):
         paths.extend(fn(df, out))
     return paths
-
-
-def load_metrics(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -100,13 +100,3 @@ def config(name: str, **overrides: Any) -> dict:
 def load(name: str, **overrides: Any) -> Method:
     """A ready ``Method`` by config name, for scripts and notebooks: ``methods.load("snapkv", preset="kvpress")``."""
     return build_method(config(name, **overrides))
-
-
-def available_scorers() -> list[str]:
-    load_all()
-    return sorted(SCORERS)
-
-
-def available_allocators() -> list[str]:
-    load_all()
-    return sorted(ALLOCATORS)
