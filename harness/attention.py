@@ -43,7 +43,10 @@ def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: f
     outs = []
     for h, (k, v) in enumerate(zip(keys.heads, values.heads)):
         kv_len = k.shape[-2]
-        mask = None if q_len == 1 else bottom_right_causal(q_len, kv_len, query.device)
+        if keys.masks is not None:
+            mask = keys.masks[h][None, None]
+        else:
+            mask = None if q_len == 1 else bottom_right_causal(q_len, kv_len, query.device)
         q = query[:, h * group : (h + 1) * group]
         outs.append(
             torch.nn.functional.scaled_dot_product_attention(

@@ -20,6 +20,9 @@ class RaggedKV:
     """Per-head key (or value) tensors of one layer, each ``[B, 1, T_h, D]``; handed to the attention function."""
 
     heads: list[Tensor]
+    # Per-head ``[q_len, T_h]`` bool masks (True = attend) for a multi-token step, when the layer's own rule
+    # (e.g. SP-KV's gates) decides visibility; None = plain bottom-right causal.
+    masks: list[Tensor] | None = None
 
     @property
     def lengths(self) -> list[int]:

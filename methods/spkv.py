@@ -129,7 +129,16 @@ class GatedLayer(RaggedLayer):
             self.positions[h] = torch.cat([self.positions[h], new_pos])
             self.gates[h] = torch.cat([self.gates[h], u_new[h]])
         self.next_pos += n_new
-        return super().update(key_states, value_states)
+        keys, values = super().update(key_states, value_states)
+        if n_new > 1:
+            # A multi-token step (the question after the context): query i also must not see an entry of this
+            # step that left its window with a closed gate, exactly as the prefill's gated mask.
+            masks = []
+            for h in range(len(self.head_keys)):
+                rel = new_pos[:, None] - self.positions[h][None, :]
+                masks.append((rel >= 0) & ((rel < self.window) | (self.gates[h] > self.threshold)[None, :]))
+            keys = RaggedKV(keys.heads, masks)
+        return keys, values
 
 
 @register_scorer("spkv")

@@ -174,6 +174,29 @@ def test_gated_layer_drops_entries_leaving_the_window_with_closed_gates():
     assert layer.positions[0].tolist() == [2, 8, 10, 11, 12] and layer.lengths == [5]
 
 
+def test_gated_layer_multi_token_step_hides_what_left_the_window_with_a_closed_gate():
+    from harness.attention import ragged_attention
+
+    keys = [torch.arange(6.0).view(1, 1, 6, 1)]
+    layer = GatedLayer(keys, [k.clone() for k in keys], [torch.tensor([0, 2, 5, 7, 8, 9])],
+                       [torch.tensor([0.05, 0.9, 0.05, 0.05, 0.3, 0.01])], next_pos=10, window=3, threshold=0.1,
+                       gate_fn=lambda k: torch.zeros(1, k.shape[-2]))
+    new_k = torch.randn(1, 1, 4, 1, generator=torch.Generator().manual_seed(0))
+    k, v = layer.update(new_k, new_k.clone())  # queries at 10..13 in one step
+    assert layer.positions[0].tolist() == [2, 8, 9, 10, 11, 12, 13]
+    T, F = True, False
+    expected = [[T, T, T, T, F, F, F],   # 10: 2 open, 8 and 9 in the window, itself
+                [T, T, T, T, T, F, F],   # 11: 8 left the window but its gate 0.3 is open
+                [T, T, F, T, T, T, F],   # 12: 9 (gate 0.01) left the window
+                [T, T, F, F, T, T, T]]   # 13: 10 (gate 0, written in this step) left the window too
+    assert k.masks[0].tolist() == expected
+    q = torch.randn(1, 1, 4, 1, generator=torch.Generator().manual_seed(1))
+    out = ragged_attention(q, k, v, scaling=1.0)[0, :, 0, 0]
+    logits = (q[0, 0] @ k.heads[0][0, 0].T).masked_fill(~torch.tensor(expected), float("-inf"))
+    ref = (logits.softmax(-1) @ v.heads[0][0, 0])[:, 0]
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
 def test_spkv_gradients_reach_the_predictor():
     model, _ = build_tiny("llama")
     learner = SPKVLearner(model, method_cfg("spkv", window=16), {"init_bias": 0.0}, seed=0)
