@@ -224,7 +224,8 @@ class ASLScorer(Scorer):
     def _pre_hook(self, module, args, kwargs):
         layer = module._kvbench_asl_idx
         if layer == 0 and self._cache is None:
-            self._cache = kwargs.get("past_key_values")
+            # transformers >= 5.2x hands decoder layers the cache as ``cache``; earlier 5.x as ``past_key_values``
+            self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if self._cache is None:
                 raise KvbenchError("method asl needs use_cache=True during prefill")
         idx = self.last_selected
