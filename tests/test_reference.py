@@ -119,6 +119,25 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_drill_rows_supervise_exactly_the_predictable_part_of_the_repeat():
+    from harness.reference.train import drill_row
+
+    class Tok:
+        bos_token_id = 1
+
+        def __len__(self):
+            return 500
+
+    for seed in range(20):
+        ids, w, [(s, e, task)] = drill_row(Tok(), random.Random(seed), 48)
+        assert len(ids) == len(w) == 48 and ids[0] == 1 and task == "drill"
+        k = e - s + 1  # the repeated segment starts one token before the supervised span
+        assert [i for i, x in enumerate(w) if x] == list(range(s, e))
+        # The supervised tokens copy an earlier segment that starts with the same token.
+        src = next(j for j in range(1, s - k + 1) if ids[j:j + k] == ids[s - 1:e])
+        assert src + k <= s - 1
+
+
 def test_train_cli_runs_and_saves(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,7 +146,7 @@ def test_train_cli_runs_and_saves(tmp_path):
     out = tmp_path / "ck"
     main(["--out", str(out), "--work-dir", str(tmp_path / "work"), "--steps", "2", "--tiny", "--batch-tokens",
           "512", "--max-len", "256", "--eval-every", "2", "--log-every", "1", "--vocab-size", "400",
-          "--threads", "1"])
+          "--threads", "1", "--drill-steps", "1", "--drill-rows", "4"])  # one drill step, one task step
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)

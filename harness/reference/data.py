@@ -416,25 +416,25 @@ def sample_example(rng: random.Random, n_tokens: int, copy_share: float = 0.15) 
     if rng.random() < copy_share:
         return copy_task(rng, n_tokens)
     r = rng.random()
-    if r < 0.14:  # niah_single_1 style
+    if r < 0.2:  # niah_single_1 style
         return niah(rng, n_tokens, "noise", "words", "numbers")
-    if r < 0.22:  # niah_single_2/3 style
+    if r < 0.26:  # niah_single_2/3 style
         return niah(rng, n_tokens, "essay", "words", rng.choice(["numbers", "uuids", "words"]))
-    if r < 0.36:  # niah_multikey_1 style
+    if r < 0.44:  # niah_multikey_1 style
         return niah(rng, n_tokens, "essay", "words", "numbers", num_k=rng.randint(2, 6))
-    if r < 0.44:  # niah_multikey_2/3 style
+    if r < 0.49:  # niah_multikey_2/3 style
         tk = rng.choice(["words", "uuids", "numbers"])
         return niah(rng, n_tokens, "needle", tk, rng.choice(["numbers", "uuids"]))
-    if r < 0.50:  # multivalue / multiquery
+    if r < 0.53:  # multivalue / multiquery
         if rng.random() < 0.5:
             return niah(rng, n_tokens, rng.choice(["essay", "noise"]), "words", "numbers", num_v=rng.randint(2, 4))
         return niah(rng, n_tokens, rng.choice(["essay", "noise"]), "words", "numbers", num_q=rng.randint(2, 4))
-    if r < 0.58:  # other haystacks
+    if r < 0.57:  # other haystacks
         return niah(rng, n_tokens, rng.choice(["words", "noise"]), rng.choice(["words", "numbers"]),
                     rng.choice(["numbers", "words"]), num_k=rng.randint(1, 4))
-    if r < 0.80:  # vt (RULER: 1 chain, 4 hops, noise)
-        if rng.random() < 0.6:
-            return vt(rng, n_tokens, 1, 4, "noise", icl=rng.random() < 0.5)
+    if r < 0.85:  # vt (RULER: 1 chain, 4 hops, noise)
+        if rng.random() < 0.7:
+            return vt(rng, n_tokens, 1, 4, "noise", icl=rng.random() < 0.6)
         return vt(rng, n_tokens, rng.randint(1, 3), rng.randint(1, 6), rng.choice(["noise", "essay"]),
                   icl=rng.random() < 0.3)
     return dense_kv(rng, n_tokens)

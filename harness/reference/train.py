@@ -31,14 +31,16 @@ HELDOUT_SEED = 900  # < 1000: disjoint from training seeds
 
 
 def curriculum(frac: float, rng: random.Random, max_len: int) -> int:
-    """Target sequence length for a step at fraction ``frac`` of the run."""
+    """Target sequence length for a task step at fraction ``frac`` of the post-drill run: short contexts
+    while the retrieval skill forms (cheap steps, many answers per second), then longer ones so that
+    attention learns to stay sharp among thousands of distractors."""
     if frac < 0.3:
         lo, hi = 128, 512
-    elif frac < 0.55:
+    elif frac < 0.5:
         lo, hi = 256, 1024
-    elif frac < 0.8:
+    elif frac < 0.65:
         lo, hi = 512, 2048
-    elif rng.random() < 0.35:
+    elif rng.random() < 0.5:  # a model trained only up to 2k scores ~0 at 4k; ~300 steps at 4k fix that
         lo, hi = 2048, 4096
     else:
         lo, hi = 512, 2048
@@ -66,17 +68,43 @@ def encode_example(tok, ex, lm_weight: float):
     return ids, w, spans
 
 
+def drill_row(tok, rng: random.Random, length: int):
+    """Random token ids in which a segment reappears later (a | filler | a); the loss is on the repeat
+    (from its second token: the first is unpredictable). Predicting it needs a previous-token head and an
+    induction head, the circuit every retrieval task here is built on. With short rows (~48 tokens, so
+    that attention at initialisation is not spread over hundreds of keys) the phase change comes after a
+    few hundred steps; on the task mix alone the model sits on a format-only plateau for hours."""
+    k = rng.randint(4, max(4, length // 3))
+    a = [rng.randrange(3, len(tok)) for _ in range(length)]
+    s2 = rng.randint(k + 1, length - k)
+    s1 = rng.randint(1, s2 - k)
+    a[s2:s2 + k] = a[s1:s1 + k]
+    a[0] = tok.bos_token_id
+    w = [0.0] * length
+    w[s2 + 1:s2 + k] = [1.0] * (k - 1)
+    return a, w, [(s2 + 1, s2 + k, "drill")]
+
+
+def skip_positions(rng: random.Random, n: int, span: int) -> list[int]:
+    """PoSE-style position ids (Zhu et al. 2023, "PoSE: efficient context window extension"): the row's
+    positions jump by a random skip at a random point, so a short row shows the model the rotary phases of
+    query-needle distances up to ``span`` that it will meet in long prompts, at the cost of a short one."""
+    if span <= n:
+        return list(range(n))
+    cut = rng.randint(1, n - 1)
+    skip = rng.randint(0, span - n)
+    return list(range(cut)) + list(range(cut + skip, n + skip))
+
+
 def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weight: float, hard_max: int,
-               copy_share: float = 0.15, raw_copy_share: float = 0.0):
-    if raw_copy_share >= 1.0:  # the drill: 32-token-id lists of fixed length, many rows (as in a toy induction run)
-        length = 97
+               copy_share: float = 0.15, drill_share: float = 0.0, drill_length: int = 48,
+               skip_share: float = 0.0, skip_span: int = 0):
+    """(input ids, loss weights, position ids, answer spans) of one batch, right-padded."""
     n = max(1, batch_tokens // length)
     rows = []
     for _ in range(n):
-        if rng.random() < raw_copy_share:  # random token ids repeated: the plainest induction signal
-            k = rng.randint(8, 48) if raw_copy_share >= 1.0 else rng.randint(8, max(8, min(length // 2, 200)))
-            a = [rng.randrange(3, len(tok)) for _ in range(k)]
-            rows.append(([tok.bos_token_id] + a + a, [0.0] * (1 + k) + [1.0] * k, [(1 + k, 1 + 2 * k, "rawcopy")]))
+        if rng.random() < drill_share:
+            rows.append(drill_row(tok, rng, min(drill_length, length)))
             continue
         want = length
         for _ in range(4):  # the generators size haystacks roughly: shrink until the sequence fits
@@ -93,15 +121,20 @@ def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weigh
     T = max(len(r[0]) for r in rows)
     x = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
     wt = torch.zeros((len(rows), T))
+    pos = torch.arange(T).repeat(len(rows), 1)
     for i, (ids, w, _) in enumerate(rows):
         x[i, : len(ids)] = torch.tensor(ids)
         wt[i, : len(w)] = torch.tensor(w)
-    return x, wt, [r[2] for r in rows]
+        if skip_share and rng.random() < skip_share:
+            p = skip_positions(rng, len(ids), skip_span)
+            pos[i, : len(ids)] = torch.tensor(p)
+            pos[i, len(ids):] = torch.arange(p[-1] + 1, p[-1] + 1 + T - len(ids))
+    return x, wt, pos, [r[2] for r in rows]
 
 
-def forward_loss(model, x, wt):
+def forward_loss(model, x, wt, pos=None):
     """Answer loss (+ LM loss when some weights are in (0, 1)); logits only where a loss is taken."""
-    hidden = model.model(input_ids=x[:, :-1]).last_hidden_state
+    hidden = model.model(input_ids=x[:, :-1], position_ids=None if pos is None else pos[:, :-1]).last_hidden_state
     tgt, w = x[:, 1:], wt[:, 1:]
     sel = w > 0
     logits = model.lm_head(hidden[sel]).float()
@@ -172,11 +205,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="harness/reference/checkpoint")
     ap.add_argument("--work-dir", default="outputs/reference-train")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch-tokens", type=int, default=3072)
+    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--batch-tokens", type=int, default=6144)
     ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--lm-weight", type=float, default=0.0)
     ap.add_argument("--vocab-size", type=int, default=2048)
@@ -187,9 +220,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a toy config (tests)")
     ap.add_argument("--no-resume", action="store_true")
-    ap.add_argument("--drill-steps", type=int, default=150,
-                    help="first steps on random-token copying only: induction heads form there in ~100 steps, "
-                         "while on the task mix alone the model sits on a format-only plateau")
+    ap.add_argument("--drill-steps", type=int, default=700,
+                    help="first steps on random-token copying only (see drill_row): the induction phase change "
+                         "comes after ~450 of them; on the task mix alone the model sits on a plateau")
+    ap.add_argument("--drill-rows", type=int, default=128, help="rows of 48 tokens per drill step")
+    ap.add_argument("--skip-share", type=float, default=0.5,
+                    help="share of task rows whose position ids jump (skip_positions): long distances, short rows")
+    ap.add_argument("--skip-span", type=int, default=10240, help="largest position a skipped row reaches")
     ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
@@ -239,15 +276,21 @@ def main(argv=None):
     acc = defaultdict(lambda: [0, 0])
     agg_loss, agg_n, agg_tok = 0.0, 0, 0
     while step < args.steps:
-        length = curriculum(step / args.steps, rng, args.max_len)
-        early = step < 0.25 * args.steps  # induction drill first
-        x, wt, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
-                                  hard_max=int(args.max_len * 1.1), copy_share=0.5 if early else 0.15,
-                                  raw_copy_share=1.0 if step < args.drill_steps else 0.3 if early else 0.05)
-        x, wt = x.to(device), wt.to(device)
+        if step < args.drill_steps:  # phase 1: the induction drill alone, many short rows
+            length = 48
+            x, wt, pos, spans = make_batch(tok, rng, length, args.drill_rows * length, 0.0, hard_max=length,
+                                      drill_share=1.0)
+        else:  # phase 2: the task mix with a length curriculum, a little drill kept (longer rows)
+            frac = (step - args.drill_steps) / max(1, args.steps - args.drill_steps)
+            length = curriculum(frac, rng, args.max_len)
+            x, wt, pos, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
+                                           hard_max=int(args.max_len * 1.1), copy_share=0.1,
+                                           drill_share=0.1, drill_length=rng.choice([64, 128, 256]),
+                                           skip_share=args.skip_share, skip_span=args.skip_span)
+        x, wt, pos = x.to(device), wt.to(device), pos.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss, ans_loss, lm_loss, pred = forward_loss(model, x, wt)
+        loss, ans_loss, lm_loss, pred = forward_loss(model, x, wt, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
