@@ -138,6 +138,36 @@ def test_drill_rows_supervise_exactly_the_predictable_part_of_the_repeat():
         assert src + k <= s - 1
 
 
+def test_skipped_positions_keep_the_whole_row_visible():
+    """A PoSE row's jump in position ids must not split it into two packed sequences: the last token still
+    sees the tokens before the jump (transformers infers packing from jumps when no mask is given)."""
+    from harness.reference.model import TINY_ARCH, reference_config
+    from harness.reference.train import forward_loss, skip_positions
+    from transformers import AutoModelForCausalLM
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+        def __len__(self):
+            return 64
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(reference_config(Tok(), TINY_ARCH), dtype=torch.float32).eval()
+    pos = torch.tensor([skip_positions(random.Random(3), 12, 5000)])
+    assert pos[0, -1] > 100 and (pos.diff() != 1).sum() == 1
+    x = torch.randint(3, 64, (1, 13))
+    wt = torch.zeros(1, 13)
+    wt[0, -1] = 1.0
+    pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    cut = int((pos.diff() != 1).nonzero()[0, 1]) + 1  # first position after the jump
+    y = x.clone()
+    y[0, 1] = (x[0, 1] + 1 - 3) % 61 + 3  # change a token before the jump
+    with torch.no_grad():
+        a = forward_loss(model, x, wt, pos)[1]
+        b = forward_loss(model, y, wt, pos)[1]
+    assert cut > 2 and not torch.isclose(a, b)
+
+
 def test_train_cli_runs_and_saves(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
