@@ -3,8 +3,8 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= results/demo
-# The shipped reference model is not trained yet (issue 5): until it is, the demo runs on tiny-random.
-DEMO_MODEL ?= tiny-random
+# The shipped reference model (harness/reference/checkpoint); DEMO_MODEL=tiny-random for the random toy.
+DEMO_MODEL ?= reference
 
 .PHONY: setup demo test report bench
 
@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/kvbench -m model=$(DEMO_MODEL) task=ruler/niah_single_1,ruler/niah_multikey_1,ruler/vt \
 	  method=full,snapkv,streaming_llm,random 'keep_ratio=[0.1,0.25,0.5]' \
-	  context_length=1024 n_samples=4 max_new_tokens=32 progress=false hydra.sweep.dir=$(DEMO_DIR)
+	  context_length=4096 n_samples=10 progress=false hydra.sweep.dir=$(DEMO_DIR)
 	$(BIN)/kvbench-report $(DEMO_DIR)
 
 test: setup
