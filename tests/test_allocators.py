@@ -172,7 +172,7 @@ def test_lukv_profile_round_trip_and_budgets(tmp_path):
 
 def test_lukv_refuses_other_models_and_missing_profile(tmp_path, tiny_llama):
     with pytest.raises(KvbenchError, match="method.profile="):
-        method("lukv")
+        method("lukv", profile=None)
     with pytest.raises(KvbenchError, match="does not exist"):
         allocator("lukv", profile=str(tmp_path / "nope.safetensors"))
     (tmp_path / "bad.safetensors").write_text("not a profile")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every number the README and the model card report for the shipped reference model, from scratch:
+#   bash scripts/reference_results.sh [step ...]   (steps: eval learned profile sweep qa asl kvpress; default all)
+# Evaluation samples use seeds < 1000 (RULER's per-sample seeds derive from seed=0); everything trained or
+# profiled here (the reference model, LKV, SP-KV, the LU-KV profile) uses seeds >= 1,000,000.
+# Outputs go under results/reference/ (a rerun resumes the sweeps: finished rows are kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=${VENV:-.venv}/bin
+OUT=results/reference
+mkdir -p "$OUT"
+steps=${*:-eval learned profile sweep qa asl kvpress}
+has() { [[ " $steps " == *" $1 "* ]]; }
+
+if has eval; then  # issue 5's bars: plain greedy decoding, no harness method in the way
+  $B/python -m harness.reference.evaluate --tasks niah_single_1,niah_multikey_1,vt --lengths 4096 --n 50 \
+    --json "$OUT/eval_4096.json"
+  $B/python -m harness.reference.evaluate --tasks niah_single_1 --lengths 8192 --n 50 --json "$OUT/eval_8192.json"
+fi
+
+if has learned; then  # LKV and SP-KV trained on the shipped model (frozen), on training seeds
+  $B/kvbench-train method=lkv model=reference out=harness/reference/lkv steps=300 \
+    'data.context_length=[2048,4096]' overwrite=true threads=2 progress=false
+  $B/kvbench-train method=spkv model=reference out=harness/reference/spkv steps=300 \
+    'data.context_length=[1024,2048]' overwrite=true threads=2 progress=false
+fi
+
+if has profile; then  # LU-KV's offline profile, calibration on training seeds
+  $B/kvbench-profile model=reference method=lukv task=ruler/niah_single_1 context_length=4096 n_samples=8 \
+    seed=1000000 out=harness/reference/lukv_profile.safetensors
+fi
+
+RATIOS='keep_ratio=[0.1,0.15,0.2,1.0]'
+TASKS=task=ruler/niah_single_1,ruler/niah_multikey_1,ruler/vt
+if has sweep; then  # issue 5 (SnapKV vs random, keep 1.0 = full) and issue 9's table, n=50 per task
+  $B/kvbench -m model=reference $TASKS method=full keep_ratio=1.0 context_length=4096 n_samples=50 \
+    progress=false hydra.sweep.dir=$OUT/ruler4k
+  $B/kvbench -m model=reference $TASKS method=random,snapkv,snapkv_adakv,lkv "$RATIOS" \
+    context_length=4096 n_samples=50 progress=false hydra.sweep.dir=$OUT/ruler4k
+  $B/kvbench -m model=reference $TASKS method=spkv context_length=4096 n_samples=50 progress=false \
+    hydra.sweep.dir=$OUT/ruler4k
+fi
+
+if has qa; then  # query-aware (the question in the prefill, SnapKV's own setting): SnapKV vs random
+  $B/kvbench -m model=reference task=ruler/niah_single_1 method=random,snapkv "$RATIOS" query_aware=true \
+    context_length=4096 n_samples=50 progress=false hydra.sweep.dir=$OUT/ruler4k_query_aware
+  $B/kvbench-report $OUT/ruler4k_query_aware
+fi
+
+if has asl; then  # issue 8: ASL and LU-KV beside SnapKV at the same budgets (ASL prefills once per ratio)
+  $B/kvbench -m model=reference $TASKS method=asl 'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 \
+    progress=false hydra.sweep.dir=$OUT/ruler4k
+  $B/kvbench -m model=reference $TASKS method=lukv method.profile=harness/reference/lukv_profile.safetensors \
+    'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 progress=false hydra.sweep.dir=$OUT/ruler4k
+  $B/python benchmarks/asl_prefill.py --model reference --context 4096 --json "$OUT/asl_prefill.json"
+fi
+
+if has kvpress; then  # issue 11: the kvpress leaderboard grid on the reference model, a quick check
+  $B/kvbench-reproduce kvpress_ruler4k model=reference n_samples=2 progress=false
+fi
+
+$B/kvbench-report $OUT/ruler4k
