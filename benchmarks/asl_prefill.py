@@ -1,7 +1,7 @@
 """Prefill time of ASL vs a full prefill, side by side in one process (medians over alternating repeats).
 
     python benchmarks/asl_prefill.py [--model reference|tiny] [--context 4096] [--keep-ratio 0.25] [--repeats 3]
-                                     [--json out.json]
+                                     [--asl-threshold 0.3] [--json out.json]
 
 Times the whole prefill call (forward + scoring) of:
   * full: no method (plain causal prefill through the harness);
@@ -49,13 +49,12 @@ def load(model_name: str):
     return model.to(device_for("auto")), tok, "random 8-layer llama (reference width; checkpoint absent)"
 
 
-def methods_under_test():
+def methods_under_test(asl_overrides: dict):
     import methods
 
     build = methods.load
-
-    full = methods.build_method({**base, "name": "full"})
-    return {"full": full, "snapkv": build("snapkv"), "asl": build("asl"), "asl_fixed": build("asl")}
+    return {"full": build("full"), "snapkv": build("snapkv"), "asl": build("asl", **asl_overrides),
+            "asl_fixed": build("asl")}
 
 
 def main() -> None:
@@ -65,6 +64,8 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--asl-threshold", type=float, default=None,
+                        help="ASL's variance-ratio threshold (default: the paper's 0.3, from conf/method/asl.yaml)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +75,7 @@ def main() -> None:
 
     model, tok, model_desc = load(args.model)
     n_layers = model.config.num_hidden_layers
-    ms = methods_under_test()
+    ms = methods_under_test({} if args.asl_threshold is None else {"threshold": args.asl_threshold})
     start = ms["asl"].scorer.resolved(n_layers)[0]
     ms["asl_fixed"].scorer.fixed_layer = start  # forced at the start layer
     ids = torch.randint(3, len(tok), (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
