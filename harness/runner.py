@@ -83,7 +83,27 @@ def prepare_dir(out_dir: Path, cfg: DictConfig) -> None:
 
 
 def task_params(task_cfg: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(task_cfg, resolve=True).items() if k != "name"}
+    return {k: v for k, v in OmegaConf.to_container(task_cfg, resolve=True).items() if k not in ("name", "exclude")}
+
+
+def suite_tasks(task_cfg: DictConfig) -> list[str]:
+    """The task names a ``task=`` runs: one task, or a suite minus ``task.exclude`` (e.g. RULER's qa_1/qa_2
+    when SQuAD/HotpotQA are not on disk). Excluding is explicit, never silent: rows name their tasks."""
+    try:
+        names = tasks.expand(task_cfg.name)
+    except KeyError:
+        raise KvbenchError(f"task={task_cfg.name!r} is not known; allowed: {', '.join(tasks.available())}") from None
+    exclude = [str(x) for x in (task_cfg.get("exclude") or [])]
+    prefix = f"{task_cfg.name}/"
+    full = [x if "/" in x else prefix + x for x in exclude]
+    unknown = [x for x, f in zip(exclude, full) if f not in names]
+    if unknown:
+        short = ", ".join(n.removeprefix(prefix) for n in names)
+        raise KvbenchError(f"task.exclude={unknown[0]!r} is not a task of {task_cfg.name}; allowed: {short}")
+    kept = [n for n in names if n not in full]
+    if not kept:
+        raise KvbenchError(f"task.exclude leaves no task of {task_cfg.name} to run")
+    return kept
 
 
 def model_label(model_cfg) -> str:
@@ -101,10 +121,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     ratios = keep_ratios(cfg.keep_ratio)
     method = methods.build_method(cfg.method)
-    try:
-        task_names = tasks.expand(cfg.task.name)
-    except KeyError:
-        raise KvbenchError(f"task={cfg.task.name!r} is not known; allowed: {', '.join(tasks.available())}") from None
+    task_names = suite_tasks(cfg.task)
     if int(cfg.n_samples) < 1:
         raise KvbenchError(f"n_samples={cfg.n_samples} must be at least 1")
     torch.manual_seed(int(cfg.seed))

@@ -371,3 +371,15 @@ def test_fit_with_a_bpe_tokenizer():
         kw = {"data_dir": FIXTURES} if name == "qa_1" else {}
         for s in make_task(name, **kw).samples(enc, 4096, 3, seed=0):
             _check_fit(enc, s, 4096)
+
+
+def test_suite_exclude_leaves_out_named_tasks_and_refuses_unknown_ones():
+    from omegaconf import OmegaConf
+
+    from harness.runner import suite_tasks
+
+    names = suite_tasks(OmegaConf.create({"name": "ruler", "exclude": ["qa_1", "ruler/qa_2"]}))
+    assert len(names) == 11 and "ruler/qa_1" not in names and "ruler/qa_2" not in names and "ruler/vt" in names
+    assert suite_tasks(OmegaConf.create({"name": "ruler/vt", "exclude": []})) == ["ruler/vt"]
+    with pytest.raises(KvbenchError, match="task.exclude='qa_3' is not a task of ruler; allowed: niah_single_1"):
+        suite_tasks(OmegaConf.create({"name": "ruler", "exclude": ["qa_3"]}))
