@@ -191,7 +191,7 @@ def test_registry_and_configs():
     names = expand("ruler")
     assert names == [f"ruler/{n}" for n in TASK_NAMES] and len(names) == 13
     root = Path(__file__).resolve().parents[1] / "conf" / "task"
-    assert yaml.safe_load((root / "ruler.yaml").read_text()) == {"name": "ruler", "data_dir": None}
+    assert yaml.safe_load((root / "ruler.yaml").read_text()) == {"name": "ruler", "data_dir": None, "exclude": []}
     for n in TASK_NAMES:
         cfg = yaml.safe_load((root / "ruler" / f"{n}.yaml").read_text())
         assert cfg["name"] == f"ruler/{n}" and cfg["data_dir"] is None
