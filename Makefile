@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= results/demo
 # The shipped reference model (harness/reference/checkpoint); DEMO_MODEL=tiny-random for the random toy.
 DEMO_MODEL ?= reference
+# lkv loads the learned parameters made for the reference model (drop it for another model)
+DEMO_METHODS ?= full,snapkv,streaming_llm,random,lkv
 
 .PHONY: setup demo test report bench
 
@@ -15,7 +17,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/kvbench -m model=$(DEMO_MODEL) task=ruler/niah_single_1,ruler/niah_multikey_1,ruler/vt \
-	  method=full,snapkv,streaming_llm,random 'keep_ratio=[0.1,0.25,0.5]' \
+	  method=$(DEMO_METHODS) 'keep_ratio=[0.1,0.25,0.5]' \
 	  context_length=4096 n_samples=10 progress=false hydra.sweep.dir=$(DEMO_DIR)
 	$(BIN)/kvbench-report $(DEMO_DIR)
 
