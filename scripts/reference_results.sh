@@ -21,7 +21,7 @@ fi
 if has learned; then  # LKV and SP-KV trained on the shipped model (frozen), on training seeds
   $B/kvbench-train method=lkv model=reference out=harness/reference/lkv steps=1200 \
     'data.context_length=[2048,4096]' overwrite=true threads=2 progress=false
-  $B/kvbench-train method=spkv model=reference out=harness/reference/spkv steps=300 \
+  $B/kvbench-train method=spkv model=reference out=harness/reference/spkv steps=300 spkv.sparsity_weight=0.05 \
     'data.context_length=[1024,2048]' overwrite=true threads=2 progress=false
 fi
 
