@@ -75,15 +75,21 @@ class SPKVParams(nn.Module):
         return g + self.b[layer][None, :, None]
 
 
+def visible(q_pos: Tensor, k_pos: Tensor, gate_open: Tensor, window: int) -> Tensor:
+    """SP-KV's visibility rule, ``[..., q, T]`` bool: the query at ``q_pos[i]`` sees the key at ``k_pos[j]`` iff
+    ``k_pos[j] <= q_pos[i]`` and (``q_pos[i] - k_pos[j] < window`` or the gate of j is open).
+    ``q_pos`` is ``[q]``, ``k_pos`` ``[T]``, ``gate_open`` ``[..., T]``."""
+    rel = q_pos[:, None] - k_pos[None, :]
+    return (rel >= 0) & ((rel < window) | gate_open[..., None, :])
+
+
 def gated_visible(gate_open: Tensor, window: int, q_len: int | None = None) -> Tensor:
-    """``[H, q, T]`` bool: query i (the last ``q`` positions) sees key j iff ``j <= i`` and (``i - j < window``
-    or the gate of j is open). ``gate_open`` is ``[H, T]``."""
+    """``[H, q, T]``: ``visible`` for a prefill of ``T`` consecutive positions, queries the last ``q`` of them.
+    ``gate_open`` is ``[H, T]``."""
     n = gate_open.shape[-1]
     q_len = n if q_len is None else q_len
-    i = torch.arange(n - q_len, n, device=gate_open.device)[:, None]
-    j = torch.arange(n, device=gate_open.device)[None, :]
-    rel = i - j
-    return (rel >= 0) & ((rel < window) | gate_open[:, None, :])
+    pos = torch.arange(n, device=gate_open.device)
+    return visible(pos[n - q_len:], pos, gate_open, window)
 
 
 @contextmanager
@@ -121,7 +127,8 @@ class GatedLayer(RaggedLayer):
         u_new = self.gate_fn(key_states)  # [H, n_new]
         new_pos = torch.arange(first, first + n_new, device=key_states.device)
         for h in range(len(self.head_keys)):
-            keep = ((first - self.positions[h]) < self.window) | (self.gates[h] > self.threshold)
+            # what the first new query cannot see, no later query sees either: drop it
+            keep = visible(new_pos[:1], self.positions[h], self.gates[h] > self.threshold, self.window)[0]
             if not bool(keep.all()):
                 self.head_keys[h] = self.head_keys[h][:, :, keep]
                 self.head_values[h] = self.head_values[h][:, :, keep]
@@ -133,10 +140,7 @@ class GatedLayer(RaggedLayer):
         if n_new > 1:
             # A multi-token step (the question after the context): query i also must not see an entry of this
             # step that left its window with a closed gate, exactly as the prefill's gated mask.
-            masks = []
-            for h in range(len(self.head_keys)):
-                rel = new_pos[:, None] - self.positions[h][None, :]
-                masks.append((rel >= 0) & ((rel < self.window) | (self.gates[h] > self.threshold)[None, :]))
+            masks = [visible(new_pos, p, g > self.threshold, self.window) for p, g in zip(self.positions, self.gates)]
             keys = RaggedKV(keys.heads, masks)
         return keys, values
 

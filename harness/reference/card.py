@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from harness.io import atomic_write_text
@@ -39,7 +40,7 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
     args = meta["args"]
     weights = checkpoint / "model.safetensors"
     size_mb = weights.stat().st_size / 1e6
-    n_params = sum(_numel(s) for s in _shapes(weights))
+    n_params = sum(math.prod(s) for s in _shapes(weights))
     minutes = meta["elapsed_s"] / 60
     default_cmd = "python -m harness.reference.train --no-resume"
     scores = _scores(results)
@@ -94,13 +95,6 @@ def _shapes(path: Path):
     with safe_open(str(path), "pt") as f:
         for k in f.keys():
             yield f.get_slice(k).get_shape()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv=None):
