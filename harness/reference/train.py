@@ -134,13 +134,15 @@ def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weigh
 
 def forward_loss(model, x, wt, pos=None):
     """Answer loss (+ LM loss when some weights are in (0, 1)); logits only where a loss is taken."""
+    # use_cache=False: training needs no KV cache (transformers builds one by default and fills it every step).
     if pos is None:
-        hidden = model.model(input_ids=x[:, :-1]).last_hidden_state
+        hidden = model.model(input_ids=x[:, :-1], use_cache=False).last_hidden_state
     else:
-        # An explicit all-ones mask: with position ids and no mask, transformers reads every jump in the
-        # positions as the start of a new packed sequence and would hide everything before the skip.
+        # An explicit all-ones mask: with position ids, no mask and no cache, transformers reads every jump in
+        # the positions as the start of a new packed sequence and would hide everything before the skip.
         ones = torch.ones_like(x[:, :-1])
-        hidden = model.model(input_ids=x[:, :-1], position_ids=pos[:, :-1], attention_mask=ones).last_hidden_state
+        hidden = model.model(input_ids=x[:, :-1], position_ids=pos[:, :-1], attention_mask=ones,
+                             use_cache=False).last_hidden_state
     tgt, w = x[:, 1:], wt[:, 1:]
     sel = w > 0
     logits = model.lm_head(hidden[sel]).float()
