@@ -56,7 +56,7 @@ if has asl; then  # issue 8: ASL and LU-KV beside SnapKV at the same budgets (AS
 fi
 
 if has kvpress; then  # issue 11: the kvpress leaderboard grid on the reference model, a quick check
-  $B/kvbench-reproduce kvpress_ruler4k model=reference n_samples=1 'task.exclude=[qa_1,qa_2]' progress=false
+  $B/kvbench-reproduce kvpress_ruler4k model=reference n_samples=1 progress=false  # qa_1/qa_2 out: conf/paper_model
 fi
 
 $B/kvbench-report $OUT/ruler4k

@@ -156,6 +156,31 @@ def test_preset_composes_or_fails_clearly(name):
         assert (CONF / "task" / f"{t}.yaml").exists()
 
 
+def test_kvpress_preset_on_reference_model_is_the_offline_variant():
+    """paper=kvpress_ruler4k model=reference drops the two RULER tasks that need SQuAD/HotpotQA files and runs
+    20 samples per task; a command-line override still wins; other models keep the full 13-task grid."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from harness.runner import suite_tasks
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        ref = compose("config", overrides=["paper=kvpress_ruler4k", "model=reference"])
+        ref_n = compose("config", overrides=["paper=kvpress_ruler4k", "model=reference", "n_samples=3",
+                                             "task.exclude=[]"])
+        toy = compose("config", overrides=["paper=kvpress_ruler4k", "model=tiny-random"])
+        plain = compose("config", overrides=["model=reference"])
+    GlobalHydra.instance().clear()
+    assert list(ref.task.exclude) == ["qa_1", "qa_2"] and ref.n_samples == 20
+    names = suite_tasks(ref.task)
+    assert len(names) == 11 and "ruler/qa_1" not in names and "ruler/vt" in names
+    assert ref_n.n_samples == 3 and len(suite_tasks(ref_n.task)) == 13
+    assert toy.n_samples == 500 and len(suite_tasks(toy.task)) == 13
+    assert plain.n_samples == 10 and "exclude" not in OmegaConf.to_container(plain.task)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_published_cells(name):
     """Published cells: numbers only with a known source, null otherwise; no cell twice."""
