@@ -1,6 +1,7 @@
 """The shipped reference model: loads as a standard HF checkpoint, is small, and retrieves; training learns."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -176,7 +177,10 @@ def test_train_cli_runs_and_saves(tmp_path):
     out = tmp_path / "ck"
     main(["--out", str(out), "--work-dir", str(tmp_path / "work"), "--steps", "2", "--tiny", "--batch-tokens",
           "512", "--max-len", "256", "--eval-every", "2", "--log-every", "1", "--vocab-size", "400",
-          "--threads", "1", "--drill-steps", "1", "--drill-rows", "4"])  # one drill step, one task step
+          "--threads", "1", "--drill-steps", "1", "--drill-rows", "4",
+          "--focus-steps", "1"])  # one drill step, one task step, one focus step
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    meta = json.loads((out / "training_meta.json").read_text())
+    assert meta["step"] == meta["steps"] == 3
     AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)

@@ -338,14 +338,14 @@ def _vt_context(rng, chains, n_noise, haystack):
 
 
 def vt(rng: random.Random, n_tokens: int, num_chains: int = 1, num_hops: int = 4, haystack: str = "noise",
-       icl: bool = False) -> Example:
+       icl: bool = False, icl_lines: tuple[int, int] = (8, 14)) -> Example:
     """RULER variable tracking (optionally with RULER's few-shot example in front)."""
     used: set[str] = set()
     prefix_text = ""
     if icl:  # RULER's solved example (3-letter names), as tasks/ruler/variable_tracking.py lays it out
         names, chain = _vt_chain(rng, num_hops, used, k=3 if rng.random() < 0.8 else 5)
         value = chain[0].split("=")[-1].strip()
-        ctx = _vt_context(rng, [chain], rng.randint(8, 14), "noise")
+        ctx = _vt_context(rng, [chain], rng.randint(*icl_lines), "noise")
         prefix_text = (VT_TEMPLATE.format(context=ctx, query=value)
                        + VT_PREFIX.format(num_v=num_hops + 1, query=value) + " " + " ".join(names) + "\n\n")
     chains_names = [_vt_chain(rng, num_hops, used) for _ in range(num_chains)]
@@ -438,6 +438,20 @@ def sample_example(rng: random.Random, n_tokens: int, copy_share: float = 0.15) 
         return vt(rng, n_tokens, rng.randint(1, 3), rng.randint(1, 6), rng.choice(["noise", "essay"]),
                   icl=rng.random() < 0.3)
     return dense_kv(rng, n_tokens)
+
+
+def focus_example(rng: random.Random, n_tokens: int, copy_share: float = 0.0) -> Example:
+    """The mix of the last (focus) phase: RULER's own formats, mostly variable tracking with its solved
+    example in front (as long as RULER's, up to ~500 tokens), whose 5-hop chains are the skill the main mix
+    leaves weakest; multikey needles next, and some of the main mix so nothing else is forgotten."""
+    r = rng.random()
+    if r < 0.5:
+        return vt(rng, n_tokens, 1, 4, "noise", icl=rng.random() < 0.9, icl_lines=(8, 24))
+    if r < 0.7:
+        return niah(rng, n_tokens, "essay", "words", "numbers", num_k=rng.randint(2, 6))
+    if r < 0.8:
+        return niah(rng, n_tokens, "noise", "words", "numbers")
+    return sample_example(rng, n_tokens, copy_share)
 
 
 def corpus_for_tokenizer(n: int = 3000, seed: int = 2_000_000) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.reference.data import corpus_for_tokenizer, sample_example
+from harness.reference.data import corpus_for_tokenizer, focus_example, sample_example
 from harness.reference.model import REFERENCE_ARCH, TINY_ARCH, reference_config
 from harness.reference.tokenizer import build_tokenizer
 
@@ -98,7 +98,7 @@ def skip_positions(rng: random.Random, n: int, span: int) -> list[int]:
 
 def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weight: float, hard_max: int,
                copy_share: float = 0.15, drill_share: float = 0.0, drill_length: int = 48,
-               skip_share: float = 0.0, skip_span: int = 0):
+               skip_share: float = 0.0, skip_span: int = 0, sampler=sample_example):
     """(input ids, loss weights, position ids, answer spans) of one batch, right-padded."""
     n = max(1, batch_tokens // length)
     rows = []
@@ -108,7 +108,7 @@ def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weigh
             continue
         want = length
         for _ in range(4):  # the generators size haystacks roughly: shrink until the sequence fits
-            ex = sample_example(rng, want, copy_share)
+            ex = sampler(rng, want, copy_share)
             ids, w, spans = encode_example(tok, ex, lm_weight)
             if len(ids) <= 1.15 * length:
                 break
@@ -235,6 +235,11 @@ def main(argv=None):
     ap.add_argument("--skip-share", type=float, default=0.5,
                     help="share of task rows whose position ids jump (skip_positions): long distances, short rows")
     ap.add_argument("--skip-span", type=int, default=10240, help="largest position a skipped row reaches")
+    ap.add_argument("--focus-steps", type=int, default=1200,
+                    help="steps after --steps on focus_example (mostly RULER-format variable tracking) at 512-4096 "
+                         "tokens, with their own warm-up and cosine from --focus-lr: vt was still climbing when "
+                         "the main run's learning rate had decayed")
+    ap.add_argument("--focus-lr", type=float, default=1e-3)
     ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
@@ -277,17 +282,25 @@ def main(argv=None):
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step} ({elapsed:.0f}s)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params/1e6:.2f}M vocab {len(tok)} steps {args.steps}", flush=True)
+    total = args.steps + args.focus_steps
+    print(f"params {n_params/1e6:.2f}M vocab {len(tok)} steps {args.steps} + focus {args.focus_steps}", flush=True)
 
     model.train()
     t0 = time.time() - elapsed
     acc = defaultdict(lambda: [0, 0])
     agg_loss, agg_n, agg_tok = 0.0, 0, 0
-    while step < args.steps:
+    while step < total:
         if step < args.drill_steps:  # phase 1: the induction drill alone, many short rows
             length = 48
             x, wt, pos, spans = make_batch(tok, rng, length, args.drill_rows * length, 0.0, hard_max=length,
                                       drill_share=1.0)
+        elif step >= args.steps:  # phase 3 (focus): RULER's formats at long lengths, vt first
+            length = rng.randint(2048, 4096) if rng.random() < 0.7 else rng.randint(512, 2048)
+            length = min(length, args.max_len)
+            x, wt, pos, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
+                                           hard_max=int(args.max_len * 1.1), copy_share=0.0,
+                                           skip_share=args.skip_share, skip_span=args.skip_span,
+                                           sampler=focus_example)
         else:  # phase 2: the task mix with a length curriculum, a little drill kept (longer rows)
             frac = (step - args.drill_steps) / max(1, args.steps - args.drill_steps)
             length = curriculum(frac, rng, args.max_len)
@@ -297,7 +310,8 @@ def main(argv=None):
                                            skip_share=args.skip_share, skip_span=args.skip_span)
         x, wt, pos = x.to(device), wt.to(device), pos.to(device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = (lr_at(step, args.steps, args.lr, args.warmup) if step < args.steps
+                       else lr_at(step - args.steps, args.focus_steps, args.focus_lr, args.warmup))
         loss, ans_loss, lm_loss, pred = forward_loss(model, x, wt, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,20 +324,20 @@ def main(argv=None):
         agg_n += 1
         agg_tok += x.numel()
         step += 1
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == total:
             dt = time.time() - t0
             accs = " ".join(f"{k}={h/n:.2f}" for k, (h, n) in sorted(acc.items()))
             print(f"step {step} len {length} ans_loss {agg_loss/agg_n:.3f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} tok {agg_tok} {dt:.0f}s | {accs}", flush=True)
             acc.clear()
             agg_loss, agg_n, agg_tok = 0.0, 0, 0
-        done = step == args.steps or (args.time_limit and time.time() - t0 > args.time_limit)
+        done = step == total or (args.time_limit and time.time() - t0 > args.time_limit)
         if step % args.eval_every == 0 or done:
             elapsed = time.time() - t0
             ev = heldout_eval(model, tok, device) if not args.tiny else {}
             history.append({"step": step, "elapsed_s": round(elapsed), **ev})
             print(f"eval step {step}: {ev}", flush=True)
-            meta = {"step": step, "steps": args.steps, "elapsed_s": round(elapsed), "args": vars(args),
+            meta = {"step": step, "steps": total, "elapsed_s": round(elapsed), "args": vars(args),
                     "history": history}
             save(model, tok, work / f"step{step:05d}", meta)
             save(model, tok, out, meta)
