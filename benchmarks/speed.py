@@ -1,6 +1,7 @@
 """Speed of a sweep, measured side by side in one process (medians over repeats, alternating order).
 
-    python benchmarks/speed.py [--model reference|tiny] [--context 4096] [--repeats 3] [--json out.json]
+    python benchmarks/speed.py [--model reference|tiny|llama-8b] [--context 4096] [--repeats 3] [--json out.json]
+    python benchmarks/speed.py --model llama-8b --context 32768 --repeats 3   # the GPU variant (bf16 on CUDA)
 
 Prints, with the machine:
   * sweep_5_ratios / single_ratio: one SnapKV prefill serving 5 keep ratios vs one ratio (target <= 1.3x);
@@ -25,6 +26,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 RATIOS = [0.1, 0.25, 0.5, 0.75, 0.9]
+# Llama-3.1-8B-Instruct's architecture (its config.json) with random weights: what prefill, scoring, selection
+# and decoding cost does not depend on the weights, and no weights can be downloaded here. The reference model's
+# tokenizer writes the RULER prompt (ids stay far below the vocabulary size).
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def load_llama_8b(device: torch.device, layers: int | None = None):
+    """Random-weight Llama-3.1-8B (bf16 on CUDA, float32 on CPU), built directly on ``device``; ``layers``
+    shortens it (a CPU smoke run of the GPU variant)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from harness.models import REFERENCE_DIR
+
+    arch = dict(LLAMA_8B, num_hidden_layers=layers or LLAMA_8B["num_hidden_layers"])
+    config = LlamaConfig(**arch)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval(), PreTrainedTokenizerFast.from_pretrained(REFERENCE_DIR)
 
 
 def load(model_name: str):
@@ -80,18 +103,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
     args = parser.parse_args()
+    if args.model not in ("reference", "tiny", "llama-8b"):
+        parser.error(f"--model {args.model!r} is not known; allowed: reference, tiny, llama-8b")
 
     from harness.attention import install
     from harness.pipeline import run_sample
 
-    model, tok = load(args.model)
     from harness.models import REFERENCE_DIR
 
-    label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
-        "reference architecture, random weights (checkpoint absent)"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model == "llama-8b":
+        model, tok = load_llama_8b(device, args.layers)
+        label = "Llama-3.1-8B architecture, random weights" + (f", {args.layers} layers" if args.layers else "")
+    else:
+        model, tok = load(args.model)
+        model = model.to(device)
+        label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
+            "reference architecture, random weights (checkpoint absent)"
     ctx, q = prompt(tok, args.context)
     snap, full = method("snapkv"), method("full")
     n = args.new_tokens
@@ -120,9 +151,14 @@ def main() -> None:
     for fn in variants.values():  # warm-up
         fn()
     times = {k: [] for k in variants}
+    peak = {}
     for _ in range(args.repeats):
         for name, fn in variants.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             times[name].append(timed(fn))
+            if device.type == "cuda":  # the memory a variant needs on top of the weights, at its peak
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
     tok.eos_token_id = tok_eos
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -132,6 +168,7 @@ def main() -> None:
         "context_tokens": len(ctx) + len(q),
         "new_tokens": n,
         "median_s": med,
+        **({"cuda_peak_gib": {k: v / 2**30 for k, v in peak.items()}} if peak else {}),
         "ratios": {
             "sweep_5_ratios / single_ratio": med["sweep_5_ratios"] / med["single_ratio"],
             "separate_5 / sweep_5_ratios": med["separate_5"] / med["sweep_5_ratios"],
