@@ -22,6 +22,7 @@ import tasks
 from harness.attention import install
 from harness.compress import evidence_retention
 from harness.errors import KvbenchError
+from harness.fingerprint import run_inputs
 from harness.io import RowStore, atomic_write_json, atomic_write_text
 from harness.metrics import summarize
 from harness.models import load_model, max_context
@@ -55,9 +56,12 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
 
 
-def prepare_dir(out_dir: Path, cfg: DictConfig) -> None:
-    """Create the run dir, or check that an existing one was made by the same config."""
+def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> None:
+    """Create the run dir, or check that an existing one was made by the same config and the same input files
+    (``inputs``: fingerprints of the model weights and method files, see harness/fingerprint.py)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if inputs is not None:
+        resolved["inputs"] = inputs
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write_test"
@@ -68,9 +72,17 @@ def prepare_dir(out_dir: Path, cfg: DictConfig) -> None:
     config_path = out_dir / "config.yaml"
     if config_path.exists() and not cfg.get("overwrite", False):
         previous = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
-        if _comparable(previous) != _comparable(resolved):
+        before, now = previous.get("inputs"), resolved.get("inputs")
+        if before is not None and now is not None and before != now:  # a dir from before fingerprints: no check
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise KvbenchError(
+                f"{out_dir} holds rows made with other files ({', '.join(changed)} changed since: retrained or "
+                "replaced); use another hydra.run.dir, or overwrite=true to discard them"
+            )
+        previous.pop("inputs", None)
+        if _comparable(previous) != _comparable({k: v for k, v in resolved.items() if k != "inputs"}):
             changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in VOLATILE_KEYS and previous.get(k) != resolved.get(k))
+                             if k not in VOLATILE_KEYS + ("inputs",) and previous.get(k) != resolved.get(k))
             raise KvbenchError(
                 f"{out_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use another hydra.run.dir, or overwrite=true to discard it"
@@ -150,7 +162,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
                     f"({n_tokens} tokens for sample {sample.sample_id}); raise context_length"
                 )
         loaded.append((name, task, encoder, samples))
-    prepare_dir(out_dir, cfg)
+    prepare_dir(out_dir, cfg, run_inputs(cfg.method, model))
     store = RowStore(out_dir / "predictions.jsonl")
     label = model_label(cfg.model)
     if not method.shares_across_ratios and len(ratios) > 1:

@@ -64,7 +64,11 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
         f"(128-512, 256-1k, 512-2k, then half 2k-{args['max_len']}), {int(args['skip_share'] * 100)}% of rows "
         f"with PoSE-style position skips up to {args['skip_span']}; AdamW (betas 0.9/0.95, weight decay "
         f"{args['weight_decay']}), peak lr {args['lr']}, {args['warmup']} warm-up steps, cosine to 10%, "
-        "gradient clip 1.",
+        "gradient clip 1." + (
+            f" Then a focus phase of {args['focus_steps']} steps (`focus_example`: half RULER-format variable "
+            "tracking with its solved example in front, 20% multikey needles, 10% single needles, 20% the main mix) "
+            f"at 512-{args['max_len']} tokens (70% of steps 2k-{args['max_len']}), its own warm-up and cosine from "
+            f"lr {args['focus_lr']}." if args.get("focus_steps") else ""),
         f"- **Hardware and time**: {hardware}; {meta['step']} steps in {minutes:.0f} minutes."
         + (f" {note}" if note else ""),
         f"- **Reproduce**: `{default_cmd}` (resumable: rerun to continue; `--device cuda` on a GPU), then",

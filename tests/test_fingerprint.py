@@ -1,0 +1,86 @@
+"""Run dirs remember which weights made their rows: resuming after the model or a method's checkpoint was
+retrained at the same path is refused (the dir untouched), resuming with the same files goes on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from harness import fingerprint
+from harness.errors import KvbenchError
+from harness.fingerprint import file_digest, path_digest, run_inputs
+from harness.runner import prepare_dir
+
+
+def test_file_digest_follows_content(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"x" * 1000)
+    assert file_digest(a) == file_digest(b)
+    b.write_bytes(b"x" * 999 + b"y")
+    assert file_digest(a) != file_digest(b)
+
+
+def test_large_file_digest_reads_pieces_and_sees_a_changed_middle(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprint, "WHOLE_LIMIT", 10)
+    monkeypatch.setattr(fingerprint, "PIECE", 4)
+    f = tmp_path / "shard.safetensors"
+    f.write_bytes(b"abcdefghijklmnopqrstuvwxyz")
+    before = file_digest(f)
+    f.write_bytes(b"abcdefghijklmZopqrstuvwxyz")  # byte 13 = size // 2: inside the middle piece
+    assert file_digest(f) != before
+
+
+def test_dir_digest_ignores_training_state_and_notes(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "params.safetensors").write_bytes(b"w1")
+    d = path_digest(tmp_path)
+    (tmp_path / "train_state.pt").write_bytes(b"optimizer")
+    (tmp_path / "README.md").write_text("card")
+    assert path_digest(tmp_path) == d
+    (tmp_path / "params.safetensors").write_bytes(b"w2")
+    assert path_digest(tmp_path) != d
+
+
+def test_run_inputs_names_model_and_method_files(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import build_tiny
+
+    model, _ = build_tiny("llama", num_hidden_layers=1)
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "params.safetensors").write_bytes(b"p")
+    inputs = run_inputs(OmegaConf.create({"checkpoint": str(ck), "profile": None}), loaded)
+    assert set(inputs) == {"model", "method.checkpoint"}
+    assert run_inputs(OmegaConf.create({}), model) == {}  # built from a config: nothing on disk
+
+
+def test_resume_refused_after_weights_changed(tmp_path):
+    cfg = OmegaConf.create({"method": {"name": "lkv"}, "seed": 0})
+    out = tmp_path / "run"
+    prepare_dir(out, cfg, {"model": "aaaa", "method.checkpoint": "cccc"})
+    (out / "predictions.jsonl").write_text('{"row": 1}\n')
+    before = (out / "config.yaml").read_text()
+    prepare_dir(out, cfg, {"model": "aaaa", "method.checkpoint": "cccc"})  # same files: resumes
+    with pytest.raises(KvbenchError, match=r"method\.checkpoint changed since.*overwrite=true") as err:
+        prepare_dir(out, cfg, {"model": "aaaa", "method.checkpoint": "dddd"})
+    assert "\n" not in str(err.value)
+    assert (out / "config.yaml").read_text() == before
+    assert (out / "predictions.jsonl").read_text() == '{"row": 1}\n'
+    prepare_dir(out, OmegaConf.merge(cfg, {"overwrite": True}), {"model": "bbbb"})  # discards the old rows
+    assert not (out / "predictions.jsonl").exists()
+
+
+def test_dir_from_before_fingerprints_still_resumes(tmp_path):
+    cfg = OmegaConf.create({"method": {"name": "full"}, "seed": 0})
+    out = tmp_path / "run"
+    prepare_dir(out, cfg)  # as written before run dirs recorded inputs
+    prepare_dir(out, cfg, {"model": "aaaa"})
+    assert OmegaConf.load(out / "config.yaml").inputs.model == "aaaa"
+    with pytest.raises(KvbenchError, match="different config"):
+        prepare_dir(out, OmegaConf.merge(cfg, {"seed": 1}), {"model": "aaaa"})
