@@ -290,9 +290,14 @@ class ASLScorer(Scorer):
     def row_extras(self) -> dict[str, Any]:
         """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens
         the deeper layers processed (the prompt length when none); ``asl_skipped``: fraction of the
-        (layer, token) work of the decoder layers skipped, an estimate of the prefill saved."""
+        (layer, token) work of the decoder layers skipped, an estimate of the prefill saved; ``asl_min_ratio``: the
+        smallest variance ratio seen after the start layer (null when none was computed), i.e. how far the prompt
+        was from selecting when no layer qualified."""
         layer, n, n_layers = self.last_selection_layer, self.n_tokens, max(1, self.n_layers)
         kept = n if self.last_selected is None else int(self.last_selected.numel())
         deeper = 0 if layer < 0 else n_layers - 1 - layer
         skipped = deeper * (n - kept) / (n_layers * n) if n else 0.0
-        return {"asl_layer": layer, "asl_kept_tokens": kept, "asl_skipped": round(skipped, 6)}
+        later = [r for lay, r in self.ratios.items() if lay > min(self.ratios)] if self.ratios else []
+        min_ratio = round(min(later), 6) if later and math.isfinite(min(later)) else None
+        return {"asl_layer": layer, "asl_kept_tokens": kept, "asl_skipped": round(skipped, 6),
+                "asl_min_ratio": min_ratio}

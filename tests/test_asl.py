@@ -67,6 +67,7 @@ def test_prefill_decision_matches_the_rule(llama8):
         prefill(model, hooks, PROMPT, m, seed=0, keep_ratio=0.5)
         s = m.scorer
         assert s.last_selection_layer == -1 and s.row_extras()["asl_layer"] == -1
+        assert s.row_extras()["asl_min_ratio"] == round(min(r for lay, r in s.ratios.items() if lay > 2), 6)
         start, lookback = s.resolved(N_LAYERS)
         k, _ = s.split(len(PROMPT))
         assert (start, lookback, k) == (2, 4, n_keep(len(PROMPT), 0.5) - 32)
@@ -104,7 +105,7 @@ def test_cache_lengths_after_selection_all_families(family):
             pk = m.scorer.prefill_kept()
             assert pk[:sel] == [None] * sel and all(torch.equal(p[0], idx) for p in pk[sel:])
             assert idx[-32:].tolist() == list(range(t - 32, t))  # the observation window
-            assert pre.extras == {"asl_layer": sel, "asl_kept_tokens": budget,
+            assert pre.extras == {"asl_layer": sel, "asl_kept_tokens": budget, "asl_min_ratio": None,
                                   "asl_skipped": round((N_LAYERS - 1 - sel) * (t - budget) / (N_LAYERS * t), 6)}
             if early == "snapkv":  # layers before the selection saw the full prompt: exactly SnapKV's choice
                 snap = method("snapkv")
@@ -208,7 +209,8 @@ def test_everything_selected_at_layer_0_equals_full_cache(llama8):
     try:
         with install(model) as hooks:
             pre = prefill(model, hooks, PROMPT, m, seed=0, keep_ratio=1.0)
-            assert pre.extras == {"asl_layer": 0, "asl_kept_tokens": len(PROMPT), "asl_skipped": 0.0}
+            assert pre.extras == {"asl_layer": 0, "asl_kept_tokens": len(PROMPT), "asl_skipped": 0.0,
+                                  "asl_min_ratio": None}
             _, kept = m.plan(pre.scores, 1.0)
             gen = decode(model, prune(pre.cache, kept), [], pre.last_logits, len(PROMPT), 12, tok, [])
     finally:
