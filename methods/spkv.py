@@ -8,6 +8,10 @@ whether it will be worth keeping once it leaves the local window.
   with next-token loss (and KL to the ungated model) on the answer. The paper trains the LLM jointly; here the
   model stays frozen by default (comparable with the other methods), ``spkv.train_params`` unfreezes chosen
   model parameters (the checkpoint then carries them and the scorer swaps them in during prefill and decoding).
+  Caution, measured on the reference model: with ``train_params=[o_proj]`` (800 steps) the fine-tuned model
+  learns to overpower the soft ``log u`` bias with larger attention logits - gates close to 0.2% open while the
+  training loss goes to 0 - and under the hard threshold at inference it emits garbage (0 on RULER). Joint
+  training needs the hard mask (or a straight-through gate) in the loop; the frozen default has no such gap.
   With a frozen model, next-token loss alone has no reason to close gates, so a small L1 penalty on the gates
   of keys that ever leave the window is added (``spkv.sparsity_weight``; 0 = pure next-token loss).
 * Inference: the last ``window`` tokens are always kept; an older entry is kept iff ``u > threshold``
