@@ -60,8 +60,6 @@ def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> N
     """Create the run dir, or check that an existing one was made by the same config and the same input files
     (``inputs``: fingerprints of the model weights and method files, see harness/fingerprint.py)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if inputs is not None:
-        resolved["inputs"] = inputs
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write_test"
@@ -72,17 +70,16 @@ def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> N
     config_path = out_dir / "config.yaml"
     if config_path.exists() and not cfg.get("overwrite", False):
         previous = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
-        before, now = previous.get("inputs"), resolved.get("inputs")
-        if before is not None and now is not None and before != now:  # a dir from before fingerprints: no check
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        before = previous.pop("inputs", None)  # None: a dir from before fingerprints, nothing to check
+        if before is not None and inputs is not None and before != inputs:
+            changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
             raise KvbenchError(
                 f"{out_dir} holds rows made with other files ({', '.join(changed)} changed since: retrained or "
                 "replaced); use another hydra.run.dir, or overwrite=true to discard them"
             )
-        previous.pop("inputs", None)
-        if _comparable(previous) != _comparable({k: v for k, v in resolved.items() if k != "inputs"}):
+        if _comparable(previous) != _comparable(resolved):
             changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in VOLATILE_KEYS + ("inputs",) and previous.get(k) != resolved.get(k))
+                             if k not in VOLATILE_KEYS and previous.get(k) != resolved.get(k))
             raise KvbenchError(
                 f"{out_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use another hydra.run.dir, or overwrite=true to discard it"
@@ -91,7 +88,7 @@ def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> N
         for name in ("predictions.jsonl", "metrics.json"):
             if (out_dir / name).exists():
                 (out_dir / name).unlink()
-    atomic_write_text(config_path, OmegaConf.to_yaml(resolved))
+    atomic_write_text(config_path, OmegaConf.to_yaml(resolved if inputs is None else {**resolved, "inputs": inputs}))
 
 
 def task_params(task_cfg: DictConfig) -> dict:

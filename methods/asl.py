@@ -297,7 +297,8 @@ class ASLScorer(Scorer):
         kept = n if self.last_selected is None else int(self.last_selected.numel())
         deeper = 0 if layer < 0 else n_layers - 1 - layer
         skipped = deeper * (n - kept) / (n_layers * n) if n else 0.0
-        later = [r for lay, r in self.ratios.items() if lay > min(self.ratios)] if self.ratios else []
-        min_ratio = round(min(later), 6) if later and math.isfinite(min(later)) else None
+        start = min(self.ratios, default=None)  # ratios start at the start layer, where the ratio is 1 by definition
+        later = [r for lay, r in self.ratios.items() if lay != start and math.isfinite(r)]
+        min_ratio = round(min(later), 6) if later else None
         return {"asl_layer": layer, "asl_kept_tokens": kept, "asl_skipped": round(skipped, 6),
                 "asl_min_ratio": min_ratio}

@@ -294,20 +294,18 @@ def main(argv=None):
             length = 48
             x, wt, pos, spans = make_batch(tok, rng, length, args.drill_rows * length, 0.0, hard_max=length,
                                       drill_share=1.0)
-        elif step >= args.steps:  # phase 3 (focus): RULER's formats at long lengths, vt first
-            length = rng.randint(2048, 4096) if rng.random() < 0.7 else rng.randint(512, 2048)
-            length = min(length, args.max_len)
+        else:
+            if step >= args.steps:  # phase 3 (focus): RULER's formats at long lengths, vt first
+                length = rng.randint(2048, 4096) if rng.random() < 0.7 else rng.randint(512, 2048)
+                length = min(length, args.max_len)
+                mix = dict(copy_share=0.0, sampler=focus_example)
+            else:  # phase 2: the task mix with a length curriculum, a little drill kept (longer rows)
+                frac = (step - args.drill_steps) / max(1, args.steps - args.drill_steps)
+                length = curriculum(frac, rng, args.max_len)
+                mix = dict(copy_share=0.1, drill_share=0.1, drill_length=rng.choice([64, 128, 256]))
             x, wt, pos, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
-                                           hard_max=int(args.max_len * 1.1), copy_share=0.0,
-                                           skip_share=args.skip_share, skip_span=args.skip_span,
-                                           sampler=focus_example)
-        else:  # phase 2: the task mix with a length curriculum, a little drill kept (longer rows)
-            frac = (step - args.drill_steps) / max(1, args.steps - args.drill_steps)
-            length = curriculum(frac, rng, args.max_len)
-            x, wt, pos, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
-                                           hard_max=int(args.max_len * 1.1), copy_share=0.1,
-                                           drill_share=0.1, drill_length=rng.choice([64, 128, 256]),
-                                           skip_share=args.skip_share, skip_span=args.skip_span)
+                                           hard_max=int(args.max_len * 1.1), skip_share=args.skip_share,
+                                           skip_span=args.skip_span, **mix)
         x, wt, pos = x.to(device), wt.to(device), pos.to(device)
         for g in opt.param_groups:
             g["lr"] = (lr_at(step, args.steps, args.lr, args.warmup) if step < args.steps
