@@ -13,7 +13,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
 WHOLE_LIMIT = 64 << 20
 PIECE = 1 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -44,24 +43,16 @@ def path_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _existing(value: str) -> Path | None:
-    p = Path(value).expanduser()
-    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, REPO / p]):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def run_inputs(method_cfg: Any, model: Any) -> dict[str, str]:
-    """``{"model": digest, "method.checkpoint": digest, ...}`` for the files this run reads (a model built from a
-    config, such as tiny-random, has none: its seed is in the config)."""
+def run_inputs(model: Any, parts) -> dict[str, str]:
+    """``{"model": digest, "method.checkpoint": digest, ...}`` for the files this run reads: the model's
+    directory (a model built from a config, such as tiny-random, has none: its seed is in the config) and what
+    each method part (scorer, allocator) reports through ``input_files()`` - the paths it resolved and loaded."""
     out = {}
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if source and Path(source).exists():
         out["model"] = path_digest(Path(source))
-    for key in ("checkpoint", "profile"):
-        value = method_cfg.get(key) if method_cfg is not None else None
-        found = _existing(str(value)) if value else None
-        if found is not None:
-            out[f"method.{key}"] = path_digest(found)
+    for part in parts:
+        files = getattr(part, "input_files", None)
+        for key, path in (files() if files is not None else {}).items():
+            out[key] = path_digest(Path(path))
     return out

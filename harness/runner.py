@@ -159,7 +159,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
                     f"({n_tokens} tokens for sample {sample.sample_id}); raise context_length"
                 )
         loaded.append((name, task, encoder, samples))
-    prepare_dir(out_dir, cfg, run_inputs(cfg.method, model))
+    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)))
     store = RowStore(out_dir / "predictions.jsonl")
     label = model_label(cfg.model)
     if not method.shares_across_ratios and len(ratios) > 1:

@@ -303,6 +303,10 @@ class LKVScorer(Scorer):
         self.needs_hidden_states = self.params.use_hidden
         self._checked: set[int] = set()
 
+    def input_files(self) -> dict[str, Path]:
+        """The files this part read (the runner fingerprints them so a run dir cannot mix two checkpoints)."""
+        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
+
     def bind_model(self, model: nn.Module) -> None:
         """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""
         if id(model) not in self._checked:
@@ -328,6 +332,9 @@ class LKVAllocator(Allocator):
         self.config, tensors = load_checkpoint(checkpoint, "lkv")
         self.budget_logits = tensors["budget_logits"].float()
         self.min_budget = int(min_budget)
+
+    def input_files(self) -> dict[str, Path]:
+        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
 
     def bind_model(self, model: nn.Module) -> None:
         check_model(self.config, model, f"method.checkpoint={self.checkpoint!r}")

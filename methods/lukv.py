@@ -66,6 +66,10 @@ class LUKVAllocator(Allocator):
         self.path = resolve_profile(str(profile))
         self.profile = load_profile(self.path)
 
+    def input_files(self) -> dict[str, Path]:
+        """The files this part read (the runner fingerprints them so a run dir cannot mix two profiles)."""
+        return {"method.profile": self.path}
+
     def bind_model(self, model) -> None:
         """Refuse a profile made for another model (one-line KvbenchError)."""
         check_profile_model(self.profile, model, source=f"method.profile={str(self.path)!r}")

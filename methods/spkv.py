@@ -43,7 +43,7 @@ from harness.cache import RaggedKV, RaggedLayer
 from harness.compress import Allocator, LayerInputs, Scorer, register_allocator, register_scorer
 from harness.errors import KvbenchError
 from methods.lkv import (check_model, check_shape, expand_heads, load_checkpoint, mask_fns, model_signature,
-                         stash_hidden)
+                         resolve_checkpoint, stash_hidden)
 
 log = logging.getLogger("kvbench")
 MODEL_PREFIX = "model::"  # checkpoint tensors that replace model parameters (spkv.train_params)
@@ -172,6 +172,10 @@ class SPKVScorer(Scorer):
     @property
     def where(self) -> str:
         return f"method.checkpoint={self.checkpoint!r}"
+
+    def input_files(self) -> dict:
+        """The files this part read (the runner fingerprints them so a run dir cannot mix two checkpoints)."""
+        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "spkv")}
 
     def bind_model(self, model: nn.Module) -> None:
         """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""

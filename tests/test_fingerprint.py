@@ -51,13 +51,37 @@ def test_run_inputs_names_model_and_method_files(tmp_path):
     model, _ = build_tiny("llama", num_hidden_layers=1)
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+
+    class Part:  # a method part that read one file
+        def __init__(self, key, path):
+            self.files = {key: path}
+
+        def input_files(self):
+            return self.files
+
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "config.json").write_text("{}")
     (ck / "params.safetensors").write_bytes(b"p")
-    inputs = run_inputs(OmegaConf.create({"checkpoint": str(ck), "profile": None}), loaded)
+    inputs = run_inputs(loaded, (Part("method.checkpoint", ck), None))
     assert set(inputs) == {"model", "method.checkpoint"}
-    assert run_inputs(OmegaConf.create({}), model) == {}  # built from a config: nothing on disk
+    assert inputs["method.checkpoint"] == path_digest(ck)
+    assert run_inputs(model, (None, None)) == {}  # built from a config, no method files: nothing on disk
+
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+def test_learned_methods_report_the_files_they_loaded():
+    """LKV (scorer and allocator), SP-KV and LU-KV name the checkpoint / profile they resolved and read."""
+    import methods
+
+    lkv, spkv, lukv = methods.load("lkv"), methods.load("spkv"), methods.load("lukv")
+    assert lkv.scorer.input_files() == lkv.allocator.input_files() == {
+        "method.checkpoint": (REPO_DIR / "harness/reference/lkv").resolve()}
+    assert spkv.scorer.input_files() == {"method.checkpoint": (REPO_DIR / "harness/reference/spkv").resolve()}
+    assert Path(lukv.allocator.input_files()["method.profile"]).resolve() == (
+        REPO_DIR / "harness/reference/lukv_profile.safetensors").resolve()
 
 
 def test_resume_refused_after_weights_changed(tmp_path):
