@@ -66,13 +66,30 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     # step on a cache gets the bottom-right causal mask.
     mask_fn = getattr(module, "_kvbench_mask_fn", None)
     mask = mask_fn(module, query, key) if mask_fn is not None else None
+    rows = None
+    hooks = getattr(module, "_kvbench_hooks", None)
+    if hooks is not None and hooks.scorer is not None:
+        # Scoring first: it reads only queries and keys, and may tell us which rows' outputs are still needed.
+        hooks.on_prefill_attention(module, query, key, value)
+        rows = hooks.scorer.query_rows(module.layer_idx)
+    if rows is not None and mask is None and q_len == kv_len:
+        return rows_attention(module, query, key, value, rows, dropout, scaling, **kwargs), None
     if mask is None and q_len != 1 and q_len != kv_len:
         mask = bottom_right_causal(q_len, kv_len, query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    hooks = getattr(module, "_kvbench_hooks", None)
-    if hooks is not None and hooks.scorer is not None:
-        hooks.on_prefill_attention(module, query, key, value)
     return out, None
+
+
+def rows_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, rows: Tensor, dropout, scaling,
+                   **kwargs) -> Tensor:
+    """Causal prefill attention computed for the query ``rows`` only; the other rows of the ``[B, T, H, D]``
+    output are zeros (their tokens' hidden states are dropped after this layer, so nothing reads them)."""
+    mask = torch.arange(key.shape[2], device=key.device)[None, :] <= rows[:, None]
+    part, _ = sdpa_attention_forward(module, query[:, :, rows], key, value, mask[None, None], dropout=dropout,
+                                     scaling=scaling, **kwargs)
+    out = part.new_zeros(query.shape[0], query.shape[2], *part.shape[2:])
+    out[:, rows] = part
+    return out
 
 
 AttentionInterface.register(ATTN_NAME, kvbench_attention)

@@ -78,6 +78,12 @@ class Scorer:
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
 
+    def query_rows(self, layer_idx: int) -> Tensor | None:
+        """Prompt positions whose attention output this prefill layer must still compute (sorted), or None for
+        all. Asked right after ``score`` on the same layer: a method that drops the other tokens' hidden states
+        from this layer on (ASL at its selection layer) saves their attention, whose outputs nothing reads."""
+        return None
+
     def row_extras(self) -> dict[str, Any]:
         """Method-specific facts about the last prefill, merged into each row (e.g. ASL's selection layer)."""
         return {}

@@ -181,6 +181,7 @@ class ASLScorer(Scorer):
         start, lookback = self.resolved(inputs.n_layers)
         k, n_window = self.split(n_tokens)
         forced = self.fixed_layer is not None
+        probs = None
         if (layer >= start - lookback + 1 and not forced) or layer == self.fixed_layer:
             w, n_ctx = min(self.window, n_tokens), n_tokens - n_window
             probs = attention_probs(inputs.queries[:, :, -w:], inputs.keys, inputs.scaling, n_tokens - w)
@@ -200,8 +201,8 @@ class ASLScorer(Scorer):
                 self._select(inputs, token_scores, k, n_window)
                 return None
         # SnapKV scores for the layers before the selection (or every layer when none qualifies): exactly the
-        # snapkv scorer's (it recomputes the window's attention, a small cost next to the layer).
-        return snap_scores(inputs, self.window, self.snapkv_kernel, self.snapkv_pool)
+        # snapkv scorer's, from the same window attention when the ranks computed it (same window).
+        return snap_scores(inputs, self.window, self.snapkv_kernel, self.snapkv_pool, probs)
 
     def _select(self, inputs: LayerInputs, token_scores: Tensor, k: int, n_window: int) -> None:
         layer, n_tokens = inputs.layer_idx, self.n_tokens
@@ -219,6 +220,11 @@ class ASLScorer(Scorer):
             # Earlier layers returned SnapKV scores in case no layer qualified; now they stay whole.
             for i in range(layer):
                 hooks.scores[i] = None
+
+    def query_rows(self, layer_idx: int) -> Tensor | None:
+        """At the selection layer, only the kept tokens' attention is computed: the others' hidden states are
+        dropped before the next layer, so their outputs would be thrown away (kept tokens' outputs unchanged)."""
+        return self.last_selected if layer_idx == self.last_selection_layer else None
 
     # ---- the prefill patch: decoder-layer pre-hooks that shorten everything after the selection -----------
     def _pre_hook(self, module, args, kwargs):

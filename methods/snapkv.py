@@ -12,9 +12,12 @@ from harness.compress import LayerInputs, Scorer, register_scorer
 from methods._attention import attention_probs, per_kv_head
 
 
-def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str) -> torch.Tensor:
+def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Window attention onto the tokens before the window, pooled; the window's own entries score 0 here and
-    are kept by the selector (``n_recent`` = window), as both the official code and kvpress force them in."""
+    are kept by the selector (``n_recent`` = window), as both the official code and kvpress force them in.
+    ``probs``: that window attention when the caller already computed it (``attention_probs`` of the last
+    ``min(window, T)`` queries)."""
     n_tokens = inputs.keys.shape[2]
     window = min(window, n_tokens)
     n_prefix = n_tokens - window
@@ -22,7 +25,8 @@ def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str) -> tor
     if n_prefix == 0:
         return torch.zeros(batch, n_kv, n_tokens, device=inputs.keys.device)
     # Softmax over all keys (window included in the normalisation), then only the prefix columns.
-    probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_prefix)
+    if probs is None:
+        probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_prefix)
     scores = probs[..., :n_prefix].mean(dim=2)  # [B, H_q, T - window]
     if kernel > 1:
         # Pooled over the prefix only, zero padding counted (avg) / -inf padding (max), like both references.

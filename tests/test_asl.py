@@ -234,3 +234,37 @@ def test_hooks_removed_and_state_cleared(llama8):
     with torch.no_grad():
         a = model(input_ids=torch.tensor([PROMPT])).logits
     assert a.shape[1] == len(PROMPT)
+
+
+def test_selection_layer_attends_only_for_kept_rows():
+    # At the selection layer only the kept queries' attention is computed (the others' hidden states are dropped
+    # right after); with the selection at the last layer, the last token's logits are still the masked reference's.
+    import harness.attention as attention
+
+    model, _ = build_tiny("llama", num_hidden_layers=4)
+    sel, ratio = 3, 0.25
+    m = method("asl", fixed_layer=sel, early_layers="full", window=8, n_recent=8)
+    seen = []
+    real = attention.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((module.layer_idx, query.shape[2]))
+        return real(module, query, *args, **kwargs)
+
+    attention.sdpa_attention_forward = spy
+    try:
+        with install(model) as hooks:
+            pre = prefill(model, hooks, PROMPT, m, seed=0, keep_ratio=ratio)
+    finally:
+        attention.sdpa_attention_forward = real
+    budget = n_keep(len(PROMPT), ratio)
+    assert seen == [(0, len(PROMPT)), (1, len(PROMPT)), (2, len(PROMPT)), (3, budget)]
+    _, ref_logits = _masked_full_forward(model, PROMPT, sel, m.scorer.last_selected)
+    assert torch.allclose(pre.last_logits[0], ref_logits, atol=1e-5)
+    # Without the row cut (a scorer that asks for every row) the logits are the same.
+    m2 = method("asl", fixed_layer=sel, early_layers="full", window=8, n_recent=8)
+    m2.scorer.query_rows = lambda layer_idx: None
+    with install(model) as hooks:
+        pre2 = prefill(model, hooks, PROMPT, m2, seed=0, keep_ratio=ratio)
+    assert torch.allclose(pre.last_logits, pre2.last_logits, atol=1e-5)
+    assert torch.equal(pre.cache.layers[sel].keys, pre2.cache.layers[sel].keys)
