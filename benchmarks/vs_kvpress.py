@@ -2,6 +2,13 @@
 
     python benchmarks/vs_kvpress.py [--context 4096] [--max-new-tokens 16] [--repeats 3] [--threads 1]
         [--kvpress-python .peers/kvpress-venv/bin/python] [--json out.json]
+    python benchmarks/vs_kvpress.py --model llama-8b --context 32768 --device cuda   # the GPU variant
+
+* GPU variant (``--model llama-8b``): Llama-3.1-8B's architecture with random weights (as
+  ``benchmarks/speed.py``), bf16 on CUDA, saved once and loaded by both sides; ``--layers N`` shortens it (a
+  CPU smoke run: ``--model llama-8b --layers 1 --context 1024 --device cpu``). On CUDA both sides also report
+  their peak allocated memory. kvpress's venv must exist on that machine: ``../shared/peers/kvpress-env.sh``
+  installs the CUDA torch build there when ``nvidia-smi`` works.
 
 * Model: random weights with the reference model's architecture (``harness/reference/checkpoint``'s config
   and tokenizer) when the checkpoint exists, else a random 4-layer Llama, hidden 192 (6 query / 2 KV heads,
@@ -44,14 +51,21 @@ from machine import machine  # noqa: E402
 KEEP_RATIOS = [0.9, 0.75, 0.5, 0.25, 0.1]
 
 
-def save_model(out_dir: Path) -> str:
-    """Random-weight model (+ tokenizer) saved to ``out_dir``; returns a description."""
+def save_model(out_dir: Path, model_name: str = "reference", layers: int | None = None) -> tuple[str, torch.dtype]:
+    """Random-weight model (+ tokenizer) saved to ``out_dir``; returns a description and its dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from harness.models import REFERENCE_DIR, build_tiny
 
     torch.manual_seed(0)
-    if (REFERENCE_DIR / "config.json").exists():
+    if model_name == "llama-8b":
+        from speed import load_llama_8b
+
+        # built on the GPU when there is one (bf16, as speed.py); saved from there, so nothing of 16 GB goes
+        # through host memory twice
+        model, tokenizer = load_llama_8b(torch.device("cuda" if torch.cuda.is_available() else "cpu"), layers)
+        what = "Llama-3.1-8B architecture, random weights" + (f", {layers} layers" if layers else "")
+    elif (REFERENCE_DIR / "config.json").exists():
         config = AutoConfig.from_pretrained(REFERENCE_DIR)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
@@ -64,7 +78,11 @@ def save_model(out_dir: Path) -> str:
     model.generation_config.eos_token_id = None
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return what
+    dtype = model.dtype
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return what, dtype
 
 
 def prompt_ids(tokenizer, context: int) -> tuple[list[int], list[int]]:
@@ -96,7 +114,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kvpress-python", default=str(ROOT / ".peers/kvpress-venv/bin/python"))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="reference", help="reference (its architecture) or llama-8b")
+    parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
+    if args.model not in ("reference", "llama-8b"):
+        parser.error(f"--model {args.model!r} is not known; allowed: reference, llama-8b")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; allowed: cpu")
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,8 +133,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvbench-vs-kvpress-") as tmp:
         tmp_dir = Path(tmp)
         model_dir = tmp_dir / "model"
-        what = save_model(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        what, dtype = save_model(model_dir, args.model, args.layers)
+        dtype_name = str(dtype).removeprefix("torch.")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model.generation_config.eos_token_id = None  # exactly max_new_tokens tokens on both sides
         tokenizer.eos_token_id = None
@@ -125,7 +153,8 @@ def main() -> None:
         ours()  # warm-up
         cmd = [args.kvpress_python, str(ROOT / "tools/conformance/kvpress_speed.py"), "--model", str(model_dir),
                "--ids", str(ids_path), "--ratios", *[str(round(1 - r, 6)) for r in KEEP_RATIOS],
-               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--serve"]
+               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--serve",
+               "--device", device.type, "--dtype", dtype_name]
         with open(tmp_dir / "kvpress.stderr", "w+") as err, subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT
         ) as proc:
@@ -143,9 +172,17 @@ def main() -> None:
                 return kvpress_line()
 
             def ours_sweep():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
                 start, cpu = time.perf_counter(), time.process_time()
                 result = ours()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    peak[0] = max(peak[0], torch.cuda.max_memory_allocated(device))
                 return time.perf_counter() - start, time.process_time() - cpu, result
+
+            peak = [0]
 
             info = kvpress_line()["ready"]  # loaded and warmed up
             mine, theirs = [], []
@@ -169,6 +206,8 @@ def main() -> None:
             for i, r in enumerate(KEEP_RATIOS)}
     result = {
         "machine": {**machine(), "threads": args.threads},
+        "device": device.type,
+        "dtype": dtype_name,
         "model": what,
         "context_tokens": len(ctx),
         "question_tokens": len(question),
@@ -190,10 +229,13 @@ def main() -> None:
         "kvpress_cpu / ours_cpu": kvpress_cpu / ours_cpu,
         "kvpress_time / ours": kvpress_s / ours_s,
     }
+    if device.type == "cuda":  # weights included on both sides (each process holds its own copy)
+        result["cuda_peak_gib"] = {"ours": peak[0] / 2**30,
+                                   "kvpress": max(t.get("cuda_peak_bytes", 0) for t in theirs) / 2**30}
     print(json.dumps(result, indent=2))
     print(f"kvpress_time / ours = {kvpress_s:.3f} s / {ours_s:.3f} s = {kvpress_s / ours_s:.2f}x wall "
           f"({kvpress_cpu / ours_cpu:.2f}x CPU time; target >= 3x; {len(ctx)}-token context, "
-          f"{args.max_new_tokens} new tokens, 5 ratios, {args.threads} thread(s), "
+          f"{args.max_new_tokens} new tokens, 5 ratios, {device.type}, {args.threads} thread(s), "
           f"{result['machine'].get('cpu', '?')}, load {result['machine'].get('load_average', '?')})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
     .peers/kvpress-venv/bin/python tools/conformance/kvpress_speed.py --model DIR --ids IDS.json \
         [--ratios 0.1 0.25 0.5 0.75 0.9] [--max-new-tokens 16] [--repeats 3] [--threads 1] [--serve]
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16]
 
 ``DIR`` is a saved model (+ tokenizer) directory; ``IDS.json`` = ``{"context": [ids], "question": [ids]}``.
 ``benchmarks/vs_kvpress.py`` writes both and calls this script, so the two sides load the same weights and
@@ -44,7 +45,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--serve", action="store_true", help="one sweep per 'sweep' line on stdin (see above)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
 
     torch.set_num_threads(args.threads)
     import kvpress
@@ -54,30 +58,40 @@ def main() -> None:
 
     with open(args.ids) as fh:
         ids = json.load(fh)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa").to(args.device).eval()
     model.generation_config.eos_token_id = None  # every run decodes exactly max_new_tokens tokens
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=args.device)
     inputs = {"context_ids": torch.tensor([ids["context"]]), "questions_ids": [torch.tensor([ids["question"]])]}
 
     def run(cr: float) -> tuple[float, str]:
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         out = pipe.forward(inputs, press=SnapKVPress(compression_ratio=cr), max_new_tokens=args.max_new_tokens)
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         return elapsed, pipe.postprocess(out, single_question=True)["answer"]
 
     def sweep() -> dict:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         cpu_start, per_ratio, answers = time.process_time(), {}, {}
         for cr in args.ratios:
             per_ratio[str(cr)], answers[str(cr)] = run(cr)
         return {"sweep_s": sum(per_ratio.values()), "sweep_cpu_s": time.process_time() - cpu_start,
-                "per_ratio_s": per_ratio, "answers": answers}
+                "per_ratio_s": per_ratio, "answers": answers,
+                **({"cuda_peak_bytes": torch.cuda.max_memory_allocated()} if cuda else {})}
 
     info = {
         "kvpress_version": getattr(kvpress, "__version__", None) or _dist_version("kvpress"),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
         "press": "SnapKVPress(window_size=64, kernel_size=5)",
         "context_tokens": len(ids["context"]),
         "question_tokens": len(ids["question"]),
