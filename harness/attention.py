@@ -71,7 +71,8 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     if hooks is not None and hooks.scorer is not None:
         # Scoring first: it reads only queries and keys, and may tell us which rows' outputs are still needed.
         hooks.on_prefill_attention(module, query, key, value)
-        rows = hooks.scorer.query_rows(module.layer_idx)
+        query_rows = getattr(hooks.scorer, "query_rows", None)  # duck-typed scorers (profiling) may lack it
+        rows = query_rows(module.layer_idx) if query_rows is not None else None
     if rows is not None and mask is None and q_len == kv_len:
         return rows_attention(module, query, key, value, rows, dropout, scaling, **kwargs), None
     if mask is None and q_len != 1 and q_len != kv_len:
