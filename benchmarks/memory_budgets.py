@@ -69,6 +69,7 @@ def child(variant: str, n_tokens: int, ratio: float, n_decode: int) -> dict:
     import methods
     from harness.attention import install
     from harness.cache import cache_bytes, kept_per_head, prune
+    from harness.compat import with_cache
     from harness.models import build_tiny
     from harness.pipeline import prefill
 
@@ -101,7 +102,7 @@ def child(variant: str, n_tokens: int, ratio: float, n_decode: int) -> dict:
             for _ in range(n_decode):
                 token = int(logits.argmax(dim=-1))
                 out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]),
-                            past_key_values=cache, use_cache=True)
+                            **with_cache(cache), use_cache=True)
                 logits = out.logits[:, -1]
                 pos += 1
     return {"variant": variant, "kv_bytes": kv_bytes, "kv_bytes_full": full_bytes, "rss_model": rss_model,

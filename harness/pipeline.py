@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from harness.attention import Hooks
 from harness.cache import cache_bytes, kept_per_head, prune
+from harness.compat import cache_of, with_cache
 from harness.compress import Method
 
 
@@ -104,7 +105,7 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
     start = time.perf_counter()
     patch = method.scorer.prefill_patch(model, keep_ratio) if method.scorer is not None else nullcontext()
     with hooks.scoring(method.scorer, seed), patch:
-        out = model(input_ids=input_ids, position_ids=positions, past_key_values=DynamicCache(), use_cache=True,
+        out = model(input_ids=input_ids, position_ids=positions, **with_cache(DynamicCache()), use_cache=True,
                     logits_to_keep=1)
         _sync(device)
         elapsed = time.perf_counter() - start
@@ -112,7 +113,7 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         scores = list(hooks.scores)
     extras = method.scorer.row_extras() if method.scorer is not None else {}
     cut = getattr(method.scorer, "prefill_kept", None)
-    return Prefill(out.past_key_values, scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras,
+    return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras,
                    cut() if cut is not None else None)
 
 
@@ -141,7 +142,7 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
     if tail:
         ids = torch.tensor([tail], device=device)
         out = model(input_ids=ids, position_ids=torch.arange(pos, pos + len(tail), device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    **with_cache(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         pos += len(tail)
     eos = set(_eos_ids(model, tokenizer))
@@ -156,7 +157,7 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
         if len(generated) == max_new_tokens:
             break
         out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                    past_key_values=cache, use_cache=True)
+                    **with_cache(cache), use_cache=True)
         logits = out.logits[:, -1]
         pos += 1
     _sync(device)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from harness.compat import with_cache
 from harness.errors import KvbenchError
 
 FORMAT = "kvbench-lukv-profile/1"
@@ -330,7 +331,7 @@ def measure_curves(model, method, prompts: list[tuple[list[int], list[int]]], gr
             with hooks.scoring(capture, seed + i):
                 ids = torch.tensor([future], device=device)
                 pos = torch.arange(len(ctx), len(ctx) + len(future), device=device)[None]
-                model(input_ids=ids, position_ids=pos, past_key_values=pre.cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, position_ids=pos, **with_cache(pre.cache), use_cache=True, logits_to_keep=1)
             curves = retained_curves(pre.scores, capture.utility, method, grid)
             full = curves[..., -1]
             if normalize == "global":

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import ListConfig
 
+from harness.compat import cache_of, with_cache
 from harness.errors import KvbenchError
 
 log = logging.getLogger("kvbench.train")
@@ -226,23 +227,23 @@ def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidde
     handles = stash_hidden(modules, hidden) if want_hidden else []
     try:
         out = model(input_ids=torch.tensor([ex.ctx_ids], device=device), position_ids=torch.arange(n_ctx, device=device)[None],
-                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                    **with_cache(DynamicCache()), use_cache=True, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
-    cache = out.past_key_values
+    cache = cache_of(out)
     q = list(ex.q_ids)
     if ex.target_ids is not None:
         targets = list(ex.target_ids)
         ids = q + targets[:-1]
         o = model(input_ids=torch.tensor([ids], device=device),
                   position_ids=torch.arange(n_ctx, n_ctx + len(ids), device=device)[None],
-                  past_key_values=copy_cache(cache), use_cache=True)
+                  **with_cache(copy_cache(cache)), use_cache=True)
         teacher = o.logits[0, len(q) - 1 :]
     else:
         c = copy_cache(cache)
         o = model(input_ids=torch.tensor([q], device=device),
-                  position_ids=torch.arange(n_ctx, n_ctx + len(q), device=device)[None], past_key_values=c, use_cache=True)
+                  position_ids=torch.arange(n_ctx, n_ctx + len(q), device=device)[None], **with_cache(c), use_cache=True)
         logits = [o.logits[0, -1]]
         targets = []
         pos = n_ctx + len(q)
@@ -252,7 +253,7 @@ def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidde
             if t in eos or len(targets) == max_new:
                 break
             o = model(input_ids=torch.tensor([[t]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                      past_key_values=c, use_cache=True)
+                      **with_cache(c), use_cache=True)
             logits.append(o.logits[0, -1])
             pos += 1
         teacher = torch.stack(logits[: len(targets)])

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.compat import with_cache
 from harness.compress import Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer
 from harness.errors import KvbenchError
 
@@ -460,7 +461,7 @@ class LKVLearner:
         qa = torch.tensor([batch.qa_ids], device=device)
         pos = torch.arange(n_ctx, n_ctx + len(batch.qa_ids), device=device)[None]
         with mask_fns(modules, bias_fn):
-            out = model(input_ids=qa, position_ids=pos, past_key_values=copy_cache(cache, values), use_cache=True)
+            out = model(input_ids=qa, position_ids=pos, **with_cache(copy_cache(cache, values)), use_cache=True)
         rate = torch.stack(keep_rate).mean()
         aux = {"budget": self.hp["budget_weight"] * (rate - keep_ratio) ** 2}
         return out.logits[0], aux, {"keep": float(rate.detach())}

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from harness.attention import install
 from harness.cache import kept_per_head, prune
+from harness.compat import cache_of, with_cache
 from harness.compress import n_keep
 from harness.models import build_tiny
 from harness.pipeline import decode, prefill, run_sample
@@ -143,12 +144,12 @@ def _masked_full_forward(model, ids, sel_layer, selected):
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), use_cache=True,
+            out = model(input_ids=torch.tensor([ids]), **with_cache(DynamicCache()), use_cache=True,
                         attention_mask=to_bias(causal))
     finally:
         for h in handles:
             h.remove()
-    return out.past_key_values, out.logits[0, -1]
+    return cache_of(out), out.logits[0, -1]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 import methods
 from harness.attention import attention_modules, install
 from harness.cache import RaggedLayer, kept_per_head
+from harness.compat import cache_of
 from harness.compress import n_keep
 from harness.errors import KvbenchError
 from harness.models import build_tiny
@@ -93,7 +94,7 @@ def test_lkv_inference_keeps_top_b_of_learned_scores_with_learned_budgets(tiny_l
     with install(model) as hooks:
         out = run_sample(model, tok, hooks, m, CTX, QUESTION, [ratio], False, 3, [], 0, keep_indices=True)[0]
     with torch.no_grad():
-        full = model(input_ids=torch.tensor([CTX]), use_cache=True).past_key_values
+        full = cache_of(model(input_ids=torch.tensor([CTX]), use_cache=True))
     T = len(CTX)
     budgets = hard_budgets(params.budget_logits, T, ratio, 4)
     assert out.budgets == budgets.tolist() and int(budgets.sum()) == budgets.numel() * n_keep(T, ratio)

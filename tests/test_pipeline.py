@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 from harness.attention import ATTN_NAME, install
 from harness.cache import RaggedLayer, cache_bytes, kept_per_head, prune
+from harness.compat import cache_of, with_cache
 from harness.models import build_tiny
 from harness.pipeline import decode, prefill, run_sample
 
@@ -97,7 +98,7 @@ def _masked_reference(model, full_cache, kept_by_layer_head, question, start):
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         out = model(input_ids=torch.tensor([question]), position_ids=torch.arange(start, start + L)[None],
-                    past_key_values=cache, attention_mask=masks[0])
+                    **with_cache(cache), attention_mask=masks[0])
     finally:
         for h in handles:
             h.remove()
@@ -107,7 +108,7 @@ def _masked_reference(model, full_cache, kept_by_layer_head, question, start):
 def test_positions_and_ragged_heads_match_masked_reference(tiny_llama):
     model, tok = tiny_llama
     with torch.no_grad():
-        full = model(input_ids=torch.tensor([CTX]), past_key_values=DynamicCache(), use_cache=True).past_key_values
+        full = cache_of(model(input_ids=torch.tensor([CTX]), **with_cache(DynamicCache()), use_cache=True))
         g = torch.Generator().manual_seed(0)
         n = len(CTX)
         kept = []  # layer 0 dense (same budget for both heads), layer 1 ragged (10 vs 40 entries)
@@ -120,12 +121,12 @@ def test_positions_and_ragged_heads_match_masked_reference(tiny_llama):
                                 QUESTION, n)
         with install(model):
             out = model(input_ids=torch.tensor([QUESTION]), position_ids=torch.arange(n, n + len(QUESTION))[None],
-                        past_key_values=pruned, use_cache=True)
+                        **with_cache(pruned), use_cache=True)
             assert torch.allclose(out.logits[0], ref, atol=1e-5)
             # One more decode step appends to every head of the ragged layer.
             nxt = int(out.logits[0, -1].argmax())
             step = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[n + len(QUESTION)]]),
-                         past_key_values=pruned, use_cache=True)
+                         **with_cache(pruned), use_cache=True)
         assert pruned.layers[1].lengths == [10 + len(QUESTION) + 1, 40 + len(QUESTION) + 1]
         # Reference for the step: the full cache plus the question and the token, same masks.
         ref2 = _masked_reference(model, full, [[k.tolist() for k in kept[0]], [k.tolist() for k in kept[1]]],
@@ -137,13 +138,13 @@ def test_wrong_positions_would_be_caught(tiny_llama):
     # Guard for the test above: shifting positions by the number of evicted tokens changes the logits.
     model, tok = tiny_llama
     with torch.no_grad():
-        full = model(input_ids=torch.tensor([CTX]), past_key_values=DynamicCache(), use_cache=True).past_key_values
+        full = cache_of(model(input_ids=torch.tensor([CTX]), **with_cache(DynamicCache()), use_cache=True))
         kept = [torch.arange(48)[None].repeat(2, 1)] * 2
         with install(model):
             right = model(input_ids=torch.tensor([QUESTION]), position_ids=torch.arange(96, 103)[None],
-                          past_key_values=prune(full, kept)).logits
+                          **with_cache(prune(full, kept))).logits
             wrong = model(input_ids=torch.tensor([QUESTION]), position_ids=torch.arange(48, 55)[None],
-                          past_key_values=prune(full, kept)).logits
+                          **with_cache(prune(full, kept))).logits
     assert not torch.allclose(right, wrong, atol=1e-4)
 
 

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from harness.compat import cache_of, with_cache
+
 GEN = {  # task -> (builder(rng, n_tokens), max_new_tokens)
     "niah_single_1": (lambda d, r, n: d.niah(r, n, "noise", "words", "numbers"), 128),
     "niah_single_2": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers"), 128),
@@ -71,14 +73,14 @@ def greedy(model, tok, context: str, question: str, max_new: int) -> tuple[str, 
     ids = tok(context).input_ids + tok(question, add_special_tokens=False).input_ids
     x = torch.tensor([ids])
     out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-    past, gen = out.past_key_values, []
+    past, gen = cache_of(out), []
     nxt = int(out.logits[0, -1].argmax())
     for _ in range(max_new):
         if nxt == tok.eos_token_id:
             break
         gen.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[nxt]]), **with_cache(past), use_cache=True)
+        past = cache_of(out)
         nxt = int(out.logits[0, -1].argmax())
     return tok.decode(gen, skip_special_tokens=True), len(ids)
 
