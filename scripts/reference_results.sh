@@ -55,7 +55,10 @@ if has asl; then  # issue 8: ASL and LU-KV beside SnapKV at the same budgets (AS
     progress=false hydra.sweep.dir=$OUT/ruler4k
   $B/kvbench -m model=reference $TASKS method=lukv method.profile=harness/reference/lukv_profile.safetensors \
     'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 progress=false hydra.sweep.dir=$OUT/ruler4k
-  $B/python benchmarks/asl_prefill.py --model reference --context 4096 --json "$OUT/asl_prefill.json"
+  for t in niah_single_1 niah_multikey_1 vt; do  # prefill time on the sweep's own prompts (keep 0.1)
+    $B/python benchmarks/asl_prefill.py --model reference --task ruler/$t --samples 5 --repeats 5 --context 4096 \
+      --json "$OUT/asl_prefill_$t.json"
+  done
 fi
 
 if has kvpress; then  # issue 11: the kvpress leaderboard grid on the reference model, a quick check
