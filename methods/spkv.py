@@ -13,7 +13,10 @@ whether it will be worth keeping once it leaves the local window.
   training loss goes to 0 - and under the hard threshold at inference it emits garbage (0 on RULER). Joint
   training needs the hard mask (or a straight-through gate) in the loop; the frozen default has no such gap.
   With a frozen model, next-token loss alone has no reason to close gates, so a small L1 penalty on the gates
-  of keys that ever leave the window is added (``spkv.sparsity_weight``; 0 = pure next-token loss).
+  of keys that ever leave the window is added (``spkv.sparsity_weight``; 0 = pure next-token loss). With
+  ``spkv.sparsity_target`` set, the penalty is a hinge, ``weight * max(0, mean u - target)``: gates are pushed
+  closed only while more than ``target`` of the far gates is open on average, so the learned budget settles near
+  the target instead of wherever the L1 pressure and the loss balance.
 * Inference: the last ``window`` tokens are always kept; an older entry is kept iff ``u > threshold``
   (0.1, as the public implementation). Scorer ``spkv`` returns ``u`` with the window set to +inf; allocator
   ``spkv`` gives each head exactly as many entries as it has above the threshold, so the selector keeps
@@ -295,7 +298,11 @@ class SPKVLearner:
         self.window = int(method_cfg.get("window") or hp.get("window") or 64)
         self.hp = {"feature": str(hp.get("feature", "hidden")), "init_bias": float(hp.get("init_bias", 6.0)),
                    "sparsity_weight": float(hp.get("sparsity_weight", 0.2)), "window": self.window,
+                   "sparsity_target": None if hp.get("sparsity_target") is None else float(hp["sparsity_target"]),
                    "train_params": [str(p) for p in (hp.get("train_params") or [])]}
+        target = self.hp["sparsity_target"]
+        if target is not None and not 0.0 <= target < 1.0:
+            raise KvbenchError(f"spkv.sparsity_target={target} is not a mean gate; allowed: null or 0 <= target < 1")
         n_feat = sig["hidden_size"] if self.hp["feature"] == "hidden" else sig["head_dim"]
         self.params = SPKVParams(sig["n_layers"], sig["n_kv_heads"], n_feat, self.hp["feature"], self.hp["init_bias"])
         self.needs_hidden = False  # the student runs the whole sequence itself
@@ -348,7 +355,8 @@ class SPKVLearner:
             for h in handles:
                 h.remove()
         u = torch.cat([g.flatten() for g in far_gates]).mean() if far_gates else torch.zeros((), device=device)
-        aux = {"sparsity": self.hp["sparsity_weight"] * u}
+        target = self.hp["sparsity_target"]
+        aux = {"sparsity": self.hp["sparsity_weight"] * (u if target is None else (u - target).clamp_min(0.0))}
         open_share = float(torch.cat([(g > 0.1).float().flatten() for g in far_gates]).mean()) if far_gates else 1.0
         return out.logits[0, batch.n_ctx:], aux, {"u": float(u.detach()), "open": open_share}
 

@@ -209,6 +209,25 @@ def test_spkv_gradients_reach_the_predictor():
     assert all(p.grad is None for p in model.parameters())  # the model stays frozen
 
 
+def test_spkv_sparsity_target_is_a_hinge_on_the_mean_far_gate(tiny_llama):
+    model, _ = tiny_llama
+    batch = batch_for(model, random_example(259, 160, 9))
+    sparsity = {}
+    for target in (None, 0.5, 0.9):
+        learner = SPKVLearner(model, method_cfg("spkv", window=16),
+                              {"init_bias": 1.0, "sparsity_weight": 0.5, "sparsity_target": target}, seed=0)
+        with install(model):
+            _, aux, stats = learner.student_logits(model, attention_modules(model), batch, 0.2, torch.Generator())
+        sparsity[target] = (float(aux["sparsity"]), stats["u"])
+    u = sparsity[None][1]
+    assert abs(u - torch.sigmoid(torch.tensor(1.0)).item()) < 1e-6  # w = 0: every gate is sigmoid(init_bias)
+    assert sparsity[None][0] == pytest.approx(0.5 * u)
+    assert sparsity[0.5][0] == pytest.approx(0.5 * (u - 0.5))
+    assert sparsity[0.9][0] == 0.0  # below the target: no pressure
+    with pytest.raises(KvbenchError, match="sparsity_target=1.5"):
+        SPKVLearner(model, method_cfg("spkv", window=16), {"sparsity_target": 1.5}, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ["lkv", "spkv"])
 def test_a_few_steps_lower_the_loss(tiny_llama, name):
