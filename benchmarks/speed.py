@@ -3,7 +3,7 @@
     python benchmarks/speed.py [--model reference|tiny|llama-8b] [--context 4096] [--repeats 3] [--json out.json]
     python benchmarks/speed.py --model llama-8b --context 32768 --repeats 3   # the GPU variant (bf16 on CUDA)
 
-Prints, with the machine:
+Prints, with the machine (each ratio: the median over repeats of the ratio of two variants run back to back):
   * sweep_5_ratios / single_ratio: one SnapKV prefill serving 5 keep ratios vs one ratio (target <= 1.3x);
   * separate_5 / sweep_5_ratios: 5 separate runs (what kvpress does) vs our shared sweep;
   * harness_full / bare_generate: our full-cache run vs transformers' model.generate on the same input
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="reference")
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -152,8 +152,10 @@ def main() -> None:
         fn()
     times = {k: [] for k in variants}
     peak = {}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
+    for rep in range(args.repeats):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # no variant always goes first
+        for name in order:
+            fn = variants[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times[name].append(timed(fn))
@@ -161,6 +163,12 @@ def main() -> None:
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
     tok.eos_token_id = tok_eos
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Each ratio is the median of its per-repeat ratios: the two variants of a pair ran back to back, so a change
+    # in machine load between repeats cancels out (a ratio of two medians would mix different repeats).
+    pairs = {"sweep_5_ratios / single_ratio": ("sweep_5_ratios", "single_ratio"),
+             "separate_5 / sweep_5_ratios": ("separate_5", "sweep_5_ratios"),
+             "harness_full / bare_generate": ("harness_full", "bare_generate")}
+    per_repeat = {name: [x / y for x, y in zip(times[a], times[b])] for name, (a, b) in pairs.items()}
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -169,11 +177,9 @@ def main() -> None:
         "new_tokens": n,
         "median_s": med,
         **({"cuda_peak_gib": {k: v / 2**30 for k, v in peak.items()}} if peak else {}),
-        "ratios": {
-            "sweep_5_ratios / single_ratio": med["sweep_5_ratios"] / med["single_ratio"],
-            "separate_5 / sweep_5_ratios": med["separate_5"] / med["sweep_5_ratios"],
-            "harness_full / bare_generate": med["harness_full"] / med["bare_generate"],
-        },
+        "repeats": args.repeats,
+        "ratios": {name: statistics.median(r) for name, r in per_repeat.items()},
+        "ratio_range": {name: [min(r), max(r)] for name, r in per_repeat.items()},
     }
     print(json.dumps(result, indent=2))
     if args.json:
