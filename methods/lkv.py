@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from harness.compat import with_cache
 from harness.compress import Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer
 from harness.errors import KvbenchError
+from harness.paths import find_input
 
 log = logging.getLogger("kvbench")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE, CONFIG_FILE = "params.safetensors", "config.json"
 ARCH_KEYS = ("model_type", "n_layers", "n_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
@@ -78,11 +78,9 @@ def resolve_checkpoint(path: str | None, method: str) -> Path:
     """A checkpoint dir: absolute, relative to the working dir, or relative to the repository (package)."""
     if not path:
         raise KvbenchError(f"method.checkpoint is not set; pass method.checkpoint=<dir from kvbench-train method={method}>")
-    p = Path(str(path)).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
-    for c in candidates:
-        if (c / CONFIG_FILE).exists() and (c / PARAMS_FILE).exists():
-            return c.resolve()
+    found = find_input(path, lambda c: (c / CONFIG_FILE).exists() and (c / PARAMS_FILE).exists())
+    if found is not None:
+        return found
     raise KvbenchError(
         f"method.checkpoint={path!r} has no {CONFIG_FILE} + {PARAMS_FILE}; train one with "
         f"kvbench-train method={method} model=<model> out=<dir>"

@@ -25,16 +25,14 @@ import torch
 
 from harness.compress import Allocator, n_keep, register_allocator
 from harness.errors import KvbenchError
+from harness.paths import find_input
 from harness.profile import Profile, check_profile_model, load_profile, round_to_total
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def resolve_profile(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO / p if (REPO / p).exists() else p
+    """The profile file by the rule of every input file (``harness.paths.find_input``); as given when it is not
+    found, so that ``load_profile`` names it in its error."""
+    return find_input(path) or Path(path).expanduser()
 
 
 def lukv_budgets(profile: Profile, n_tokens: list[int], n_heads: int, keep_ratio: float) -> torch.Tensor:

@@ -108,3 +108,18 @@ def test_dir_from_before_fingerprints_still_resumes(tmp_path):
     assert OmegaConf.load(out / "config.yaml").inputs.model == "aaaa"
     with pytest.raises(KvbenchError, match="different config"):
         prepare_dir(out, OmegaConf.merge(cfg, {"seed": 1}), {"model": "aaaa"})
+
+
+def test_input_files_are_found_in_the_working_dir_first_then_in_the_repository(tmp_path, monkeypatch):
+    from harness.paths import REPO_ROOT, find_input
+    from methods.lukv import resolve_profile
+
+    monkeypatch.chdir(tmp_path)
+    shipped = "harness/reference/lukv_profile.safetensors"
+    assert find_input(shipped) == (REPO_ROOT / shipped).resolve()  # not in the working dir: the repository's
+    (tmp_path / "harness/reference").mkdir(parents=True)
+    (tmp_path / shipped).write_bytes(b"x")
+    assert find_input(shipped) == (tmp_path / shipped).resolve()  # the working dir's copy wins
+    assert find_input(tmp_path / shipped, lambda p: False) is None
+    assert find_input("no/such/file") is None
+    assert resolve_profile("no/such/file") == Path("no/such/file")  # load_profile then names it as given
