@@ -22,7 +22,9 @@ At the selection layer ``l`` the kept tokens are the top-``k`` context tokens by
 last ``window`` tokens (``budget = n_keep(T, keep_ratio)`` in all), in original order. Layer ``l``'s cache is
 cut to them at once, and a forward pre-hook on every deeper decoder layer (installed by ``prefill_patch``)
 shortens ``hidden_states``, ``position_embeddings`` (cos, sin), ``position_ids`` and any attention mask to
-them, so deeper layers compute and cache only the kept tokens, with their original positions (RoPE).
+them, so deeper layers compute and cache only the kept tokens, with their original positions (RoPE). The
+selection layer itself computes attention for the kept tokens only (``query_rows``; its keys and values, and so
+the kept tokens' outputs, are those of the whole prompt): the other rows would be dropped unread.
 The last prompt token is always kept (it is in the window), so ``logits_to_keep=1`` still gives its logits.
 
 Layers before ``l`` keep their full cache (``early_layers: full``) or get SnapKV at the same budget
@@ -295,8 +297,9 @@ class ASLScorer(Scorer):
 
     def row_extras(self) -> dict[str, Any]:
         """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens
-        the deeper layers processed (the prompt length when none); ``asl_skipped``: fraction of the
-        (layer, token) work of the decoder layers skipped, an estimate of the prefill saved; ``asl_min_ratio``: the
+        the deeper layers processed (the prompt length when none); ``asl_skipped``: fraction of all
+        decoder layers' (layer, token) work that the shortened deeper layers skip, an estimate of the prefill saved
+        (not counting the selection layer's own attention rows, also skipped); ``asl_min_ratio``: the
         smallest variance ratio seen after the start layer (null when none was computed), i.e. how far the prompt
         was from selecting when no layer qualified."""
         layer, n, n_layers = self.last_selection_layer, self.n_tokens, max(1, self.n_layers)
