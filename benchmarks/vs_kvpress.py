@@ -51,7 +51,8 @@ from machine import machine  # noqa: E402
 KEEP_RATIOS = [0.9, 0.75, 0.5, 0.25, 0.1]
 
 
-def save_model(out_dir: Path, model_name: str = "reference", layers: int | None = None) -> tuple[str, torch.dtype]:
+def save_model(out_dir: Path, model_name: str = "reference", layers: int | None = None,
+               device: torch.device = torch.device("cpu")) -> tuple[str, torch.dtype]:
     """Random-weight model (+ tokenizer) saved to ``out_dir``; returns a description and its dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -61,9 +62,9 @@ def save_model(out_dir: Path, model_name: str = "reference", layers: int | None 
     if model_name == "llama-8b":
         from speed import load_llama_8b
 
-        # built on the GPU when there is one (bf16, as speed.py); saved from there, so nothing of 16 GB goes
-        # through host memory twice
-        model, tokenizer = load_llama_8b(torch.device("cuda" if torch.cuda.is_available() else "cpu"), layers)
+        # built directly on the benchmark's device (bf16 on CUDA, float32 on CPU, as speed.py): the random
+        # initialisation of 8B parameters is slow on a CPU
+        model, tokenizer = load_llama_8b(device, layers)
         what = "Llama-3.1-8B architecture, random weights" + (f", {layers} layers" if layers else "")
     elif (REFERENCE_DIR / "config.json").exists():
         config = AutoConfig.from_pretrained(REFERENCE_DIR)
@@ -133,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvbench-vs-kvpress-") as tmp:
         tmp_dir = Path(tmp)
         model_dir = tmp_dir / "model"
-        what, dtype = save_model(model_dir, args.model, args.layers)
+        what, dtype = save_model(model_dir, args.model, args.layers, device)
         dtype_name = str(dtype).removeprefix("torch.")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
         model = model.to(device).eval()
@@ -171,6 +172,8 @@ def main() -> None:
                 proc.stdin.flush()
                 return kvpress_line()
 
+            peak = [0]  # ours' CUDA peak over the sweeps
+
             def ours_sweep():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -181,8 +184,6 @@ def main() -> None:
                     torch.cuda.synchronize()
                     peak[0] = max(peak[0], torch.cuda.max_memory_allocated(device))
                 return time.perf_counter() - start, time.process_time() - cpu, result
-
-            peak = [0]
 
             info = kvpress_line()["ready"]  # loaded and warmed up
             mine, theirs = [], []
