@@ -1,25 +1,55 @@
 """Command-line entry points: ``kvbench`` (a Hydra app) and ``kvbench-report``.
 
-Bad input gets one line on stderr naming the bad value and the allowed ones, and exit status 2. Config-group
-choices (``model=``, ``method=``, ``task=``, ``paper=``) are checked before Hydra composes, because Hydra's own
-message for them is a multi-line traceback.
+Bad input gets one line on stderr naming the bad value and the allowed ones, and exit status 2, before anything
+is written. Before Hydra runs, every job of the command is composed and checked (``harness.overrides``: key
+typos, malformed overrides, unknown group choices; ``harness.runner.check_config``: every value's type and
+range), so a refused run leaves no dir and no file behind. In a sweep, a job whose values are bad (or that fails
+on its data) is reported on its own line and the other jobs still run; the sweep then ends with a summary line
+and exit status 2. Ctrl-C and SIGTERM end a run with one line saying how many rows were written: every row is
+durable, so rerunning the same command resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
+
+from harness.errors import KvbenchError
+from harness.overrides import PASS_THROUGH, Composer, expand_jobs, is_multirun, split_argv
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "paper")
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"kvbench: error: {message}", file=sys.stderr)
+def fail(message: str, code: int = 2, prog: str = "kvbench") -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: unwinds the run (locks released, temp files removed) and says so."""
+
+
+@contextlib.contextmanager
+def interrupts_reported(prog: str, done: callable = lambda: None):
+    """Ctrl-C / SIGTERM inside the block: one line (``done()`` says what was finished) and exit 130 / 143."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        code = 143 if isinstance(err, Terminated) else 130
+        print(f"\n{prog}: interrupted{done()}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def group_options(group: str) -> list[str]:
@@ -59,8 +89,11 @@ def _shown(choice: str, allowed: list[str]) -> str:
 
 def check_output_dir(argv: list[str]) -> None:
     """The run/sweep dir must be creatable: Hydra makes it before our code runs, with a traceback on failure."""
-    chosen = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
-    for path in chosen or ["results"]:
+    chosen = [a.split("=", 1) for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for key, path in chosen:
+        if not path.strip().strip("'\""):
+            fail(f"{key}= is empty; pass a directory, e.g. {key}=results/runs/mine")
+    for path in [p for _, p in chosen] or ["results"]:
         probe = Path(path).expanduser().absolute()
         while not probe.exists():
             probe = probe.parent
@@ -88,36 +121,83 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+class Sweep:
+    """Jobs of this process's sweep that failed: (their overrides, the error line). A job run by another process
+    (a cluster launcher) raises instead, so that its launcher reports it."""
+    main_pid: int | None = None
+    failed: list[tuple[str, str]] = []
+
+
 def _app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from harness.errors import KvbenchError
     from harness.runner import run
     from harness.summary import print_metrics
 
+    hydra_cfg = HydraConfig.get()
+    out_dir = hydra_cfg.runtime.output_dir
     try:
-        out_dir = HydraConfig.get().runtime.output_dir
         metrics = run(cfg, out_dir)
     except KvbenchError as err:
-        fail(str(err))
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            fail(str(err))
+        job = ",".join(hydra_cfg.overrides.task) or "defaults"
+        print(f"kvbench: error: job {job}: {err}", file=sys.stderr)
+        if os.getpid() != Sweep.main_pid:
+            raise
+        Sweep.failed.append((job, str(err)))
+        return
     print_metrics(metrics, out_dir)
 
 
-def main() -> None:
+def preflight(overrides: list[str], multirun: bool) -> None:
+    """Compose and check every job before Hydra makes a dir. A problem of the command itself (a key typo, an
+    unknown choice) refuses it; a bad value refuses a run, and a sweep only when every job has it (otherwise the
+    bad jobs are reported as they come and the others run)."""
+    from harness.runner import check_config
+
+    jobs = expand_jobs(overrides, multirun)
+    errors = []
+    with Composer(CONF_DIR, "config") as composer:
+        for job in jobs:
+            cfg = composer.compose(job)
+            try:
+                check_config(cfg)
+            except KvbenchError as err:
+                errors.append(err)
+    if errors and (not multirun or len(errors) == len(jobs)):
+        raise errors[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [sys.argv[0], *argv]  # hydra.main reads sys.argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    check_group_overrides(sys.argv[1:])
-    check_output_dir(sys.argv[1:])
-    import hydra
+    from harness.runner import RowCounter
 
-    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()
+    Sweep.main_pid, Sweep.failed = os.getpid(), []
+    with interrupts_reported("kvbench", lambda: f" after {RowCounter.written} new rows"):
+        overrides, flags = split_argv(argv)
+        if not PASS_THROUGH & set(flags):
+            check_group_overrides(overrides)
+            check_output_dir(overrides)
+            try:
+                preflight(overrides, is_multirun(argv))
+            except KvbenchError as err:
+                fail(str(err))
+        import hydra
+
+        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()
+    if Sweep.failed:
+        jobs = "; ".join(job for job, _ in Sweep.failed)
+        fail(f"{len(Sweep.failed)} job(s) of the sweep failed (the others finished): {jobs}")
 
 
 def report_main() -> None:
     import argparse
-
-    from harness.errors import KvbenchError
 
     parser = argparse.ArgumentParser(prog="kvbench-report", description="Tables and plots from run dirs below DIR.")
     parser.add_argument("dir", help="a results directory (walked recursively for predictions.jsonl)")
@@ -125,10 +205,11 @@ def report_main() -> None:
     args = parser.parse_args()
     from harness.report import write_report
 
-    try:
-        paths = write_report(args.dir, args.out)
-    except KvbenchError as err:
-        fail(str(err))
+    with interrupts_reported("kvbench-report", lambda: " (every file it wrote is whole)"):
+        try:
+            paths = write_report(args.dir, args.out)
+        except KvbenchError as err:
+            fail(str(err), prog="kvbench-report")
     for p in paths:
         print(p)
 

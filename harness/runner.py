@@ -23,53 +23,69 @@ from harness.attention import install
 from harness.compress import evidence_retention
 from harness.errors import KvbenchError
 from harness.fingerprint import run_inputs
-from harness.io import RowStore, atomic_write_json, atomic_write_text
+from harness.io import RowStore, atomic_write_json, atomic_write_text, os_error
+from harness.lock import RunLock
 from harness.metrics import summarize
 from harness.models import load_model, max_context
 from harness.pipeline import run_sample
+from harness.schema import RunSettings, validate
 from tasks.base import PromptEncoder
 
 log = logging.getLogger("kvbench")
 
+
+class RowCounter:
+    """Rows written by this process, over all runs of a sweep (for the interrupt message)."""
+    written = 0
+
 # Keys that may change between a run and its resumption without changing its rows.
 VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: published numbers, not run inputs
-
-
-def keep_ratios(value: Any) -> list[float]:
-    """``keep_ratio`` as a list: a number, or a list for one multi-budget run."""
-    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not values:
-        raise KvbenchError("keep_ratio=[] is empty; give a number in (0, 1] or a list of them, e.g. [0.25,0.5]")
-    out = []
-    for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise KvbenchError(f"keep_ratio={v!r} is not a number; allowed: (0, 1]") from None
-        if not 0.0 < f <= 1.0:
-            raise KvbenchError(f"keep_ratio={v} is out of range; allowed: (0, 1] (1.0 = full cache)")
-        out.append(f)
-    return out
 
 
 def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
 
 
-def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> None:
+def normalized(cfg: DictConfig, settings: RunSettings) -> dict:
+    """The resolved config with the validated spellings (``query_aware=yes`` is stored as true), so that two
+    spellings of one config are one config."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("query_aware", "overwrite", "progress", "keep_ratio"):
+        resolved[key] = getattr(settings, key)
+    resolved["model"]["chat"] = settings.model.chat
+    if not isinstance(cfg.keep_ratio, (list, tuple, ListConfig)):
+        resolved["keep_ratio"] = settings.keep_ratio[0]
+    return resolved
+
+
+def _read_config(path: Path) -> dict:
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        previous = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException) as err:
+        raise KvbenchError(f"{path} is not a readable config ({type(err).__name__}); fix it, or pass "
+                           "overwrite=true to discard that run") from None
+    if not isinstance(previous, dict):
+        raise KvbenchError(f"{path} is not a config mapping; fix it, or pass overwrite=true to discard that run")
+    return previous
+
+
+def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None, settings: RunSettings | None = None) -> None:
     """Create the run dir, or check that an existing one was made by the same config and the same input files
     (``inputs``: fingerprints of the model weights and method files, see harness/fingerprint.py)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    settings = settings or validate(cfg)
+    resolved = normalized(cfg, settings)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as err:
-        raise KvbenchError(f"output dir {str(out_dir)!r} is not writable ({err.strerror}); pass hydra.run.dir=<dir>") from None
+        raise os_error(err, out_dir) from None
+    if not os.access(out_dir, os.W_OK):
+        raise KvbenchError(f"output dir {str(out_dir)!r} is not writable; pass hydra.run.dir=<dir>")
     config_path = out_dir / "config.yaml"
-    if config_path.exists() and not cfg.get("overwrite", False):
-        previous = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    if config_path.exists() and not settings.overwrite:
+        previous = _read_config(config_path)
         before = previous.pop("inputs", None)  # None: a dir from before fingerprints, nothing to check
         if before is not None and inputs is not None and before != inputs:
             changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
@@ -84,7 +100,7 @@ def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None) -> N
                 f"{out_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use another hydra.run.dir, or overwrite=true to discard it"
             )
-    if cfg.get("overwrite", False):
+    if settings.overwrite:
         for name in ("predictions.jsonl", "metrics.json"):
             if (out_dir / name).exists():
                 (out_dir / name).unlink()
@@ -125,76 +141,109 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Run one config into ``out_dir``; returns the metrics."""
-    out_dir = Path(out_dir)
-    ratios = keep_ratios(cfg.keep_ratio)
+def check_config(cfg: DictConfig) -> tuple[RunSettings, Any, list[str]]:
+    """Every value of a run config checked, nothing loaded or written: the settings, the method, the task names.
+    The CLI calls it for each job before Hydra makes a dir; ``run`` calls it again first."""
+    settings = validate(cfg)
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
-    if int(cfg.n_samples) < 1:
-        raise KvbenchError(f"n_samples={cfg.n_samples} must be at least 1")
-    torch.manual_seed(int(cfg.seed))
+    return settings, method, task_names
+
+
+def check_protected(method, settings: RunSettings) -> None:
+    """Sinks + recent window larger than every budget run: the method would keep only protected tokens at every
+    ratio (its scores never matter), which is a wrong config, not a result."""
+    from harness.compress import n_keep
+
+    protected = method.n_sink + method.n_recent
+    budgets = [n_keep(settings.context_length, r) for r in settings.keep_ratio if r < 1.0]
+    if method.compresses and budgets and protected >= max(budgets):
+        raise KvbenchError(
+            f"method.n_sink + method.n_recent = {protected} protected tokens is at least every budget of this run "
+            f"(at most {max(budgets)} tokens at context_length={settings.context_length}); lower method.n_recent / "
+            "method.n_sink or raise keep_ratio / context_length"
+        )
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run one config into ``out_dir``; returns the metrics. Every value is checked before the dir is touched,
+    and the dir is locked for the whole run (a second run on it is refused at once)."""
+    out_dir = Path(out_dir)
+    settings, method, task_names = check_config(cfg)
+    with RunLock(out_dir):
+        return _run_locked(cfg, settings, method, task_names, out_dir)
+
+
+def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list[str], out_dir: Path) -> dict:
+    ratios = settings.keep_ratio
+    torch.manual_seed(settings.seed)
     model, tokenizer = load_model(cfg.model)
     for part in (method.scorer, method.allocator):  # a checkpoint or profile made for another model is refused
         bind = getattr(part, "bind_model", None)
         if bind is not None:
             bind(model)
     limit = max_context(model)
-    if limit and int(cfg.context_length) > limit:
+    if limit and settings.context_length > limit:
         raise KvbenchError(
-            f"context_length={cfg.context_length} is larger than the model's maximum ({limit} positions)"
+            f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
         )
-    chat = bool(cfg.model.get("chat", False)) and getattr(tokenizer, "chat_template", None) is not None
+    chat = settings.model.chat and getattr(tokenizer, "chat_template", None) is not None
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     loaded = []
     for name in task_names:
         task = tasks.get_task(name, **task_params(cfg.task))
         encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
-        samples = task.samples(encoder, int(cfg.context_length), int(cfg.n_samples), int(cfg.seed))
+        samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
         for sample in samples:
             n_tokens = encoder.count(sample.context, sample.question + sample.answer_prefix)
-            if n_tokens > int(cfg.context_length):
+            if n_tokens > settings.context_length:
                 raise KvbenchError(
-                    f"context_length={cfg.context_length} is smaller than the prompt of {name} "
+                    f"context_length={settings.context_length} is smaller than the prompt of {name} "
                     f"({n_tokens} tokens for sample {sample.sample_id}); raise context_length"
                 )
         loaded.append((name, task, encoder, samples))
-    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)))
+    check_protected(method, settings)
+    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)), settings)
     store = RowStore(out_dir / "predictions.jsonl")
     label = model_label(cfg.model)
     if not method.shares_across_ratios and len(ratios) > 1:
         log.info("%s cannot share a prefill across keep ratios: one prefill per ratio", method.name)
     total = sum(len(s) for _, _, _, s in loaded)
-    bar = tqdm(total=total, desc=f"{method.name} {cfg.task.name}", disable=not cfg.get("progress", True))
-    with install(model) as hooks:
-        for name, task, encoder, samples in loaded:
-            for sample in samples:
-                todo = [r for r in ratios
-                        if RowStore.key({"task": name, "sample_id": sample.sample_id, "method": method.name,
-                                         "keep_ratio": r}) not in store.done]
-                if todo:
-                    store.append(_sample_rows(cfg, model, tokenizer, hooks, method, task, name, encoder, sample,
-                                              todo, label))
-                bar.update(1)
-    bar.close()
+    bar = tqdm(total=total, desc=f"{method.name} {cfg.task.name}", disable=not settings.progress)
+    try:
+        with install(model) as hooks:
+            for name, task, encoder, samples in loaded:
+                for sample in samples:
+                    todo = [r for r in ratios
+                            if RowStore.key({"task": name, "sample_id": sample.sample_id, "method": method.name,
+                                             "keep_ratio": r}) not in store.done]
+                    if todo:
+                        before = len(store.rows)
+                        store.append(_sample_rows(settings, model, tokenizer, hooks, method, task, name, encoder,
+                                                  sample, todo, label))
+                        RowCounter.written += len(store.rows) - before
+                    bar.update(1)
+    finally:
+        bar.close()  # ends the bar's line, so an interrupt message starts on its own line
     metrics = summarize(store.rows)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def _sample_rows(cfg, model, tokenizer, hooks, method, task, name, encoder, sample, ratios, label) -> list[dict]:
+def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, name, encoder, sample, ratios,
+                 label) -> list[dict]:
     ctx_ids, q_ids = encoder.encode_sample(sample)
-    max_new = int(cfg.max_new_tokens) if cfg.get("max_new_tokens") else sample.max_new_tokens
+    max_new = settings.max_new_tokens or sample.max_new_tokens
     base = {
         "task": name, "sample_id": sample.sample_id, "method": method.name, "model": label,
-        "context_length": int(cfg.context_length), "seed": int(cfg.seed), "query_aware": bool(cfg.query_aware),
+        "context_length": settings.context_length, "seed": settings.seed, "query_aware": settings.query_aware,
         "answers": list(sample.answers), "meta": _jsonable(sample.meta),
     }
     evidence = (encoder.context_token_indices(sample.context, sample.meta["evidence"])
                 if sample.meta.get("evidence") else None)
     try:
-        outcomes = run_sample(model, tokenizer, hooks, method, ctx_ids, q_ids, ratios, bool(cfg.query_aware),
-                              max_new, task.stop_strings(), seed=int(cfg.seed), keep_indices=evidence is not None)
+        outcomes = run_sample(model, tokenizer, hooks, method, ctx_ids, q_ids, ratios, settings.query_aware,
+                              max_new, task.stop_strings(), seed=settings.seed, keep_indices=evidence is not None)
     except (RuntimeError, torch.cuda.OutOfMemoryError, ValueError, IndexError) as err:
         # One failing sample (CUDA OOM, a generation error) must not end a sweep: record it and go on.
         log.warning("sample %s failed: %s", sample.sample_id, _error_text(err))

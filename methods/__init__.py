@@ -10,8 +10,11 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from harness.compress import ALLOCATORS, SCORERS, Method
 from harness.errors import KvbenchError
+from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
 
 # Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
 COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset"}
@@ -34,17 +37,35 @@ def _accepted(cls) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")}
 
 
+class MethodKeys(BaseModel):
+    """The keys of a method config that the harness reads itself (the selector's and the composition's)."""
+    model_config = {**STRICT, "extra": "ignore"}
+    name: str
+    label: str | None = None
+    scorer: str | None = None
+    allocator: str | None = None
+    preset: str | None = None
+    n_sink: NonNegative | None = 0
+    n_recent: NonNegative | None = 0
+    recent_share: Fraction | None = 0.0
+
+
 def _construct(kind: str, registry: dict, name: str, params: dict[str, Any]):
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise KvbenchError(f"method.{kind}={name!r} is not known; allowed: {', '.join(sorted(registry))}")
     cls = registry[name]
-    return cls(**{k: v for k, v in params.items() if k in _accepted(cls)})
+    # Each value is checked (type and range) against the class's annotated signature before it is built.
+    return cls(**check_params("method", cls, {k: v for k, v in params.items() if k in _accepted(cls)}))
 
 
 def build_method(cfg) -> Method:
     """A ``Method`` from a method config (a dict or an OmegaConf node)."""
     load_all()
-    cfg = dict(cfg)
+    cfg = _plain(cfg)
+    try:
+        MethodKeys.model_validate(cfg)
+    except ValidationError as err:
+        raise to_error(err, cfg, prefix="method") from None
     scorer_name = cfg.get("scorer")
     allocator_name = cfg.get("allocator") or "uniform"
     if scorer_name and scorer_name not in SCORERS:
@@ -78,6 +99,15 @@ def build_method(cfg) -> Method:
         n_recent=int(cfg.get("n_recent") or 0),
         recent_share=float(cfg.get("recent_share") or 0.0),
     )
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if not isinstance(cfg, dict):
+        raise KvbenchError("method= must be a config node (key: value)")
+    return cfg
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"

@@ -24,6 +24,7 @@ import torch
 
 from harness.compress import Allocator, n_keep, register_allocator
 from harness.errors import KvbenchError
+from harness.schema import Fraction, NonNegative
 
 
 def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n_forced_recent: int = 0) -> torch.Tensor:
@@ -51,7 +52,7 @@ def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n
 
 @register_allocator("adakv")
 class AdaKVAllocator(Allocator):
-    def __init__(self, alpha: float | None = 0.2, window: int | None = 0):
+    def __init__(self, alpha: Fraction | None = 0.2, window: NonNegative | None = 0):
         self.alpha = 0.2 if alpha is None else float(alpha)
         self.window = int(window or 0)
         if not 0.0 <= self.alpha <= 1.0:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from torch import Tensor
 
 from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
 from harness.errors import KvbenchError
+from harness.schema import Count, Fraction, NonNegative
 from methods._attention import attention_probs
 from methods.snapkv import snap_scores
 
@@ -123,16 +124,10 @@ def _index_seq(t: Tensor, idx: Tensor, n_tokens: int, dim: int) -> Tensor:
 class ASLScorer(Scorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
 
-    def __init__(self, window: int = 32, kernel: int = 7, pool: str = "avg", threshold: float = 0.3,
-                 start_layer: int | None = None, lookback: int | None = None, early_layers: str = "snapkv",
-                 snapkv_kernel: int = 7, snapkv_pool: str = "max", fixed_layer: int | None = None):
-        for name, value in (("pool", pool), ("snapkv_pool", snapkv_pool)):
-            if value not in ("max", "avg"):
-                raise KvbenchError(f"method.{name}={value!r} is not supported; allowed: max, avg")
-        if early_layers not in ("full", "snapkv"):
-            raise KvbenchError(f"method.early_layers={early_layers!r} is not supported; allowed: full, snapkv")
-        if lookback is not None and int(lookback) < 1:
-            raise KvbenchError(f"method.lookback={lookback!r} must be >= 1")
+    def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "avg",
+                 threshold: Fraction = 0.3, start_layer: NonNegative | None = None, lookback: Count | None = None,
+                 early_layers: Literal["full", "snapkv"] = "snapkv", snapkv_kernel: Count = 7,
+                 snapkv_pool: Literal["max", "avg"] = "max", fixed_layer: NonNegative | None = None):
         self.window, self.kernel, self.pool = int(window), int(kernel), pool
         self.threshold = float(threshold)
         self.start_layer = None if start_layer is None else int(start_layer)

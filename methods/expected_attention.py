@@ -22,12 +22,15 @@ LU-KV uses epsilon 0.02. The scorer's ``n_sink`` matches the method config's sel
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from harness.compress import LayerInputs, Scorer, register_scorer
 from harness.errors import KvbenchError
+from harness.schema import Count, NonNegative
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -79,16 +82,15 @@ def expected_scores(keys: Tensor, values: Tensor, mu: Tensor, cov: Tensor | None
 
 @register_scorer("expected_attention")
 class ExpectedAttentionScorer(Scorer):
-    def __init__(self, n_future_positions: int = 512, n_sink: int = 4, use_covariance: bool = True,
-                 use_vnorm: bool = True, epsilon: float = 0.0, query_window: int | None = None):
+    def __init__(self, n_future_positions: Count = 512, n_sink: NonNegative = 4, use_covariance: bool = True,
+                 use_vnorm: bool = True, epsilon: Annotated[float, Field(ge=0.0)] = 0.0,
+                 query_window: Count | None = None):
         self.n_future_positions = int(n_future_positions)
         self.n_sink = int(n_sink)
         self.use_covariance = bool(use_covariance)
         self.use_vnorm = bool(use_vnorm)
         self.epsilon = float(epsilon)
         self.query_window = None if query_window is None else int(query_window)
-        if self.n_future_positions < 1:
-            raise KvbenchError(f"method.n_future_positions={n_future_positions} must be >= 1")
 
     def score(self, inputs: LayerInputs) -> Tensor:
         if inputs.rotary is None:

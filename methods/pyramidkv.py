@@ -21,10 +21,14 @@ either, to keep what kvpress keeps). ``l`` is the index among the scored layers.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from harness.compress import Allocator, register_allocator
 from harness.errors import KvbenchError
+from harness.schema import NonNegative
 
 
 def pyramid_budget(n_tokens: int, keep_ratio: float, layer: int, n_layers: int, window: int, beta: float) -> int:
@@ -43,7 +47,7 @@ def pyramid_budget(n_tokens: int, keep_ratio: float, layer: int, n_layers: int, 
 
 @register_allocator("pyramid")
 class PyramidAllocator(Allocator):
-    def __init__(self, beta: float | None = 20, window: int | None = 0):
+    def __init__(self, beta: Annotated[float, Field(ge=1.0)] | None = 20, window: NonNegative | None = 0):
         self.beta = 20.0 if beta is None else float(beta)
         self.window = int(window or 0)
         if self.beta < 1:

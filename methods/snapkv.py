@@ -8,7 +8,10 @@ switches to kvpress's SnapKVPress (window 64, kernel 5, avg-pool).
 import torch
 import torch.nn.functional as F
 
+from typing import Literal
+
 from harness.compress import LayerInputs, Scorer, register_scorer
+from harness.schema import Count
 from methods._attention import attention_probs, per_kv_head
 
 
@@ -43,11 +46,7 @@ def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs:
 class SnapKVScorer(Scorer):
     PRESETS = {"kvpress": {"window": 64, "kernel": 5, "pool": "avg", "n_recent": 64}}
 
-    def __init__(self, window: int = 32, kernel: int = 7, pool: str = "max"):
-        if pool not in ("max", "avg"):
-            from harness.errors import KvbenchError
-
-            raise KvbenchError(f"method.pool={pool!r} is not supported; allowed: max, avg")
+    def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "max"):
         self.window, self.kernel, self.pool = int(window), int(kernel), pool
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
