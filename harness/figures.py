@@ -1,5 +1,6 @@
 """Figures drawn by the report when the runs hold what they need, each as PNG and PDF: score vs keep ratio per
-task group, a method x task heatmap, NIAH depth x length and head-budget heatmaps."""
+task group, a method x task heatmap, NIAH depth x length and head-budget heatmaps. Every file is written
+atomically (``save_figure``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.io import atomic_path
 
-def _plt():
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,12 +20,22 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def save_figure(fig, out: Path, stem: str, **savefig_kw) -> list[Path]:
+    """``<stem>.png`` and ``<stem>.pdf`` in ``out``, each drawn into a temporary file and renamed into place
+    (``atomic_path``): a report killed mid-draw leaves the previous figure, never a 0-byte or torn one. The
+    figure is closed even when a save fails."""
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches="tight")  # rotated tick labels stay inside
-    _plt().close(fig)
+    try:
+        for p in paths:
+            with atomic_path(p) as tmp:
+                fig.savefig(tmp, format=p.suffix[1:], **savefig_kw)  # the format of the final name, not the temp's
+    finally:
+        pyplot().close(fig)
     return paths
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    return save_figure(fig, out, stem, dpi=120, bbox_inches="tight")  # rotated tick labels stay inside
 
 
 # LongBench's six categories (Bai et al., 2023), by dataset name; LongBench-E names end in "_e".
@@ -57,7 +70,7 @@ def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
     t["group"] = t["task"].map(task_group)
     models = sorted(t["model"].unique())
     groups = sorted(t["group"].unique())
-    plt = _plt()
+    plt = pyplot()
     style = method_styles(sorted(t["method"].unique()))
     fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.6 * len(models)),
                              squeeze=False)
@@ -81,7 +94,7 @@ def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
 
 def method_styles(methods: list[str]) -> dict[str, dict]:
     """A distinct colour + marker + line style per method (more than 10 methods: tab10 alone repeats)."""
-    plt = _plt()
+    plt = pyplot()
     colors = plt.cm.tab20.colors
     markers = "osD^v<>pX*"
     return {m: {"color": colors[i % 20], "marker": markers[i % len(markers)],
@@ -116,7 +129,7 @@ def task_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
     if at.empty or at["task"].nunique() < 1:
         return []
     models = sorted(set(at["model"]))
-    plt = _plt()
+    plt = pyplot()
     n_tasks = at["task"].nunique()
     fig, axes = plt.subplots(1, len(models), figsize=(max(4.0, 0.55 * n_tasks + 2.5) * len(models),
                                                       0.45 * (at["method"].nunique() + 1) + 2.5), squeeze=False)
@@ -146,7 +159,7 @@ def niah_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
     sub = sub.dropna(subset=["depth"])
     if sub.empty or sub["depth"].nunique() < 2:
         return []
-    plt = _plt()
+    plt = pyplot()
     groups = list(sub.groupby(["method", "keep_ratio"]))
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
     for ax, ((method, ratio), g) in zip(axes[0], groups):
@@ -174,7 +187,7 @@ def budget_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
             panels.append((method, ratio, mean))
     if not panels:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 4), squeeze=False)
     for ax, (method, ratio, mean) in zip(axes[0], panels):
         im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import KvbenchError
 from harness.io import atomic_write_text
 
 COLUMNS = ["paper", "model", "ours_model", "method", "keep_ratio", "task", "tasks", "n", "ours", "published",
@@ -35,14 +36,26 @@ COLUMNS = ["paper", "model", "ours_model", "method", "keep_ratio", "task", "task
 
 
 def read_run_config(run_dir: str | Path) -> dict:
-    """The resolved config a run wrote into its dir ({} when there is none)."""
+    """The resolved config a run wrote into its dir ({} when there is none); an unreadable or corrupt one is a
+    one-line KvbenchError naming it (safe_load: a planted file builds no objects)."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return {}
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise KvbenchError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise KvbenchError(f"{str(path)!r} is not valid YAML{at}; fix it or remove the run dir from the report") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise KvbenchError(f"{str(path)!r} holds a YAML {type(cfg).__name__}, not a run config")
+    return cfg
 
 
 def paper_nodes(df: pd.DataFrame) -> dict[str, dict]:
@@ -52,11 +65,27 @@ def paper_nodes(df: pd.DataFrame) -> dict[str, dict]:
         node = read_run_config(run_dir).get("paper")
         if not isinstance(node, dict) or not node.get("name"):
             continue
+        _check_paper(node, Path(run_dir) / "config.yaml")
         mtime = (Path(run_dir) / "config.yaml").stat().st_mtime
         name = str(node["name"])
         if name not in nodes or mtime >= nodes[name][0]:
             nodes[name] = (mtime, node)
     return {k: v for k, (_, v) in sorted(nodes.items())}
+
+
+def _check_paper(node: dict, path: Path) -> None:
+    """The parts of a paper node the tables index into: a hand-edited config.yaml that breaks them is a one-line
+    error naming the file, not a traceback from deep inside pandas."""
+    problems = [f"{key} is not a {kind.__name__}" for key, kind in
+                (("sources", dict), ("grid", dict), ("published", list), ("notes", list))
+                if node.get(key) is not None and not isinstance(node[key], kind)]
+    if not problems:
+        problems = [f"published[{i}] needs method, task and a numeric keep_ratio"
+                    for i, cell in enumerate(node.get("published") or [])
+                    if not isinstance(cell, dict) or any(k not in cell for k in ("method", "task", "keep_ratio"))
+                    or _num(cell["keep_ratio"]) is None]
+    if problems:
+        raise KvbenchError(f"{str(path)!r}: paper.{problems[0]}; fix it or remove the run dir from the report")
 
 
 def _num(x) -> float | None:

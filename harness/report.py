@@ -9,6 +9,15 @@ Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, 
 suite tables (``tasks.report_hooks``) and, for runs made from a paper preset, ``published.{md,tex,csv}`` (ours
 beside the published numbers, ``harness.published``). Failed samples (``error`` set or no score) are counted
 in ``n_errors`` / ``n_failed`` and never averaged in, neither in scores nor in evidence retention.
+
+Duplicates: a run dir's ``predictions.jsonl`` counts each row key (task, sample_id, method, keep_ratio) once
+(``harness.io.read_rows`` keeps the first row of a key written twice). Rows of different run dirs are different
+runs and all count, even under the same key: a cell's ``n`` is the number of rows averaged, over every run dir
+below DIR. So a run dir copied below DIR counts twice; point the report at a dir that holds each run once.
+
+Every output is written atomically (``harness.io``; figures through ``harness.figures.save_figure``) with the
+user's umask. Bad input is a one-line ``KvbenchError``: DIR missing or not a directory, no rows below it, a
+corrupt ``predictions.jsonl`` or ``config.yaml``, an ``out`` that cannot be written.
 """
 from __future__ import annotations
 
@@ -17,26 +26,45 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import KvbenchError
-from harness.io import atomic_write_text, read_rows
+from harness.io import atomic_write_text, os_error, read_rows
 
 SCORE_COLS = ["model", "method", "keep_ratio", "task"]
 
 
 def load_rows(root: str | Path) -> pd.DataFrame:
+    """Every row of every ``predictions.jsonl`` below ``root``, with its ``run_dir``, ``failed`` and ``paper``."""
     root = Path(root)
     if not root.exists():
         raise KvbenchError(f"report dir {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise KvbenchError(f"report dir {str(root)!r} is not a directory; pass the results dir that holds the runs")
     rows = []
-    for path in sorted(root.rglob("predictions.jsonl")):
+    try:
+        paths = sorted(root.rglob("predictions.jsonl"))
+    except OSError as err:
+        raise KvbenchError(f"cannot read {str(root)!r}: {err.strerror or err}") from None
+    for path in paths:
         file_rows, _ = read_rows(path)
         for r in file_rows:
+            if r.get("model") is None:
+                raise KvbenchError(f"{path}: the row of {r['task']} sample {r['sample_id']} has no model; fix or "
+                                   "remove that line")
             r["run_dir"] = str(path.parent)
         rows.extend(file_rows)
     if not rows:
-        raise KvbenchError(f"no predictions.jsonl below {str(root)!r}; run kvbench first")
+        found = f"{len(paths)} predictions.jsonl without rows" if paths else "no predictions.jsonl"
+        raise KvbenchError(f"{found} below {str(root)!r}; run kvbench first")
     df = pd.DataFrame(rows)
-    if "error" not in df:
-        df["error"] = None
+    for col in ("error", "score"):
+        if col not in df:
+            df[col] = None
+    score = pd.to_numeric(df["score"], errors="coerce")
+    bad = df["score"].notna() & score.isna()
+    if bad.any():  # a string where a number belongs would otherwise be counted as a failed sample
+        r = df[bad].iloc[0]
+        raise KvbenchError(f"{r['run_dir']}/predictions.jsonl: the row of {r['task']} sample {r['sample_id']} has "
+                           f"score {r['score']!r}, not a number; fix or remove that line")
+    df["score"] = score
     df["keep_ratio"] = df["keep_ratio"].astype(float).round(6)
     df["failed"] = df["error"].notna() | df["score"].isna()
     df["paper"] = df["run_dir"].map(_paper_names(df["run_dir"].unique()))
@@ -153,12 +181,10 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     return med
 
 
-def _plot_lines(table: pd.DataFrame, x: str, path: Path, xlabel: str, logx: bool = False) -> None:
-    import matplotlib
+def _plot_lines(table: pd.DataFrame, x: str, out: Path, stem: str, xlabel: str, logx: bool = False) -> list[Path]:
+    from harness.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = sorted(table["model"].unique())
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -174,15 +200,19 @@ def _plot_lines(table: pd.DataFrame, x: str, path: Path, xlabel: str, logx: bool
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    return save_figure(fig, out, stem, dpi=120)
 
 
 def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the report of the runs below ``root`` into ``out`` (default: ``root``); the paths written."""
     df = load_rows(root)
     out = Path(out or root)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise KvbenchError(f"report output {str(out)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err, out) from None
     table = score_table(df)
     written = []
 
@@ -237,18 +267,15 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
         written.append(p)
 
     mean_by_ratio = table.groupby(["model", "method", "keep_ratio"])["score"].mean().reset_index()
-    p = out / "score_vs_keep_ratio.png"
-    _plot_lines(mean_by_ratio, "keep_ratio", p, "keep ratio")
-    written += [p, p.with_suffix(".pdf")]
+    written += _plot_lines(mean_by_ratio, "keep_ratio", out, "score_vs_keep_ratio", "keep ratio")
 
     if "kv_bytes" in df:
         ok = df[~df["failed"]]
         by_bytes = ok.groupby(["model", "method", "keep_ratio"]).agg(kv_bytes=("kv_bytes", "median"),
                                                                      score=("score", "mean")).reset_index()
         by_bytes["score"] *= 100
-        p = out / "score_vs_kv_bytes.png"
-        _plot_lines(by_bytes, "kv_bytes", p, "KV cache bytes (median per sample)", logx=True)
-        written += [p, p.with_suffix(".pdf")]
+        written += _plot_lines(by_bytes, "kv_bytes", out, "score_vs_kv_bytes", "KV cache bytes (median per sample)",
+                               logx=True)
 
     written.extend(_figures(df, out))
     return written

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from harness.errors import KvbenchError
 from harness.io import atomic_write_text
 
 
@@ -110,8 +111,13 @@ def main(argv=None):
     ap.add_argument("--hardware", required=True, help="the machine the model was trained on, in words")
     ap.add_argument("--note", default="", help="anything else a reader must know about this run")
     args = ap.parse_args(argv)
-    text = render(Path(args.checkpoint), Path(args.results), args.hardware, args.note)
-    atomic_write_text(Path(args.checkpoint) / "README.md", text)
+    try:
+        text = render(Path(args.checkpoint), Path(args.results), args.hardware, args.note)
+        atomic_write_text(Path(args.checkpoint) / "README.md", text)
+    except OSError as err:  # config.json or training_meta.json missing: the checkpoint is not a trained one
+        ap.exit(2, f"{ap.prog}: error: cannot read {str(err.filename)!r}: {err.strerror}\n")
+    except KvbenchError as err:
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
     print(f"wrote {Path(args.checkpoint) / 'README.md'}")
 
 

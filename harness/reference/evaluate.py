@@ -17,6 +17,8 @@ import time
 import torch
 
 from harness.compat import cache_of, with_cache
+from harness.errors import KvbenchError
+from harness.io import atomic_write_text
 
 GEN = {  # task -> (builder(rng, n_tokens), max_new_tokens)
     "niah_single_1": (lambda d, r, n: d.niah(r, n, "noise", "words", "numbers"), 128),
@@ -143,9 +145,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     res = evaluate(args.model, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.n,
                    args.seed, args.source, args.verbose)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    if args.json:  # whole or not at all: the model card reads these files
+        try:
+            atomic_write_text(args.json, json.dumps(res, indent=1))
+        except KvbenchError as err:
+            ap.exit(2, f"{ap.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":
