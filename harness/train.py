@@ -16,12 +16,14 @@ never the evaluation seeds < 1000; falls back to ``synthetic`` while tasks/ruler
 file or a .jsonl with a "text" field; random windows), ``random`` (random token ids, for tests).
 
 Checkpoints: the learned tensors only (``params.safetensors``) + ``config.json`` (model name/path and
-architecture, hyper-parameters, step) every ``save_every`` steps and at the end, plus ``train_state.pt``
-(optimizer) for resuming: rerunning the same command continues from the last saved step (the data of step k
-depends only on ``data.seed + k``, so a resumed run sees what an uninterrupted one would have).
+architecture, hyper-parameters, step) every ``save_every`` steps and at the end, plus
+``train_state.safetensors`` (optimizer, ``save_train_state``: never a pickle) for resuming: rerunning the same
+command continues from the last saved step (the data of step k depends only on ``data.seed + k``, so a resumed
+run sees what an uninterrupted one would have).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,10 +41,11 @@ from omegaconf import ListConfig
 
 from harness.compat import cache_of, with_cache
 from harness.errors import KvbenchError
+from harness.io import atomic_save, atomic_write_text
 
 log = logging.getLogger("kvbench.train")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STATE_FILE, HISTORY_FILE = "train_state.pt", "history.jsonl"
+STATE_FILE, HISTORY_FILE = "train_state.safetensors", "history.jsonl"
 
 
 def learners() -> dict[str, type]:
@@ -273,6 +276,82 @@ def step_loss(learner, model, modules, batch: Batch, keep_ratio: float, gen: tor
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Training state (also the reference model's: harness/reference/train.py)
+# ------------------------------------------------------------------------------------------------------------
+STATE_FORMAT = "kvbench-train-state/1"
+
+
+def save_train_state(path: str | Path, opt: torch.optim.Optimizer, meta: dict, *, model: torch.nn.Module | None = None,
+                     rng: random.Random | None = None, torch_rng: bool = False) -> None:
+    """The state a resumed run needs, as one safetensors file written atomically (``atomic_save``).
+
+    Tensors: the optimizer's (``opt.<param index>.<name>``), ``model``'s weights (``model.<name>``) and, with
+    ``torch_rng``, torch's CPU generator (``torch_rng``, uint8). Header metadata ``state``: JSON with ``meta``
+    (step, ...), the optimizer's param groups and non-tensor entries, and ``rng``'s state. Never a pickle: loading
+    a state file cannot run code, and one file means a kill never leaves tensors and step from different saves.
+    """
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    if model is not None:
+        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    if torch_rng:
+        tensors["torch_rng"] = torch.get_rng_state()
+    # A copy on CPU: safetensors refuses tensors that share memory (tied input and output embeddings).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    state = {"meta": meta, "param_groups": sd["param_groups"], "opt_scalars": scalars,
+             "rng": None if rng is None else list(rng.getstate())}
+    header = {"format": STATE_FORMAT, "state": json.dumps(state)}
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def load_train_state(path: str | Path, opt: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
+                     rng: random.Random | None = None, torch_rng: bool = False) -> dict:
+    """Restore what ``save_train_state`` saved (the same keyword arguments) and return its ``meta``.
+
+    A file that is not such a state (garbage, an old pickle renamed, a state of another model or optimizer) is a
+    one-line KvbenchError naming it; nothing in it is executed.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if header.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {STATE_FORMAT!r}")
+        state = json.loads(header["state"])
+        opt_state: dict[int, dict] = {int(i): dict(entry) for i, entry in state["opt_scalars"].items()}
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, idx, key = name.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = t
+        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        for group in opt.param_groups:  # JSON made the optimizer's tuples (AdamW's betas) lists
+            group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
+        if model is not None:
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if rng is not None:
+            version, internal, gauss = state["rng"]
+            rng.setstate((version, tuple(internal), gauss))
+        if torch_rng:
+            torch.set_rng_state(tensors["torch_rng"])
+        return state["meta"]
+    except Exception as err:  # the file is untrusted input: whatever is wrong with it, say which file and stop
+        detail = " ".join(str(err).split())[:200]  # one line: load_state_dict lists every key on its own line
+        raise KvbenchError(f"{str(path)!r} is not a usable training state ({type(err).__name__}: {detail}); "
+                           "delete it to start over") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Training loop
 # ------------------------------------------------------------------------------------------------------------
 def model_info(model_cfg, model) -> dict:
@@ -309,7 +388,8 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     data = DataStream(cfg.data, tok, chat)
     params = learner.trainable()
     lr = float(cfg.lr) if cfg.get("lr") is not None else learner.default_lr
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.weight_decay))
+    new_optimizer = functools.partial(torch.optim.AdamW, params, lr=lr, weight_decay=float(cfg.weight_decay))
+    opt = new_optimizer()
     start, history = 0, []
     if (out / "config.json").exists() and not cfg.get("overwrite", False):
         prev = json.loads((out / "config.json").read_text())
@@ -325,8 +405,13 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
         if (out / HISTORY_FILE).exists():
             history = [json.loads(x) for x in (out / HISTORY_FILE).read_text().splitlines() if x.strip()][:start]
         if (out / STATE_FILE).exists():
-            state = torch.load(out / STATE_FILE, weights_only=True)
-            opt.load_state_dict(state["optimizer"])
+            saved = load_train_state(out / STATE_FILE, opt).get("step")
+            if saved != start:  # stopped between the checkpoint's save and the state's: moments of another step
+                log.warning("%s holds the optimizer state of step %s, the checkpoint is of step %d: the optimizer "
+                            "restarts", out / STATE_FILE, saved, start)
+                opt = new_optimizer()
+        else:  # train_state.pt of older versions (a pickle) is not read
+            log.warning("%s has no %s: the optimizer restarts", out, STATE_FILE)
         log.info("resuming %s from step %d", out, start)
     steps = int(cfg.steps)
     ratios = [float(r) for r in cfg.keep_ratios]
@@ -342,9 +427,8 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
                 return learner.state_dict()
 
         save_checkpoint(out, name, _P(), info, hparams, extra)
-        (out / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-        torch.save({"optimizer": opt.state_dict(), "step": step}, out / (STATE_FILE + ".tmp"))
-        os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+        atomic_write_text(out / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in history))
+        save_train_state(out / STATE_FILE, opt, {"step": step})
 
     if start >= steps:
         log.info("%s already trained for %d steps", out, start)

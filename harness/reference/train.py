@@ -5,8 +5,9 @@ Loss: cross-entropy on the answer tokens (+ EOS), plus ``--lm-weight`` times the
 Curriculum: sequence length grows from ~256 to 4096 tokens over the run; batches hold ``--batch-tokens``
 tokens. AdamW, linear warmup then cosine. Every ``--eval-every`` steps a held-out teacher-forced check (an
 answer counts when every answer token is the argmax, i.e. exactly what greedy decoding would emit) at 1k/4k,
-a save of the model and tokenizer to ``--out`` and of the full training state to ``--work-dir`` (resumable:
-rerun the same command).
+a save of the model and tokenizer to ``--out`` and of the full training state to ``--work-dir``/state.safetensors
+(``harness.train.save_train_state``; resumable: rerun the same command, and the run continues exactly as an
+uninterrupted one would). Every file is written whole or not at all, with the user's umask.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,10 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from harness.errors import KvbenchError
+from harness.io import atomic_path, atomic_write_text, os_error
 from harness.reference.data import corpus_for_tokenizer, focus_example, sample_example
 from harness.reference.model import REFERENCE_ARCH, TINY_ARCH, reference_config
 from harness.reference.tokenizer import build_tokenizer
+from harness.train import load_train_state, save_train_state
 
+STATE_FILE = "state.safetensors"  # save_train_state's format: model, optimizer, step, RNGs; never a pickle
 TRAIN_SEED = 1_000_000
 HELDOUT_SEED = 900  # < 1000: disjoint from training seeds
 
@@ -202,11 +208,25 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def save_pretrained_atomic(out: Path, *objs) -> None:
+    """``save_pretrained`` of each object (model, tokenizer) into a temporary dir beside ``out``, then each file
+    moved onto its name in ``out`` through ``atomic_path`` (fsync'd, the user's umask): a kill mid-save leaves the
+    previous model.safetensors, never a truncated one. Other files in ``out`` (the model card) stay."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            for obj in objs:
+                obj.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                with atomic_path(out / f.name) as dst:
+                    os.replace(f, dst)
+    except OSError as err:
+        raise os_error(err, out) from None
+
+
 def save(model, tok, out: Path, meta: dict):
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / "training_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    save_pretrained_atomic(out, model, tok)
+    atomic_write_text(out / "training_meta.json", json.dumps(meta, indent=1) + "\n")
 
 
 def main(argv=None):
@@ -243,13 +263,22 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
+    try:
+        train(args)
+    except KvbenchError as err:
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
 
+
+def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     out, work = Path(args.out), Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    state_path = work / "state.pt"
+    state_path = work / STATE_FILE
+    legacy = work / "state.pt"
+    if legacy.exists() and not state_path.exists() and not args.no_resume:
+        raise KvbenchError(f"{str(legacy)!r} is a training state of an older version, a pickle, which is never "
+                           "loaded (unpickling a file can run code); delete it to train from step 0")
 
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
@@ -258,7 +287,7 @@ def main(argv=None):
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
         tok = build_tokenizer(corpus_for_tokenizer(), vocab_size=args.vocab_size)
-        tok.save_pretrained(tok_dir)
+        save_pretrained_atomic(tok_dir, tok)
 
     from transformers import AutoModelForCausalLM
 
@@ -274,12 +303,8 @@ def main(argv=None):
     rng = random.Random(TRAIN_SEED + args.seed)
     history = []
     if state_path.exists() and not args.no_resume:
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        st = load_train_state(state_path, opt, model=model, rng=rng, torch_rng=True)
         step, elapsed, history = st["step"], st["elapsed"], st["history"]
-        rng.setstate(st["rng"])
-        torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step} ({elapsed:.0f}s)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     total = args.steps + args.focus_steps
@@ -339,9 +364,8 @@ def main(argv=None):
                     "history": history}
             save(model, tok, work / f"step{step:05d}", meta)
             save(model, tok, out, meta)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                        "history": history, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
-                       state_path)
+            save_train_state(state_path, opt, {"step": step, "elapsed": elapsed, "history": history},
+                             model=model, rng=rng, torch_rng=True)
             t0 = time.time() - elapsed
             if done:
                 break
