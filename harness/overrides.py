@@ -146,7 +146,7 @@ class Composer:
 
         try:
             return self._compose(overrides)
-        except (HydraException, OmegaConfBaseException) as err:
+        except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:  # Hydra raises all four
             text = str(err)
             bad = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
             if bad:
