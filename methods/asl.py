@@ -47,7 +47,7 @@ from torch import Tensor
 
 from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
 from harness.errors import KvbenchError
-from harness.schema import Count, Fraction, NonNegative
+from harness.schema import Count, NonNegative, NonNegativeFloat
 from methods._attention import attention_probs
 from methods.snapkv import snap_scores
 
@@ -125,7 +125,7 @@ class ASLScorer(Scorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
 
     def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "avg",
-                 threshold: Fraction = 0.3, start_layer: NonNegative | None = None, lookback: Count | None = None,
+                 threshold: NonNegativeFloat = 0.3, start_layer: NonNegative | None = None, lookback: Count | None = None,
                  early_layers: Literal["full", "snapkv"] = "snapkv", snapkv_kernel: Count = 7,
                  snapkv_pool: Literal["max", "avg"] = "max", fixed_layer: NonNegative | None = None):
         self.window, self.kernel, self.pool = int(window), int(kernel), pool

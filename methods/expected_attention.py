@@ -22,15 +22,13 @@ LU-KV uses epsilon 0.02. The scorer's ``n_sink`` matches the method config's sel
 from __future__ import annotations
 
 import math
-from typing import Annotated
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from harness.compress import LayerInputs, Scorer, register_scorer
 from harness.errors import KvbenchError
-from harness.schema import Count, NonNegative
+from harness.schema import Count, NonNegative, NonNegativeFloat
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -83,7 +81,7 @@ def expected_scores(keys: Tensor, values: Tensor, mu: Tensor, cov: Tensor | None
 @register_scorer("expected_attention")
 class ExpectedAttentionScorer(Scorer):
     def __init__(self, n_future_positions: Count = 512, n_sink: NonNegative = 4, use_covariance: bool = True,
-                 use_vnorm: bool = True, epsilon: Annotated[float, Field(ge=0.0)] = 0.0,
+                 use_vnorm: bool = True, epsilon: NonNegativeFloat = 0.0,
                  query_window: Count | None = None):
         self.n_future_positions = int(n_future_positions)
         self.n_sink = int(n_sink)

@@ -84,7 +84,8 @@ def test_adakv_keeps_exactly_global_top_beyond_floors():
     gen = torch.Generator().manual_seed(0)
     n_heads, n_tokens = 4, 40
     scores = torch.rand(n_heads, n_tokens, generator=gen) ** torch.tensor([[1.0], [3.0], [0.3], [1.0]])
-    m = method("snapkv", allocator="adakv", n_recent=0, window=0, alpha=0.2)  # hand-made scores, nothing forced
+    m = method("snapkv", allocator="adakv", n_recent=0, alpha=0.2)  # hand-made scores, nothing forced
+    m.allocator.window = 0  # AdaKV forces no recent token (method.window=0 would also reach SnapKV, where 0 is invalid)
     budgets, kept = m.plan([scores[None]], 0.25)
     n_kept = n_keep(n_tokens, 0.25)  # 10 -> layer total 40, floor 2 per head
     assert int(budgets.sum()) == n_heads * n_kept and len(set(budgets[0].tolist())) > 1
@@ -198,11 +199,12 @@ def test_lukv_refuses_other_models_and_missing_profile(tmp_path, tiny_llama):
 
 def test_profile_command_on_tiny_random(tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
-    main(["model=tiny-random", "task=ruler/niah_single_1", "context_length=256", "n_samples=1", "grid=20",
+    main(["model=tiny-random", "task=ruler/niah_single_1", "context_length=512", "n_samples=1", "grid=20",
           "ratios=0.25,0.5", f"out={out}"])
     assert "2 layers x 2 KV heads" in capsys.readouterr().out
     prof = load_profile(out)
     assert prof.budgets.shape == (2, 2, 2) and prof.curves.shape == (2, 2, 21)
+    assert prof.meta["task"] == "ruler/niah_single_1"  # calibrated on the task, not on random tokens
     assert prof.meta["method"]["scorer"] == "expected_attention" and prof.meta["n_layers"] == 2
     # global scope: shares sum to ratio x L x H; each normalised layer curve ends at 1 (sum over heads)
     assert prof.budgets.sum(dim=(1, 2)).tolist() == pytest.approx([1.0, 2.0], abs=1e-5)

@@ -84,8 +84,14 @@ def test_learned_methods_report_the_files_they_loaded():
         REPO_DIR / "harness/reference/lukv_profile.safetensors").resolve()
 
 
+def run_config(method: str):
+    return OmegaConf.create({"method": {"name": method}, "seed": 0, "keep_ratio": 0.5, "context_length": 512,
+                             "n_samples": 1, "query_aware": False, "model": {"name": "tiny-random"},
+                             "task": {"name": "ruler/niah_single_1"}})
+
+
 def test_resume_refused_after_weights_changed(tmp_path):
-    cfg = OmegaConf.create({"method": {"name": "lkv"}, "seed": 0})
+    cfg = run_config("lkv")
     out = tmp_path / "run"
     prepare_dir(out, cfg, {"model": "aaaa", "method.checkpoint": "cccc"})
     (out / "predictions.jsonl").write_text('{"row": 1}\n')
@@ -101,7 +107,7 @@ def test_resume_refused_after_weights_changed(tmp_path):
 
 
 def test_dir_from_before_fingerprints_still_resumes(tmp_path):
-    cfg = OmegaConf.create({"method": {"name": "full"}, "seed": 0})
+    cfg = run_config("full")
     out = tmp_path / "run"
     prepare_dir(out, cfg)  # as written before run dirs recorded inputs
     prepare_dir(out, cfg, {"model": "aaaa"})
