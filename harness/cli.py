@@ -74,7 +74,7 @@ def check_group_overrides(argv: list[str]) -> None:
         allowed = group_options(group)
         for choice in value.split(","):
             if choice not in allowed:
-                fail(f"{group}={choice!r} is not known; allowed: {_shown(choice, allowed)}")
+                raise KvbenchError(f"{group}={choice!r} is not known; allowed: {_shown(choice, allowed)}")
 
 
 def _shown(choice: str, allowed: list[str]) -> str:
@@ -92,13 +92,13 @@ def check_output_dir(argv: list[str]) -> None:
     chosen = [a.split("=", 1) for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     for key, path in chosen:
         if not path.strip().strip("'\""):
-            fail(f"{key}= is empty; pass a directory, e.g. {key}=results/runs/mine")
+            raise KvbenchError(f"{key}= is empty; pass a directory, e.g. {key}=results/runs/mine")
     for path in [p for _, p in chosen] or ["results"]:
         probe = Path(path).expanduser().absolute()
         while not probe.exists():
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK):
-            fail(f"output dir {path!r} is not writable ({probe} is not a writable directory); "
+            raise KvbenchError(f"output dir {path!r} is not writable ({probe} is not a writable directory); "
                  "pass hydra.run.dir=<writable dir>")
 
 
@@ -151,46 +151,51 @@ def _app(cfg) -> None:
     print_metrics(metrics, out_dir)
 
 
-def preflight(overrides: list[str], multirun: bool) -> None:
-    """Compose and check every job before Hydra makes a dir. A problem of the command itself (a key typo, an
-    unknown choice) refuses it; a bad value refuses a run, and a sweep only when every job has it (otherwise the
-    bad jobs are reported as they come and the others run)."""
-    from harness.runner import check_config
-
+def preflight(overrides: list[str], multirun: bool, config_name: str = "config", check=None) -> None:
+    """Compose and check (``check(cfg)``) every job before Hydra makes a dir. A problem of the command itself (a
+    key typo, an unknown choice) refuses it; a bad value refuses a run, and a sweep only when every job has it
+    (otherwise the bad jobs are reported as they come and the others run)."""
     jobs = expand_jobs(overrides, multirun)
     errors = []
-    with Composer(CONF_DIR, "config") as composer:
+    with Composer(CONF_DIR, config_name) as composer:
         for job in jobs:
             cfg = composer.compose(job)
             try:
-                check_config(cfg)
+                if check is not None:
+                    check(cfg)
             except KvbenchError as err:
                 errors.append(err)
     if errors and (not multirun or len(errors) == len(jobs)):
         raise errors[0]
 
 
-def main(argv: list[str] | None = None) -> None:
+def hydra_command(prog: str, config_name: str, app, check, argv: list[str] | None, done=lambda: "") -> None:
+    """The entry of a Hydra command (kvbench, kvbench-train): overrides checked first, then Hydra runs ``app``;
+    interrupts and bad input end it with one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     sys.argv = [sys.argv[0], *argv]  # hydra.main reads sys.argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from harness.runner import RowCounter
-
-    Sweep.main_pid, Sweep.failed = os.getpid(), []
-    with interrupts_reported("kvbench", lambda: f" after {RowCounter.written} new rows"):
+    with interrupts_reported(prog, done):
         overrides, flags = split_argv(argv)
         if not PASS_THROUGH & set(flags):
-            check_group_overrides(overrides)
-            check_output_dir(overrides)
             try:
-                preflight(overrides, is_multirun(argv))
+                check_group_overrides(overrides)
+                check_output_dir(overrides)
+                preflight(overrides, is_multirun(argv), config_name, check)
             except KvbenchError as err:
-                fail(str(err))
+                fail(str(err), prog=prog)
         import hydra
 
-        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_app)()
+        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(app)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from harness.runner import RowCounter, check_config
+
+    Sweep.main_pid, Sweep.failed = os.getpid(), []
+    hydra_command("kvbench", "config", _app, check_config, argv, lambda: f" after {RowCounter.written} new rows")
     if Sweep.failed:
         jobs = "; ".join(job for job, _ in Sweep.failed)
         fail(f"{len(Sweep.failed)} job(s) of the sweep failed (the others finished): {jobs}")

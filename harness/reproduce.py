@@ -153,54 +153,23 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
     return paper, jobs
 
 
-def _first(override: str) -> str:
-    """A sweep override reduced to its first value (for composing one config)."""
-    key, _, value = override.partition("=")
-    if value.startswith("["):
-        return override
-    return f"{key}={value.split(',')[0]}"
-
-
 def preflight(jobs: list[dict]) -> None:
     """Compose every job's config with Hydra and build its method: unknown methods, allocators, parameters and
     tasks fail here, before any run, with one line. Adds ``method.label=<label>`` where the method's own label
     differs from the grid's, so our rows carry the label the published cells use."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from harness.overrides import Composer, expand_jobs
+    from harness.runner import check_config
 
-    import methods
-    import tasks
-    from harness.cli import _register_resolvers
-
-    _register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with Composer(CONF_DIR, "config") as composer:
         for job in jobs:
-            overrides = [_first(o) for o in job["overrides"]]
-            try:
-                cfg = compose("config", overrides=overrides)
-            except HydraException as err:
-                raise KvbenchError(f"{job['label']} on {job['model']}: {str(err).splitlines()[0]}") from None
-            try:
-                method = methods.build_method(OmegaConf.to_container(cfg.method, resolve=True))
+            labels = set()
+            try:  # every combination of the job's comma lists (tasks, ...), checked as kvbench will run it
+                for combination in expand_jobs(job["overrides"], multirun=True):
+                    labels.add(check_config(composer.compose(combination))[1].name)
             except KvbenchError as err:
-                raise KvbenchError(f"{job['label']} ({' '.join(job['overrides'][1:2])}): {err}") from None
-            except Exception as err:  # a method that cannot be built (a missing checkpoint, profile, ...)
-                first = str(err).splitlines()[0] if str(err) else ""
-                raise KvbenchError(f"{job['label']}: cannot build the method ({type(err).__name__}: {first})") from None
-            if method.name != job["label"]:
+                raise KvbenchError(f"{job['label']} on {job['model']}: {err}") from None
+            if labels != {job["label"]}:
                 job["overrides"] = _merge(job["overrides"], [f"method.label={job['label']}"])
-            for o in job["overrides"]:
-                if _key(o) == "task":
-                    for t in o.split("=", 1)[1].split(","):
-                        try:
-                            tasks.expand(t)
-                        except KeyError:
-                            raise KvbenchError(f"task={t!r} is not a registered task or suite; allowed: "
-                                               f"{', '.join(sorted(tasks.suites()) + tasks.available())}") from None
-    GlobalHydra.instance().clear()
 
 
 def command(job: dict) -> list[str]:
@@ -227,19 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     split = lambda s: [x for x in s.split(",") if x] if s else None  # noqa: E731
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        fail(f"{bad[0]!r} is not an override (key=value)")
+        fail(f"{bad[0]!r} is not an override (key=value)", prog="kvbench-reproduce")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from harness.cli import check_group_overrides
 
-    check_group_overrides(args.overrides)
     try:
+        check_group_overrides(args.overrides)
         paper, jobs = plan(args.paper, args.overrides, split(args.methods), split(args.models), split(args.tasks),
                            args.out)
         if not args.dry_run:
             preflight(jobs)
     except KvbenchError as err:
-        fail(str(err))
+        fail(str(err), prog="kvbench-reproduce")
     failed = []
     for i, job in enumerate(jobs, 1):
         cmd = command(job)
@@ -263,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(err))
     if failed:
         fail(f"{len(failed)} of {len(jobs)} jobs failed: "
-             + ", ".join(f"{j['label']} on {j['model']}" for j, _ in failed), code=1)
+             + ", ".join(f"{j['label']} on {j['model']}" for j, _ in failed), code=1, prog="kvbench-reproduce")
 
 
 if __name__ == "__main__":

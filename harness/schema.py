@@ -236,3 +236,66 @@ def check_params(kind: str, cls: type, params: dict[str, Any]) -> dict[str, Any]
     except ValidationError as err:
         raise to_error(err, params, prefix=kind, known=model.model_fields) from None
     return {k: getattr(checked, k) for k in params}
+
+
+class TrainData(BaseModel):
+    model_config = STRICT
+    source: Literal["ruler", "synthetic", "text", "random"] = "ruler"
+    tasks: list[Annotated[str, Field(min_length=1)]] = []
+    path: Annotated[str, Field(min_length=1)] | None = None
+    context_length: Annotated[list[Count], BeforeValidator(_as_list), Field(min_length=1)]
+    seed: NonNegative = 1_000_000
+    target: Literal["teacher", "answer"] = "teacher"
+    max_new_tokens: Count = 16
+    continuation: Count = 64
+
+
+class LKVTrain(BaseModel):
+    model_config = STRICT
+    width: Count = 32
+    use_hidden: Flag = False
+    mode: Literal["bias", "throttle", "both"] = "bias"
+    temp: Positive = 1.0
+    budget_weight: NonNegativeFloat = 1.0
+    learn_budgets: Flag = True
+
+
+class SPKVTrain(BaseModel):
+    model_config = STRICT
+    feature: Literal["hidden", "key"] = "hidden"
+    init_bias: float = 6.0
+    sparsity_weight: NonNegativeFloat = 0.2
+    sparsity_target: Fraction | None = None
+    train_params: list[str] = []
+
+
+class TrainSettings(BaseModel):
+    """The keys of ``conf/train.yaml`` (kvbench-train)."""
+    model_config = STRICT
+    out: Annotated[str, Field(min_length=1)] | None = None
+    overwrite: Flag = False
+    steps: Count
+    lr: Positive | None = None
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: Positive | None = None
+    save_every: Count = 25
+    keep_ratios: Annotated[list[KeepRatio], BeforeValidator(_as_list), Field(min_length=1)]
+    ce_weight: NonNegativeFloat = 1.0
+    kl_weight: NonNegativeFloat = 1.0
+    seed: NonNegative = 0
+    threads: Count = 1
+    progress: Flag = True
+    data: TrainData
+    lkv: LKVTrain = LKVTrain()
+    spkv: SPKVTrain = SPKVTrain()
+    model: ModelSettings
+    method: dict[str, Any]
+
+
+def validate_train(cfg: Any) -> TrainSettings:
+    """``TrainSettings`` from a composed kvbench-train config, or a one-line ``KvbenchError``."""
+    values = _plain(cfg)
+    try:
+        return TrainSettings.model_validate(values)
+    except ValidationError as err:
+        raise to_error(err, values, known=TrainSettings.model_fields) from None

@@ -462,26 +462,33 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     return json.loads((out / "config.json").read_text())
 
 
+def check_train_config(cfg) -> None:
+    """Every value of a kvbench-train config checked (types, ranges, the method), nothing loaded or written."""
+    import methods
+    from harness.schema import validate_train
+
+    validate_train(cfg)
+    methods.build_method(cfg.method)
+    name = str(cfg.method.name)
+    if name not in learners():
+        raise KvbenchError(f"method={name!r} has nothing to train; allowed: {', '.join(sorted(learners()))}")
+
+
 def _app(cfg) -> None:
     from harness.cli import fail
 
     try:
+        check_train_config(cfg)
         train(cfg)
     except KvbenchError as err:
-        fail(str(err))
+        fail(str(err), prog="kvbench-train")
 
 
-def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from harness.cli import check_group_overrides
+    from harness.cli import hydra_command
 
-    check_group_overrides(sys.argv[1:])
-    import hydra
-
-    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")(_app)()
+    hydra_command("kvbench-train", "train", _app, check_train_config, argv)
 
 
 if __name__ == "__main__":
