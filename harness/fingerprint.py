@@ -13,21 +13,26 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from harness.paths import unreadable
+
 WHOLE_LIMIT = 64 << 20
 PIECE = 1 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha1(str(size).encode())
-    with open(path, "rb") as fh:
-        if size <= WHOLE_LIMIT:
-            h.update(fh.read())
-        else:
-            for offset in (0, size // 2, size - PIECE):
-                fh.seek(offset)
-                h.update(fh.read(PIECE))
+    try:
+        size = path.stat().st_size
+        h = hashlib.sha1(str(size).encode())
+        with open(path, "rb") as fh:
+            if size <= WHOLE_LIMIT:
+                h.update(fh.read())
+            else:
+                for offset in (0, size // 2, size - PIECE):
+                    fh.seek(offset)
+                    h.update(fh.read(PIECE))
+    except OSError as err:  # removed or made unreadable since it was loaded
+        raise unreadable(path, err, "the run's input files must stay readable while it starts") from None
     return h.hexdigest()[:16]
 
 

@@ -6,16 +6,22 @@ local Hugging Face cache fails at once with a one-line error saying how to pass 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.errors import KvbenchError
+from harness.paths import open_safetensors, read_json_object
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "checkpoint"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A model dir needs one of these to have a tokenizer (tokenizer_config.json alone only configures one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+RECOPY = "the checkpoint directory is incomplete or corrupt: copy or download it again"
 
 
 def tiny_config(family: str, vocab_size: int, **overrides: Any):
@@ -92,9 +98,127 @@ def _resolve_path(path: str | None, name: str) -> str:
 
 
 def device_for(spec: str | None) -> torch.device:
+    """The torch device of ``model.device``: auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps; one
+    that this machine lacks is refused with the ones it has (torch would fail later, mid-run)."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = torch.backends.mps.is_available()
+    allowed = "auto, cpu" + (f", cuda, cuda:0..cuda:{n_gpus - 1}" if n_gpus else "") + (", mps" if mps else "")
     if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+        return torch.device("cuda" if n_gpus else "cpu")
+    text = str(spec)
+    if text == "cpu" or (text == "mps" and mps):
+        return torch.device(text)
+    if text == "mps":
+        raise KvbenchError(f"model.device='mps' but MPS is not available on this machine; allowed: {allowed}")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if m is None:
+        raise KvbenchError(f"model.device={spec!r} is not a device; allowed: {allowed}")
+    if not n_gpus:
+        raise KvbenchError(f"model.device={text!r} but CUDA is not available on this machine; allowed: {allowed}")
+    if m.group(1) is not None and int(m.group(1)) >= n_gpus:
+        raise KvbenchError(f"model.device={text!r}: this machine has {n_gpus} CUDA device(s); allowed: {allowed}")
+    return torch.device(text)
+
+
+def inspect_model(model_cfg) -> dict[str, Any]:
+    """Facts of the model a ``model`` config node names, read from its config.json alone (no weights, no
+    tokenizer), so that a run can refuse an unsupported architecture or a too long ``context_length`` before
+    loading anything: ``{"model_type", "max_position_embeddings" (int or None), "path" (None for
+    tiny-random, built from ``tiny_config``)}``."""
+    name = model_cfg.get("name")
+    if name == "tiny-random":
+        from harness.tokenizer import byte_tokenizer
+
+        config = tiny_config(model_cfg.get("family", "llama"), vocab_size=len(byte_tokenizer()))
+        return {"model_type": config.model_type, "max_position_embeddings": config.max_position_embeddings,
+                "path": None}
+    path = _resolve_path(model_cfg.get("path"), name)
+    config_file = Path(path) / "config.json"
+    raw = read_json_object(config_file, RECOPY)
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise KvbenchError(f"{config_file}: no 'model_type'; a Hugging Face config.json names its architecture "
+                           f"(supported: {', '.join(FAMILIES)})")
+    if model_type not in FAMILIES:
+        raise KvbenchError(f"model.path={path!r} is a {model_type!r} model; supported families: {', '.join(FAMILIES)}")
+    limit = raw.get("max_position_embeddings")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise KvbenchError(f"{config_file}: max_position_embeddings={limit!r} is not a positive integer; {RECOPY}")
+    return {"model_type": model_type, "max_position_embeddings": limit, "path": path}
+
+
+def _load_config(path: str):
+    """The transformers config of a checked config.json (a field transformers rejects is named), after checking
+    generation_config.json."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    if (Path(path) / "generation_config.json").is_file():
+        # transformers drops a corrupt one silently, and its eos ids (e.g. an instruct model's end of turn) with it
+        read_json_object(Path(path) / "generation_config.json", RECOPY)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        text = " ".join(line.strip() for line in str(err).splitlines())  # pydantic-style errors span lines
+        raise KvbenchError(f"{Path(path) / 'config.json'}: rejected by transformers ({type(err).__name__}: "
+                           f"{text[:300]}); {RECOPY}") from None
+
+
+def _load_tokenizer(path: str):
+    """The tokenizer of a model dir; missing or corrupt tokenizer files are named before transformers sees them."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    root = Path(path)
+    if not any((root / f).is_file() for f in TOKENIZER_FILES):
+        raise KvbenchError(f"model.path={path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                           "model's tokenizer files into it")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (root / name).is_file():
+            read_json_object(root / name, RECOPY)
+    if (root / "tokenizer.json").is_file():
+        try:
+            Tokenizer.from_file(str(root / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise KvbenchError(f"{root / 'tokenizer.json'}: not a tokenizers file ({err}); {RECOPY}") from None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise KvbenchError(f"model.path={path!r}: its tokenizer files do not load ({type(err).__name__}: "
+                           f"{first[:200]}); {RECOPY}") from None
+
+
+def _load_weights(path: str, config, dtype: torch.dtype):
+    """The model's weights; every safetensors file's header is checked first (a truncated copy is named),
+    and weights that leave parameters of config.json uninitialised are refused (transformers would fill them
+    with random values)."""
+    from transformers import AutoModelForCausalLM
+
+    root = Path(path)
+    if not any((root / f).is_file() for f in WEIGHT_FILES):
+        raise KvbenchError(f"model.path={path!r} has no weights (none of {', '.join(WEIGHT_FILES)}); {RECOPY}")
+    for shard in sorted(root.glob("*.safetensors")):
+        with open_safetensors(shard, RECOPY):
+            pass
+    try:
+        # ignore_mismatched_sizes: a tensor of another shape than config.json says is reported in ``info`` (and
+        # refused below, with its name) instead of transformers' error pointing at a log line.
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa",
+                                                           ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, RuntimeError) as err:  # a missing shard of an index, an unreadable or corrupt .bin
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise KvbenchError(f"model.path={path!r}: the weights do not load ({first[:200]}); {RECOPY}") from None
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, found, wanted = mismatched[0]
+        raise KvbenchError(f"model.path={path!r}: {len(mismatched)} weight tensor(s) do not fit its config.json "
+                           f"(e.g. {name} is {tuple(found)}, config.json needs {tuple(wanted)}); {RECOPY}")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise KvbenchError(f"model.path={path!r}: the weights lack {len(missing)} tensor(s) its config.json needs "
+                           f"(e.g. {missing[0]}); {RECOPY}")
+    return model
 
 
 def load_model(cfg) -> tuple[Any, Any]:
@@ -107,16 +231,10 @@ def load_model(cfg) -> tuple[Any, Any]:
     if name == "tiny-random":
         model, tok = build_tiny(cfg.get("family", "llama"), seed=int(cfg.get("seed", 0)))
         return model.to(device=device, dtype=DTYPES[dtype_name]), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = _resolve_path(cfg.get("path"), name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name], attn_implementation="sdpa")
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in FAMILIES:
-        raise KvbenchError(
-            f"model.path={path!r} is a {model_type!r} model; supported families: {', '.join(FAMILIES)}"
-        )
+    path = inspect_model(cfg)["path"]  # refuses a bad config.json or another architecture before any loading
+    config = _load_config(path)
+    tok = _load_tokenizer(path)
+    model = _load_weights(path, config, DTYPES[dtype_name])
     return model.to(device).eval(), tok
 
 

@@ -27,7 +27,7 @@ Usage (Hydra-style overrides as ``kvbench``, plus the profile's own keys)::
     kvbench-profile model=tiny-random method=lukv task=ruler/niah_single_1 context_length=1024 n_samples=8 \
         out=profiles/tiny.safetensors [ratios=0.05:0.95:0.05] [grid=100] [scope=global] [normalize=layer]
 
-``task=random`` (or a task that cannot be loaded) uses random token ids as calibration contexts.
+``task=random`` uses random token ids as calibration contexts; a task that cannot be built is an error.
 The method's scorer is the within-head order (the method's allocator is ignored).
 """
 from __future__ import annotations
@@ -51,7 +51,6 @@ from harness.errors import KvbenchError
 FORMAT = "kvbench-lukv-profile/1"
 OWN_KEYS = {"out", "ratios", "grid", "scope", "normalize", "future_tokens"}
 DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
-log = logging.getLogger("kvbench.profile")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,45 +186,59 @@ def model_name(model, fallback: str = "") -> str:
 def save_profile(path: str | Path, profile: Profile) -> Path:
     from safetensors.torch import save_file
 
+    from harness.io import atomic_save
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"budgets": profile.budgets.float().contiguous(), "ratios": profile.ratios.float().contiguous()}
     if profile.curves is not None:
         tensors["curves"] = profile.curves.float().contiguous()
     if profile.grid is not None:
         tensors["grid"] = profile.grid.float().contiguous()
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in profile.meta.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # fsync'd, the user's umask
     return path
 
 
 def load_profile(path: str | Path) -> Profile:
-    from safetensors import safe_open
+    """A profile file, checked: a missing, truncated or foreign file, missing or extra tensors, and tensors that
+    disagree in shape with each other or with the metadata are one-line ``KvbenchError``s naming the file."""
+    from harness.paths import check_tensors, read_safetensors
 
     path = Path(path)
+    where = f"method.profile={str(path)!r}"
+    remake = "make one with kvbench-profile model=<model> out=<file>"
     if not path.is_file():
-        raise KvbenchError(f"method.profile={str(path)!r} does not exist; make one with kvbench-profile model=<model> out=<file>")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as err:  # not a safetensors file
-        raise KvbenchError(f"method.profile={str(path)!r} is not a kvbench-profile file ({type(err).__name__})") from None
-    if raw.get("format") != FORMAT or "budgets" not in tensors or "ratios" not in tensors:
-        raise KvbenchError(f"method.profile={str(path)!r} is not a kvbench-profile file (format {raw.get('format')!r})")
+        raise KvbenchError(f"{where} does not exist or is not a file; {remake}")
+    tensors, raw = read_safetensors(path, f"{where} is not a kvbench-profile file; {remake}")
+    if raw.get("format") != FORMAT:
+        raise KvbenchError(f"{where} is not a kvbench-profile file (format {raw.get('format')!r}); {remake}")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except (json.JSONDecodeError, TypeError):
             meta[k] = v
-    budgets, ratios = tensors["budgets"], tensors["ratios"]
-    if budgets.dim() != 3 or budgets.shape[0] != ratios.numel():
-        raise KvbenchError(f"method.profile={str(path)!r}: budgets {tuple(budgets.shape)} do not match {ratios.numel()} ratios")
+    budgets, ratios, curves, grid = (tensors.get(k) for k in ("budgets", "ratios", "curves", "grid"))
+    if budgets is None or budgets.dim() != 3:
+        shape = "none" if budgets is None else str(tuple(budgets.shape))
+        raise KvbenchError(f"{where}: needs budgets [n_ratios, n_layers, n_kv_heads], has {shape}; {remake}")
+    n_layers, n_heads = budgets.shape[1:]
+    n_ratios = ratios.numel() if ratios is not None else budgets.shape[0]
+    n_grid = grid.numel() if grid is not None else curves.shape[-1] if curves is not None else None
+    check_tensors(tensors, {"budgets": (n_ratios, n_layers, n_heads), "ratios": (n_ratios,),
+                            "curves": (n_layers, n_heads, n_grid), "grid": (n_grid,)},
+                  where, f"the file is damaged; {remake}", optional=("curves", "grid"))
+    facts = {"n_layers": n_layers, "n_kv_heads": n_heads}
+    wrong = [f"{k}={meta[k]!r}" for k in facts if k in meta and meta[k] != facts[k]]
+    if wrong:
+        raise KvbenchError(f"{where}: its metadata says {', '.join(wrong)} but the budgets are for {n_layers} layers "
+                           f"x {n_heads} KV heads; the file is damaged, {remake}")
+    if not (torch.isfinite(ratios).all() and ((ratios > 0) & (ratios <= 1)).all()):
+        raise KvbenchError(f"{where}: ratios {ratios.tolist()} are not keep ratios in (0, 1]; {remake}")
+    if not (torch.isfinite(budgets).all() and (budgets >= 0).all()):
+        raise KvbenchError(f"{where}: budgets hold negative or non-finite shares; {remake}")
     order = ratios.argsort()
-    return Profile(budgets[order], ratios[order], meta, tensors.get("curves"), tensors.get("grid"))
+    return Profile(budgets[order], ratios[order], meta, curves, grid)
 
 
 def check_profile_model(profile: Profile, model, source: str = "method.profile") -> None:
@@ -345,26 +358,30 @@ def measure_curves(model, method, prompts: list[tuple[list[int], list[int]]], gr
 
 def calibration_prompts(tokenizer, cfg, n_samples: int, context_length: int, seed: int, future_tokens: int,
                         chat: bool, random: bool = False) -> tuple[list[tuple[list[int], list[int]]], str]:
-    """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids."""
-    task_name = "random" if random else str(cfg.task.name)
-    if task_name != "random":
-        try:
-            import tasks
-            from harness.runner import task_params
-            from tasks.base import PromptEncoder
+    """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids.
 
+    A task that cannot be built (unknown, data missing or corrupt) is an error, never a silent switch to
+    random tokens: the profile would then describe other inputs than its metadata says."""
+    if not random:
+        import tasks
+        from harness.runner import task_params
+        from tasks.base import PromptEncoder
+
+        task_name = str(cfg.task.name)
+        try:
             task = tasks.get_task(task_name, **task_params(cfg.task))
-            encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
-            out = []
-            for sample in task.samples(encoder, context_length, n_samples, seed):
-                ctx, q = encoder.encode_sample(sample)
-                answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids if sample.answers else []
-                out.append((list(ctx), list(q) + list(answer)))
-            if out:
-                return out, task_name
-        except Exception as err:  # a task not written yet, or data missing: random calibration instead
-            log.warning("kvbench-profile: task %r unavailable (%s: %s); using random calibration tokens",
-                        task_name, type(err).__name__, err)
+        except KeyError:
+            raise KvbenchError(f"task={task_name!r} is not a task kvbench-profile can calibrate on; allowed: random, "
+                               f"{', '.join(tasks.available())}") from None
+        encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
+        out = []
+        for sample in task.samples(encoder, context_length, n_samples, seed):
+            ctx, q = encoder.encode_sample(sample)
+            answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids if sample.answers else []
+            out.append((list(ctx), list(q) + list(answer)))
+        if not out:
+            raise KvbenchError(f"task={task_name!r} gave no calibration samples (n_samples={n_samples})")
+        return out, task_name
     gen = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 256
     low = min(8, vocab - 1)

@@ -47,11 +47,13 @@ from torch import Tensor, nn
 from harness.compat import with_cache
 from harness.compress import Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer
 from harness.errors import KvbenchError
-from harness.paths import find_input
+from harness.schema import NonNegative
+from harness.paths import check_tensors, find_input, read_json_object, read_safetensors
 
 log = logging.getLogger("kvbench")
 PARAMS_FILE, CONFIG_FILE = "params.safetensors", "config.json"
 ARCH_KEYS = ("model_type", "n_layers", "n_kv_heads", "head_dim", "hidden_size", "vocab_size")
+LKV_HPARAMS = {"width": int, "use_hidden": bool}  # what LKVParams.from_checkpoint reads from config.json
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -74,6 +76,10 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _retrain(method: str) -> str:
+    return f"train one with kvbench-train method={method} model=<model> out=<dir>"
+
+
 def resolve_checkpoint(path: str | None, method: str) -> Path:
     """A checkpoint dir: absolute, relative to the working dir, or relative to the repository (package)."""
     if not path:
@@ -81,27 +87,59 @@ def resolve_checkpoint(path: str | None, method: str) -> Path:
     found = find_input(path, lambda c: (c / CONFIG_FILE).exists() and (c / PARAMS_FILE).exists())
     if found is not None:
         return found
-    raise KvbenchError(
-        f"method.checkpoint={path!r} has no {CONFIG_FILE} + {PARAMS_FILE}; train one with "
-        f"kvbench-train method={method} model=<model> out=<dir>"
-    )
+    raise KvbenchError(f"method.checkpoint={path!r} has no {CONFIG_FILE} + {PARAMS_FILE}; {_retrain(method)}")
 
 
 _CACHE: dict[tuple, tuple[dict, dict[str, Tensor]]] = {}
 
 
-def load_checkpoint(path: str | Path, method: str) -> tuple[dict, dict[str, Tensor]]:
-    """``(config, tensors)`` of a checkpoint dir (cached by path and modification time)."""
-    from safetensors.torch import load_file
+def config_section(config: dict, section: str, fields: dict[str, type], file: Path, method: str) -> dict:
+    """``config[section]``, an object whose ``fields`` have the given types (an int field holds a positive
+    int), or a one-line error naming the checkpoint's config.json ``file``."""
+    node = config.get(section)
+    if not isinstance(node, dict):
+        raise KvbenchError(f"{file}: no {section!r} object; not a kvbench-train {method} checkpoint, {_retrain(method)}")
 
+    def ok(value, kind: type) -> bool:
+        if kind is int:  # a count: bool is an int to Python, not here
+            return type(value) is int and value > 0
+        return isinstance(value, kind)
+
+    bad = [f"{k}={node.get(k)!r}" for k, kind in fields.items() if not ok(node.get(k), kind)]
+    if bad:
+        raise KvbenchError(f"{file}: {section} has a missing or bad {', '.join(bad)}; {_retrain(method)}")
+    return node
+
+
+def load_checkpoint(path: str | Path, method: str, hparams: dict[str, type] | None = None
+                    ) -> tuple[dict, dict[str, Tensor]]:
+    """``(config, tensors)`` of a checkpoint dir (cached by path and modification time). config.json must name
+    the method, the model's shape and the ``hparams`` (name -> type) the method reads; that the tensors fit
+    them is checked by the method's ``from_checkpoint`` (``load_params``)."""
     d = resolve_checkpoint(str(path), method)
     key = (str(d), (d / PARAMS_FILE).stat().st_mtime_ns, (d / CONFIG_FILE).stat().st_mtime_ns)
     if key not in _CACHE:
-        config = json.loads((d / CONFIG_FILE).read_text())
+        config = read_json_object(d / CONFIG_FILE, _retrain(method))
         if config.get("method") != method:
             raise KvbenchError(f"method.checkpoint={str(path)!r} holds a {config.get('method')!r} checkpoint, not {method!r}")
-        _CACHE[key] = (config, load_file(str(d / PARAMS_FILE)))
+        arch = {k: str if k == "model_type" else int for k in ARCH_KEYS}
+        config_section(config, "model", arch, d / CONFIG_FILE, method)
+        _CACHE[key] = (config, read_safetensors(d / PARAMS_FILE, _retrain(method))[0])
+    config_section(_CACHE[key][0], "hparams", hparams or {}, d / CONFIG_FILE, method)
     return _CACHE[key]
+
+
+def params_file(path: str | None, method: str) -> Path:
+    """The params.safetensors of checkpoint ``path`` (for error messages)."""
+    return resolve_checkpoint(path, method) / PARAMS_FILE
+
+
+def load_params(module: nn.Module, tensors: dict[str, Tensor], where: str | Path, method: str) -> None:
+    """``module.load_state_dict(tensors)`` after checking names and shapes: a params.safetensors (``where``)
+    that lacks tensors, has others, or holds them in another shape than its config.json says is one line."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_tensors(tensors, want, str(where), f"it does not match its {CONFIG_FILE}; {_retrain(method)}")
+    module.load_state_dict(tensors)
 
 
 def save_checkpoint(out_dir: str | Path, method: str, params: nn.Module, model_info: dict, hparams: dict,
@@ -133,7 +171,7 @@ def check_model(config: dict, model: nn.Module, where: str) -> None:
             f"train one for this model with kvbench-train"
         )
     fp = want.get("fingerprint")
-    if fp is not None and not math.isclose(fp, have["fingerprint"], rel_tol=1e-2):
+    if isinstance(fp, (int, float)) and not math.isclose(fp, have["fingerprint"], rel_tol=1e-2):
         log.warning("%s was trained on other weights of this architecture (model %s); results may be off",
                     where, want.get("name", "?"))
 
@@ -169,10 +207,12 @@ class LKVParams(nn.Module):
         self.register_buffer("feat_std", torch.ones(L, H, n_feat))
 
     @classmethod
-    def from_checkpoint(cls, config: dict, tensors: dict[str, Tensor]) -> "LKVParams":
+    def from_checkpoint(cls, config: dict, tensors: dict[str, Tensor], where: str | Path = PARAMS_FILE) -> "LKVParams":
+        """The parameters of a checkpoint loaded with ``load_checkpoint(..., "lkv", LKV_HPARAMS)``; ``where``
+        names its params file in errors."""
         hp, m = config["hparams"], config["model"]
         p = cls(m["n_layers"], m["n_kv_heads"], m["head_dim"], m["hidden_size"], hp["width"], hp["use_hidden"])
-        p.load_state_dict(tensors)
+        load_params(p, tensors, where, "lkv")
         return p
 
     def features(self, layer: int, keys: Tensor, values: Tensor, hidden: Tensor | None = None) -> Tensor:
@@ -297,8 +337,8 @@ class LKVScorer(Scorer):
 
     def __init__(self, checkpoint: str | None = None):
         self.checkpoint = checkpoint
-        self.config, tensors = load_checkpoint(checkpoint, "lkv")
-        self.params = LKVParams.from_checkpoint(self.config, tensors).eval()
+        self.config, tensors = load_checkpoint(checkpoint, "lkv", LKV_HPARAMS)
+        self.params = LKVParams.from_checkpoint(self.config, tensors, params_file(checkpoint, "lkv")).eval()
         self.needs_hidden_states = self.params.use_hidden
         self._checked: set[int] = set()
 
@@ -326,9 +366,13 @@ class LKVScorer(Scorer):
 class LKVAllocator(Allocator):
     """LKV-H: learned budget shares of a checkpoint (any scorer may use them)."""
 
-    def __init__(self, checkpoint: str | None = None, min_budget: int = 1):
+    def __init__(self, checkpoint: str | None = None, min_budget: NonNegative = 1):
         self.checkpoint = checkpoint
         self.config, tensors = load_checkpoint(checkpoint, "lkv")
+        # only the budget logits are read here (the other tensors are the scorer's, checked by LKVParams)
+        want = {"budget_logits": (self.config["model"]["n_layers"], self.config["model"]["n_kv_heads"])}
+        check_tensors({k: v for k, v in tensors.items() if k in want}, want, str(params_file(checkpoint, "lkv")),
+                      f"it does not match its {CONFIG_FILE}; {_retrain('lkv')}")
         self.budget_logits = tensors["budget_logits"].float()
         self.min_budget = int(min_budget)
 

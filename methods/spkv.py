@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,15 @@ from harness.attention import attention_modules
 from harness.cache import RaggedKV, RaggedLayer
 from harness.compress import Allocator, LayerInputs, Scorer, register_allocator, register_scorer
 from harness.errors import KvbenchError
-from methods.lkv import (check_model, check_shape, expand_heads, load_checkpoint, mask_fns, model_signature,
-                         resolve_checkpoint, stash_hidden)
+from harness.paths import check_tensors
+from harness.schema import Count, Fraction
+from methods.lkv import (CONFIG_FILE, check_model, check_shape, expand_heads, load_checkpoint, load_params, mask_fns,
+                         model_signature, params_file, resolve_checkpoint, stash_hidden)
 
 log = logging.getLogger("kvbench")
 MODEL_PREFIX = "model::"  # checkpoint tensors that replace model parameters (spkv.train_params)
+SPKV_HPARAMS = {"feature": str, "window": int}  # what the scorer reads from config.json
+FEATURES = ("hidden", "key")
 
 
 class SPKVParams(nn.Module):
@@ -57,18 +62,23 @@ class SPKVParams(nn.Module):
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_feat: int, feature: str = "hidden", init_bias: float = 6.0):
         super().__init__()
-        if feature not in ("hidden", "key"):
-            raise KvbenchError(f"spkv.feature={feature!r} is not supported; allowed: hidden, key")
+        if feature not in FEATURES:
+            raise KvbenchError(f"spkv.feature={feature!r} is not supported; allowed: {', '.join(FEATURES)}")
         self.feature = feature
         self.w = nn.Parameter(torch.zeros(n_layers, n_kv_heads, n_feat))
         self.b = nn.Parameter(torch.full((n_layers, n_kv_heads), float(init_bias)))
 
     @classmethod
-    def from_checkpoint(cls, config: dict, tensors: dict[str, Tensor]) -> "SPKVParams":
+    def from_checkpoint(cls, config: dict, tensors: dict[str, Tensor], where: str = "params.safetensors") -> "SPKVParams":
+        """The gates of a checkpoint loaded with ``load_checkpoint(..., "spkv", SPKV_HPARAMS)``; ``where`` names
+        its params file in errors."""
         hp, m = config["hparams"], config["model"]
+        if hp["feature"] not in FEATURES:
+            raise KvbenchError(f"{Path(where).with_name(CONFIG_FILE)}: hparams feature={hp['feature']!r} is not one "
+                               f"of {', '.join(FEATURES)}; train one with kvbench-train method=spkv")
         n_feat = m["hidden_size"] if hp["feature"] == "hidden" else m["head_dim"]
         p = cls(m["n_layers"], m["n_kv_heads"], n_feat, hp["feature"])
-        p.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)})
+        load_params(p, {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}, where, "spkv")
         return p
 
     def logits(self, layer: int, hidden: Tensor | None, keys: Tensor | None) -> Tensor:
@@ -156,10 +166,10 @@ class GatedLayer(RaggedLayer):
 class SPKVScorer(Scorer):
     """Gates ``u`` of a checkpoint, the local window protected (+inf)."""
 
-    def __init__(self, checkpoint: str | None = None, window: int | None = None, threshold: float = 0.1):
+    def __init__(self, checkpoint: str | None = None, window: Count | None = None, threshold: Fraction = 0.1):
         self.checkpoint = checkpoint
-        self.config, tensors = load_checkpoint(checkpoint, "spkv")
-        self.params = SPKVParams.from_checkpoint(self.config, tensors).eval()
+        self.config, tensors = load_checkpoint(checkpoint, "spkv", SPKV_HPARAMS)
+        self.params = SPKVParams.from_checkpoint(self.config, tensors, str(params_file(checkpoint, "spkv"))).eval()
         self.model_tensors = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
         self.window = int(window if window is not None else self.config["hparams"]["window"])
         self.threshold = float(threshold)
@@ -187,6 +197,11 @@ class SPKVScorer(Scorer):
     def _check(self, model: nn.Module) -> None:
         if id(model) not in self._checked:
             check_model(self.config, model, self.where)
+            # fine-tuned model parameters (spkv.train_params) must be parameters of this model, in their shape
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            check_tensors(self.model_tensors, shapes, f"{params_file(self.checkpoint, 'spkv')} ({MODEL_PREFIX} tensors)",
+                          "they were trained for another model; train one for this model with kvbench-train",
+                          optional=tuple(shapes))
             self._checked.add(id(model))
         self.params.to(model.device)
 
@@ -281,7 +296,7 @@ class SPKVAllocator(Allocator):
     """Per head, the number of entries scored above the threshold (the window scores +inf): keep_ratio is
     ignored, the budget is the input's own."""
 
-    def __init__(self, threshold: float = 0.1):
+    def __init__(self, threshold: Fraction = 0.1):
         self.threshold = float(threshold)
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:

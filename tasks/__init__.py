@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from harness.errors import KvbenchError
 from tasks.base import PromptEncoder, Sample, Task
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
@@ -65,11 +66,21 @@ def expand(name: str) -> list[str]:
     raise KeyError(name)
 
 
-def get_task(name: str, **kwargs) -> Task:
+def get_task(name: str, suite: str | None = None, **kwargs) -> Task:
+    """The task ``name`` built with its config's keys (``data_dir``, ``depth``, ...); KeyError if unknown.
+
+    Run alone, a task that reads no data files (``Task.reads_data`` false) refuses a ``data_dir``. As a member
+    of ``suite`` (``task=ruler``: one data_dir for all members) it is built without it instead."""
     _load_all()
     if name not in _REGISTRY:
         raise KeyError(name)
-    return _REGISTRY[name](**kwargs)
+    task = _REGISTRY[name](**kwargs)
+    if task.data_dir is not None and not task.reads_data:
+        if suite is None:
+            raise KvbenchError(f"{name} reads no data files, so task.data_dir={str(task.data_dir)!r} would be "
+                               "ignored; drop task.data_dir (or pick the task that reads them)")
+        task.data_dir = None
+    return task
 
 
 __all__ = ["PromptEncoder", "Sample", "Task", "register", "register_report_hook", "report_hooks", "available", "suites", "expand", "get_task"]

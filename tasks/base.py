@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from harness.errors import KvbenchError
 
 
 @dataclass
@@ -86,8 +89,17 @@ class Task(ABC):
     name: str = ""
     # Dict-free, JSON-able facts the report may use (e.g. {"suite": "ruler", "category": "synthetic"}).
     info: dict[str, Any] = {}
+    # Whether the task reads files from ``task.data_dir``. One that does not refuses a data_dir when run alone
+    # (``tasks.get_task``): the user meant another task, or expects the files to be used; in a suite the suite's
+    # data_dir is for the members that read it. A class serving several tasks (RULER's NiahTask) may set it
+    # per instance, before ``Task.__init__``.
+    reads_data: bool = False
 
     def __init__(self, data_dir: str | None = None, **params: Any):
+        if data_dir is not None and not Path(str(data_dir)).expanduser().is_dir():
+            # checked here, not where a file is opened: a misspelt dir must not pass for "no data given"
+            raise KvbenchError(f"{self.name}: task.data_dir={str(data_dir)!r} is not an existing directory; "
+                               "pass the directory holding the task's data files")
         self.data_dir = data_dir
         self.params = params
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import KvbenchError
+from harness.paths import not_utf8, unreadable
 from tasks.longbench.config import DATA_ZIP_URL, HF_REPO
 
 REQUIRED = ("input", "context", "answers")
@@ -28,19 +29,34 @@ def _hint() -> str:
 
 def _check(record: Any, where: str) -> dict:
     if not isinstance(record, dict):
-        raise KvbenchError(f"{where}: malformed LongBench record (a JSON object is needed)")
+        raise KvbenchError(f"{where}: malformed LongBench record (a JSON object is needed, not a {type(record).__name__})")
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise KvbenchError(f"{where}: malformed LongBench record (missing {', '.join(missing)})")
     if not isinstance(record["answers"], list):
         raise KvbenchError(f"{where}: malformed LongBench record ('answers' must be a list)")
+    wrong = [k for k in ("input", "context") if not isinstance(record[k], str)]
+    if record.get("all_classes") is not None and not isinstance(record["all_classes"], list):
+        wrong.append("all_classes")
+    if record.get("length") is not None and (isinstance(record["length"], bool)
+                                             or not isinstance(record["length"], (int, float))):
+        wrong.append("length")
+    if wrong:
+        raise KvbenchError(f"{where}: malformed LongBench record ({', '.join(repr(k) for k in wrong)} of the wrong "
+                           "type: input and context are strings, all_classes a list, length a number)")
     return record
 
 
 def parse_lines(lines, where: str) -> list[dict]:
-    """Records from jsonl lines; blank lines are skipped, a bad one is named as ``<where>:<line number>``."""
+    """Records from jsonl lines (str, or bytes decoded as UTF-8); blank lines are skipped, a bad one is named
+    as ``<where>:<line number>``; no record at all is an error too (an empty or truncated download)."""
     records = []
     for lineno, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8(f"{where}:{lineno}", err, "LongBench files are UTF-8 JSON lines") from None
         if not line.strip():
             continue
         try:
@@ -48,19 +64,24 @@ def parse_lines(lines, where: str) -> list[dict]:
         except json.JSONDecodeError as err:
             raise KvbenchError(f"{where}:{lineno}: malformed JSON in LongBench data ({err.msg})") from None
         records.append(_check(record, f"{where}:{lineno}"))
+    if not records:
+        raise KvbenchError(f"{where} holds no LongBench records (empty file); {_hint()}")
     return records
 
 
 @lru_cache(maxsize=8)
 def _read_jsonl(path: str, mtime_ns: int) -> tuple[dict, ...]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is named with its number
         return tuple(parse_lines(f, path))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of one official jsonl file; a malformed line is named by file and line number."""
     path = Path(path)
-    return list(_read_jsonl(str(path), path.stat().st_mtime_ns))
+    try:
+        return list(_read_jsonl(str(path), path.stat().st_mtime_ns))
+    except OSError as err:
+        raise unreadable(path, err, _hint()) from None
 
 
 def network_allowed() -> bool:

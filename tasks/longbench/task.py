@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 from typing import Any
 
 from harness.errors import KvbenchError
@@ -42,6 +43,7 @@ class LongBenchTask(Task):
     dataset: str = ""
     e: bool = False
     skip_chat_template: bool = False
+    reads_data = True  # <data_dir>/<dataset>.jsonl
 
     def __init__(self, data_dir: str | None = None, **params: Any):
         if params:
@@ -56,7 +58,14 @@ class LongBenchTask(Task):
 
     def records(self) -> list[dict]:
         if self._records is None:
-            self._records = load_records(self.file_name, self.data_dir)
+            records = load_records(self.file_name, self.data_dir)
+            if METRIC[self.dataset] == "classification":  # the metric needs the record's label set
+                source = Path(self.data_dir) / f"{self.file_name}.jsonl" if self.data_dir else self.file_name
+                for i, r in enumerate(records):
+                    if not r.get("all_classes"):
+                        raise KvbenchError(f"{source}: record {i + 1} (_id {r.get('_id')!r}) has no 'all_classes', "
+                                           f"which the {self.dataset} metric needs")
+            self._records = records
         return self._records
 
     # ---------------------------------------------------------------------------------------- prompts

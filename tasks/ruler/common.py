@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 import random
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import KvbenchError
+from harness.paths import read_json_object, read_text
 from tasks.base import PromptEncoder, Sample, Task
 from tasks.ruler.metrics import postprocess_pred, string_match_all, string_match_part
 
@@ -107,6 +107,8 @@ class EssayCorpus:
 
     def __init__(self, text: str, source: str, fallback: bool):
         text = re.sub(r"\s+", " ", text).strip()
+        if not text:  # sentences_for could never take a word from it (it looped forever)
+            raise KvbenchError(f"{source}: the essays hold no words, a haystack needs text; {ESSAY_HINT}")
         self.source = source
         self.fallback = fallback
         self.sentences = split_sentences(text)
@@ -131,7 +133,37 @@ class EssayCorpus:
         return out
 
 
-_ESSAY_CACHE: dict[str, EssayCorpus] = {}
+ESSAY_FILE, ESSAY_DIR = "PaulGrahamEssays.json", "PaulGrahamEssays"
+ESSAY_HINT = (f"RULER's {ESSAY_FILE} is {{\"text\": \"<all essays>\"}}, as its scripts/data/synthetic/json/"
+              "download_paulgraham_essay.py writes it")
+_ESSAY_CACHE: dict[tuple, EssayCorpus] = {}
+
+
+def essay_source(data_dir: str | None) -> Path | None:
+    """The essay file (or folder of .txt essays) in ``data_dir``; None without a data_dir (the shipped fallback).
+    A data_dir without essays is an error: the user meant them to be read, the fallback would pass silently."""
+    if not data_dir:
+        return None
+    root = Path(data_dir).expanduser()
+    if (root / ESSAY_FILE).is_file():
+        return root / ESSAY_FILE
+    if (root / ESSAY_DIR).is_dir():
+        if not any((root / ESSAY_DIR).glob("*.txt")):
+            raise KvbenchError(f"{root / ESSAY_DIR} holds no .txt essays; put the essays there as .txt files")
+        return root / ESSAY_DIR
+    raise KvbenchError(f"task.data_dir={str(data_dir)!r} has no {ESSAY_FILE} (nor a {ESSAY_DIR}/ folder of .txt "
+                       "essays): put the essays there, or drop task.data_dir for the shipped fallback haystack; "
+                       f"{ESSAY_HINT}")
+
+
+def read_essays(path: Path) -> str:
+    """The essay text of a ``PaulGrahamEssays.json`` or of a folder of .txt essays (file-name order)."""
+    if path.is_dir():
+        return "".join(read_text(p) for p in sorted(path.glob("*.txt")))
+    data = read_json_object(path, ESSAY_HINT)
+    if not isinstance(data.get("text"), str):
+        raise KvbenchError(f"{path}: no \"text\" string (keys: {', '.join(map(repr, data)) or 'none'}); {ESSAY_HINT}")
+    return data["text"]
 
 
 def load_essays(data_dir: str | None) -> EssayCorpus:
@@ -142,23 +174,14 @@ def load_essays(data_dir: str | None) -> EssayCorpus:
         (scripts/data/synthetic/json/download_paulgraham_essay.py writes it);
       - ``PaulGrahamEssays/*.txt``: one essay per file, concatenated in file-name order.
     """
-    path = None
-    if data_dir:
-        root = Path(data_dir).expanduser()
-        if (root / "PaulGrahamEssays.json").is_file():
-            path = root / "PaulGrahamEssays.json"
-        elif (root / "PaulGrahamEssays").is_dir() and any((root / "PaulGrahamEssays").glob("*.txt")):
-            path = root / "PaulGrahamEssays"
-    key = str(path) if path else "<fallback>"
+    path = essay_source(data_dir)
+    key = (str(path), path.stat().st_mtime_ns) if path else ("<fallback>", 0)
     if key not in _ESSAY_CACHE:
         if path is None:
             text = (DATA / "fallback_essays.txt").read_text(encoding="utf-8")
-        elif path.is_dir():
-            text = "".join(p.read_text(encoding="utf-8") for p in sorted(path.glob("*.txt")))
         else:
-            with open(path, encoding="utf-8") as f:
-                text = json.load(f)["text"]
-        _ESSAY_CACHE[key] = EssayCorpus(text, key, fallback=path is None)
+            text = read_essays(path)
+        _ESSAY_CACHE[key] = EssayCorpus(text, key[0], fallback=path is None)
     return _ESSAY_CACHE[key]
 
 

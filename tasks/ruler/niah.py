@@ -27,6 +27,7 @@ class NiahTask(RulerTask):
     def __init__(self, ruler_name: str, **kwargs):
         self.ruler_name = ruler_name
         self.cfg = CONFIGS[ruler_name]
+        self.reads_data = self.cfg["type_haystack"] == "essay"  # noise and needle haystacks are generated
         super().__init__(**kwargs)
         self.haystack = self.cfg["type_haystack"]
         self.max_new_tokens = 128  # constants.py: niah tokens_to_generate

@@ -18,10 +18,10 @@ the first gold document among the documents.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from harness.errors import KvbenchError
+from harness.paths import read_json
 from tasks.base import PromptEncoder, Sample
 from tasks.ruler.common import RulerTask, TextBuilder, depth_percent, make_sample, rng_for
 from tasks.ruler.templates import CONFIGS, DOCUMENT_PROMPT, split_template
@@ -33,11 +33,22 @@ FILES = {
 _CACHE: dict[str, tuple[list[dict], list[str]]] = {}
 
 
+def _fetch_hint(dataset: str) -> str:
+    return f"get the official {FILES[dataset][1]} file from {FILES[dataset][2]}"
+
+
+def _texts(*values) -> list[str]:
+    """``values`` if they are strings; TypeError otherwise (the caller names the file)."""
+    for v in values:
+        if not isinstance(v, str):
+            raise TypeError(f"{v!r} where a string is due")
+    return list(values)
+
+
 def read_squad(path: Path) -> tuple[list[dict], list[str]]:
     """RULER's read_squad: unique paragraphs sorted; answerable questions with their paragraph and the
     article's other paragraphs."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path, _fetch_hint("squad"))
     docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
     index = {c: i for i, c in enumerate(docs)}
     qas = []
@@ -48,8 +59,8 @@ def read_squad(path: Path) -> tuple[list[dict], list[str]]:
             for qa in p["qas"]:
                 if qa.get("is_impossible"):
                     continue
-                answers = [a["text"] for a in qa["answers"]]
-                qas.append({"query": qa["question"], "outputs": answers, "context": [ci],
+                answers = _texts(*(a["text"] for a in qa["answers"]))
+                qas.append({"query": _texts(qa["question"])[0], "outputs": answers, "context": [ci],
                             "more_context": [i for i in article if i != ci], "support": None})
     return qas, docs
 
@@ -57,8 +68,7 @@ def read_squad(path: Path) -> tuple[list[dict], list[str]]:
 def read_hotpotqa(path: Path) -> tuple[list[dict], list[str]]:
     """RULER's read_hotpotqa: documents ``title\\n`` + joined sentences; a question's documents are its 10
     paragraphs. Supporting facts are kept (as character spans inside their document) for the evidence."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path, _fetch_hint("hotpotqa"))
     docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
     index = {c: i for i, c in enumerate(docs)}
     qas = []
@@ -73,7 +83,7 @@ def read_hotpotqa(path: Path) -> tuple[list[dict], list[str]]:
             start = len(title) + 1 + sum(len(s) for s in para[:sid])
             support.setdefault(index[f"{title}\n{''.join(para)}"], []).append([start, start + len(para[sid])])
         gold = [i for i in ctx if i in support] + [i for i in ctx if i not in support]  # supporting first
-        qas.append({"query": d["question"], "outputs": [d["answer"]], "context": gold, "more_context": [],
+        qas.append({"query": _texts(d["question"])[0], "outputs": _texts(d["answer"]), "context": gold, "more_context": [],
                     "support": support, "n_support": max(1, len(support))})
     return qas, docs
 
@@ -83,6 +93,7 @@ class QaTask(RulerTask):
     metric = "string_match_part"
     haystack = "documents"
     n_min = 1
+    reads_data = True
 
     def __init__(self, ruler_name: str, **kwargs):
         self.ruler_name = ruler_name
@@ -109,7 +120,8 @@ class QaTask(RulerTask):
             reader = read_squad if self.dataset == "squad" else read_hotpotqa
             try:
                 _CACHE[key] = reader(path)
-            except (KeyError, TypeError, ValueError) as err:
+            # what walking JSON of another structure raises (a list where an object is due, a missing key, ...)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
                 raise KvbenchError(f"{self.name}: {path} is not in the official {FILES[self.dataset][1]} format "
                                    f"({type(err).__name__}: {err})") from None
             if not _CACHE[key][0]:
