@@ -10,6 +10,7 @@ durable, so rerunning the same command resumes.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import logging
@@ -29,6 +30,13 @@ GROUPS = ("model", "method", "task", "paper")
 def fail(message: str, code: int = 2, prog: str = "kvbench") -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with kvbench's error form: one line ``prog: error: ...`` and exit 2, without the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class Terminated(KeyboardInterrupt):
@@ -202,9 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="kvbench-report", description="Tables and plots from run dirs below DIR.")
+    parser = ArgumentParser(prog="kvbench-report", description="Tables and plots from run dirs below DIR.")
     parser.add_argument("dir", help="a results directory (walked recursively for predictions.jsonl)")
     parser.add_argument("--out", default=None, help="where to write the report (default: DIR)")
     args = parser.parse_args()

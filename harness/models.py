@@ -237,6 +237,3 @@ def load_model(cfg) -> tuple[Any, Any]:
     model = _load_weights(path, config, DTYPES[dtype_name])
     return model.to(device).eval(), tok
 
-
-def max_context(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)

@@ -40,16 +40,17 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from harness.compat import with_cache
 from harness.errors import KvbenchError
+from harness.schema import Count
 
 FORMAT = "kvbench-lukv-profile/1"
-OWN_KEYS = {"out", "ratios", "grid", "scope", "normalize", "future_tokens"}
 DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
@@ -395,12 +396,15 @@ def calibration_prompts(tokenizer, cfg, n_samples: int, context_length: int, see
 
 def parse_ratios(text: str) -> list[float]:
     text = str(text).strip().strip("[]")
-    if ":" in text:
-        start, stop, step = (float(t) for t in text.split(":"))
-        n = int(round((stop - start) / step)) + 1
-        values = [round(start + i * step, 6) for i in range(n)]
-    else:
-        values = [float(t) for t in text.split(",") if t.strip()]
+    try:
+        if ":" in text:
+            start, stop, step = (float(t) for t in text.split(":"))
+            n = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 6) for i in range(min(n, 10_000))]
+        else:
+            values = [float(t) for t in text.split(",") if t.strip()]
+    except (ValueError, ZeroDivisionError, OverflowError):
+        values = []
     if not values or any(not 0 < v <= 1 for v in values):
         raise KvbenchError(f"ratios={text!r}: give keep ratios in (0, 1], e.g. 0.05:0.95:0.05 or 0.1,0.25,0.5")
     return sorted(set(values))
@@ -440,22 +444,43 @@ def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return own, overrides
 
 
+class ProfileOptions(BaseModel):
+    """The profile's own keys (not kvbench's); lax types: they come from the command line as text."""
+    model_config = ConfigDict(extra="forbid")
+    out: Annotated[str, Field(min_length=1)]
+    ratios: str = ",".join(str(r) for r in DEFAULT_RATIOS)
+    grid: Count = 100
+    scope: Literal["global", "layer"] = "global"
+    normalize: Literal["layer", "global"] = "layer"
+    future_tokens: Count = 64
+    task: Literal["random"] | None = None
+
+
+OWN_KEYS = set(ProfileOptions.model_fields) - {"task"}  # task=random is parsed apart: task= is also kvbench's
+
+
 def run(argv: list[str]) -> Path:
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     import methods
     from harness.cli import CONF_DIR, check_group_overrides
     from harness.models import load_model
+    from harness.overrides import Composer
+    from harness.schema import to_error, validate
 
     own, overrides = _split_args(argv)
     if "out" not in own:
         raise KvbenchError("out=<file.safetensors> is required (where the profile is written)")
+    try:
+        ProfileOptions.model_validate(own)
+    except ValidationError as err:
+        raise to_error(err, own, known=ProfileOptions.model_fields) from None
     check_group_overrides(overrides)
     if not any(o.lstrip("+").startswith("method=") for o in overrides):
         overrides = ["method=lukv", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+    with Composer(CONF_DIR, "config") as composer:
+        cfg = composer.compose(overrides)
+    validate(cfg)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method_cfg["allocator"] = "uniform"  # only the scorer (and the selector's protected tokens) matter here
     method_cfg = {k: v for k, v in method_cfg.items() if k not in ("profile", "alpha", "beta")}
@@ -484,11 +509,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    try:
-        path = run(argv)
-    except KvbenchError as err:
-        print(f"kvbench-profile: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from harness.cli import fail, interrupts_reported
+
+    with interrupts_reported("kvbench-profile", lambda: " (no profile written)"):
+        try:
+            path = run(argv)
+        except KvbenchError as err:
+            fail(str(err), prog="kvbench-profile")
     prof = load_profile(path)
     print(f"{path}: {prof.n_layers} layers x {prof.n_kv_heads} KV heads, {prof.ratios.numel()} ratios, "
           f"{prof.meta.get('n_samples')} {prof.meta.get('task')} samples")

@@ -18,7 +18,6 @@ its method built, so a preset naming a method, task or model that does not exist
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -177,9 +176,9 @@ def command(job: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from harness.cli import fail
+    from harness.cli import ArgumentParser, fail
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kvbench-reproduce",
         description="Run a paper preset's grid (conf/paper/<name>.yaml) and write the report with the published "
                     "numbers beside ours. Extra key=value overrides go to every job; model=... replaces the grid's "

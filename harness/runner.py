@@ -26,7 +26,7 @@ from harness.fingerprint import run_inputs
 from harness.io import RowStore, atomic_write_json, atomic_write_text, os_error
 from harness.lock import RunLock
 from harness.metrics import summarize
-from harness.models import load_model, max_context
+from harness.models import inspect_model, load_model
 from harness.pipeline import run_sample
 from harness.schema import RunSettings, validate
 from tasks.base import PromptEncoder
@@ -143,10 +143,16 @@ def _error_text(err: BaseException) -> str:
 
 def check_config(cfg: DictConfig) -> tuple[RunSettings, Any, list[str]]:
     """Every value of a run config checked, nothing loaded or written: the settings, the method, the task names.
+    The model is checked from its config.json alone (architecture, maximum context), before any weight loads.
     The CLI calls it for each job before Hydra makes a dir; ``run`` calls it again first."""
     settings = validate(cfg)
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
+    limit = inspect_model(cfg.model)["max_position_embeddings"]
+    if limit and settings.context_length > limit:
+        raise KvbenchError(
+            f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
+        )
     return settings, method, task_names
 
 
@@ -182,16 +188,12 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
         bind = getattr(part, "bind_model", None)
         if bind is not None:
             bind(model)
-    limit = max_context(model)
-    if limit and settings.context_length > limit:
-        raise KvbenchError(
-            f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
-        )
     chat = settings.model.chat and getattr(tokenizer, "chat_template", None) is not None
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     loaded = []
     for name in task_names:
-        task = tasks.get_task(name, **task_params(cfg.task))
+        suite = None if name == cfg.task.name else str(cfg.task.name)  # a suite's data_dir is for those that read
+        task = tasks.get_task(name, suite=suite, **task_params(cfg.task))
         encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
         samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
         for sample in samples:

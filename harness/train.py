@@ -42,6 +42,7 @@ from omegaconf import ListConfig
 from harness.compat import cache_of, with_cache
 from harness.errors import KvbenchError
 from harness.io import atomic_save, atomic_write_text
+from harness.paths import read_json_object
 
 log = logging.getLogger("kvbench.train")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -392,7 +393,7 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     opt = new_optimizer()
     start, history = 0, []
     if (out / "config.json").exists() and not cfg.get("overwrite", False):
-        prev = json.loads((out / "config.json").read_text())
+        prev = read_json_object(out / "config.json", "or pass overwrite=true to start again")
         if prev.get("method") != name:
             raise KvbenchError(f"{out} holds a {prev.get('method')!r} checkpoint; use another out=<dir> or overwrite=true")
         diff = [k for k in ARCH_KEYS if prev.get("model", {}).get(k) != info.get(k)]

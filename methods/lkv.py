@@ -144,21 +144,15 @@ def load_params(module: nn.Module, tensors: dict[str, Tensor], where: str | Path
 
 def save_checkpoint(out_dir: str | Path, method: str, params: nn.Module, model_info: dict, hparams: dict,
                     extra: dict | None = None) -> None:
-    """Learned tensors (safetensors) + config.json, each written atomically."""
-    import os
-
+    """Learned tensors (safetensors) + config.json, each written atomically with the user's umask."""
     from safetensors.torch import save_file
 
+    from harness.io import atomic_save, atomic_write_json
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in params.state_dict().items()}
-    tmp = out / (PARAMS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / PARAMS_FILE)
-    config = {"method": method, "model": model_info, "hparams": hparams, **(extra or {})}
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    atomic_save(out / PARAMS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(out / CONFIG_FILE, {"method": method, "model": model_info, "hparams": hparams, **(extra or {})})
 
 
 def check_model(config: dict, model: nn.Module, where: str) -> None:

@@ -423,8 +423,6 @@ def test_learned_method_resume_equals_an_uninterrupted_run(tmp_path, umask):
     assert mode(tmp_path / "b" / STATE_FILE) == mode(tmp_path / "b" / "history.jsonl") == 0o644
 
 
-@pytest.mark.xfail(reason="methods/lkv.save_checkpoint writes params.safetensors with safetensors' save_file, which "
-                          "creates files 0600 whatever the umask; the fix is harness.io.atomic_save there")
 def test_learned_checkpoint_follows_the_umask(tmp_path, umask):
     from test_learned import _train_cfg
 

@@ -9,7 +9,6 @@ machine: the training machine is passed with ``--hardware``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -103,9 +102,10 @@ def _shapes(path: Path):
 
 
 def main(argv=None):
+    from harness.cli import ArgumentParser
     from harness.reference import CHECKPOINT_DIR
 
-    ap = argparse.ArgumentParser(description="write the reference model card")
+    ap = ArgumentParser(description="write the reference model card")
     ap.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
     ap.add_argument("--results", default="results/reference")
     ap.add_argument("--hardware", required=True, help="the machine the model was trained on, in words")

@@ -9,7 +9,6 @@ The score is RULER's string_match_all (fraction of reference answers found in th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -128,9 +127,10 @@ def evaluate(model_dir: str, tasks: list[str], lengths: list[int], n: int, seed:
 
 
 def main(argv=None):
+    from harness.cli import ArgumentParser
     from harness.reference import CHECKPOINT_DIR
 
-    ap = argparse.ArgumentParser(description="greedy RULER check of a checkpoint")
+    ap = ArgumentParser(description="greedy RULER check of a checkpoint")
     ap.add_argument("--model", default=str(CHECKPOINT_DIR))
     ap.add_argument("--tasks", default="niah_single_1,niah_multikey_1,vt")
     ap.add_argument("--lengths", default="4096")

@@ -229,8 +229,21 @@ def save(model, tok, out: Path, meta: dict):
     atomic_write_text(out / "training_meta.json", json.dumps(meta, indent=1) + "\n")
 
 
+# Bounds of the numeric flags (low, high); the learning rates must be above their low bound, the rest may equal it.
+RANGES = {"steps": (0, math.inf), "batch_tokens": (1, math.inf), "max_len": (16, math.inf), "lr": (0, math.inf),
+          "warmup": (0, math.inf), "weight_decay": (0, math.inf), "lm_weight": (0, math.inf),
+          "vocab_size": (2, math.inf), "eval_every": (1, math.inf), "log_every": (1, math.inf),
+          "threads": (1, math.inf), "seed": (0, math.inf), "drill_steps": (0, math.inf), "drill_rows": (1, math.inf),
+          "skip_share": (0, 1), "skip_span": (1, math.inf), "focus_steps": (0, math.inf), "focus_lr": (0, math.inf),
+          "time_limit": (0, math.inf)}
+POSITIVE = {"lr", "focus_lr"}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from harness.cli import ArgumentParser, interrupts_reported
+    from harness.models import device_for
+
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="harness/reference/checkpoint")
     ap.add_argument("--work-dir", default="outputs/reference-train")
     ap.add_argument("--steps", type=int, default=4500)
@@ -263,10 +276,18 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
-    try:
-        train(args)
-    except KvbenchError as err:
-        ap.exit(2, f"{ap.prog}: error: {err}\n")
+    for name, (low, high) in RANGES.items():  # argparse checks types only
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value > low if name in POSITIVE else value >= low) and value <= high):
+            bound = f"> {low}" if name in POSITIVE else f">= {low}"
+            ap.error(f"--{name.replace('_', '-')}={value} is out of range; allowed: {bound}"
+                     + (f" and <= {high}" if high != math.inf else ""))
+    with interrupts_reported(ap.prog, lambda: " (the last saved state is kept)"):
+        try:
+            device_for(args.device)
+            train(args)
+        except KvbenchError as err:
+            ap.exit(2, f"{ap.prog}: error: {err}\n")
 
 
 def train(args: argparse.Namespace) -> None:
