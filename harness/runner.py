@@ -48,14 +48,24 @@ def _comparable(cfg: dict) -> dict:
 
 def normalized(cfg: DictConfig, settings: RunSettings) -> dict:
     """The resolved config with the validated spellings (``query_aware=yes`` is stored as true), so that two
-    spellings of one config are one config."""
+    spellings of one config are one config. ``compression_ratio=0.9`` is stored as ``keep_ratio: 0.1`` (every
+    budget rule counts the same for both spellings: ``harness.compress.kept_fraction``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("query_aware", "overwrite", "progress", "keep_ratio"):
+    for key in ("query_aware", "overwrite", "progress"):
         resolved[key] = getattr(settings, key)
+    resolved.pop("compression_ratio", None)
+    resolved["keep_ratio"] = [recorded_ratio(r) for r in settings.keep_ratio]
     resolved["model"]["chat"] = settings.model.chat
-    if not isinstance(cfg.keep_ratio, (list, tuple, ListConfig)):
-        resolved["keep_ratio"] = settings.keep_ratio[0]
+    typed = cfg.get("keep_ratio") if cfg.get("compression_ratio") is None else cfg.get("compression_ratio")
+    if not isinstance(typed, (list, tuple, ListConfig)):
+        resolved["keep_ratio"] = resolved["keep_ratio"][0]
     return resolved
+
+
+def recorded_ratio(ratio: float) -> float:
+    """A ratio as rows and configs record it: 12 decimals, so 1 - 0.9 is 0.1, not 0.09999999999999998 (the
+    run itself counts with the exact value)."""
+    return round(float(ratio), 12)
 
 
 def _read_config(path: Path) -> dict:
@@ -100,6 +110,9 @@ def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None, sett
                 f"{out_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use another hydra.run.dir, or overwrite=true to discard it"
             )
+    for name in ("config.yaml", "metrics.json"):  # temp files of writes a SIGKILL cut short (the dir is locked)
+        for stale in out_dir.glob(f".{name}.*"):
+            stale.unlink(missing_ok=True)
     if settings.overwrite:
         for name in ("predictions.jsonl", "metrics.json"):
             if (out_dir / name).exists():
@@ -162,7 +175,7 @@ def check_protected(method, settings: RunSettings) -> None:
     from harness.compress import n_keep
 
     protected = method.n_sink + method.n_recent
-    budgets = [n_keep(settings.context_length, r) for r in settings.keep_ratio if r < 1.0]
+    budgets = [n_keep(settings.context_length, r, method.budget_rule) for r in settings.keep_ratio if r < 1.0]
     if method.compresses and budgets and protected >= max(budgets):
         raise KvbenchError(
             f"method.n_sink + method.n_recent = {protected} protected tokens is at least every budget of this run "
@@ -252,7 +265,7 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
         log.debug(traceback.format_exc())
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return [{**base, "keep_ratio": r, "prediction": None, "score": None, "error": _error_text(err)}
+        return [{**base, **_ratio_fields(r), "prediction": None, "score": None, "error": _error_text(err)}
                 for r in ratios]
     rows = []
     for o in outcomes:
@@ -260,12 +273,17 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
             overall, by_layer = evidence_retention(o.kept, evidence)
             o.extras = {**o.extras, "evidence_retention": overall, "evidence_retention_by_layer": by_layer}
         rows.append({
-            **base, "keep_ratio": o.keep_ratio, "prediction": o.prediction, "score": float(task.score(o.prediction, sample)),
+            **base, **_ratio_fields(o.keep_ratio), "prediction": o.prediction, "score": float(task.score(o.prediction, sample)),
             "error": None, "context_tokens": o.context_tokens, "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes,
             "kv_bytes_full": o.kv_bytes_full, "prefill_s": o.prefill_s, "compress_s": o.compress_s,
             "decode_s": o.decode_s, "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **o.extras,
         })
     return rows
+
+
+def _ratio_fields(keep_ratio: float) -> dict:
+    """A row's ratios: ``keep_ratio`` (the resume key) and kvpress's ``compression_ratio = 1 - keep_ratio``."""
+    return {"keep_ratio": recorded_ratio(keep_ratio), "compression_ratio": recorded_ratio(1.0 - keep_ratio)}
 
 
 def _jsonable(meta: dict) -> dict:
