@@ -24,7 +24,7 @@ from harness.errors import KvbenchError
 from harness.overrides import PASS_THROUGH, Composer, expand_jobs, is_multirun, split_argv
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "task", "paper")
+GROUPS = ("model", "method", "task", "paper", "paper_model")
 
 
 def fail(message: str, code: int = 2, prog: str = "kvbench") -> None:
@@ -73,7 +73,7 @@ def group_options(group: str) -> list[str]:
 
 def check_group_overrides(argv: list[str]) -> None:
     for arg in argv:
-        m = re.fullmatch(r"\+{0,2}(model|method|task|paper)=(.*)", arg)
+        m = re.fullmatch(rf"\+{{0,2}}({'|'.join(GROUPS)})=(.*)", arg)
         if not m:
             continue
         group, value = m.groups()
@@ -110,8 +110,36 @@ def check_output_dir(argv: list[str]) -> None:
                  "pass hydra.run.dir=<writable dir>")
 
 
-def run_name(override_dirname: str) -> str:
-    """A run directory name from the overrides: stable (resume), readable, filesystem-safe."""
+def _override_items(override_dirname: str) -> list[str]:
+    """The overrides Hydra joined with "," into ``override_dirname`` (commas inside [], {}, () or quotes kept)."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(override_dirname):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(override_dirname[start:i])
+            start = i + 1
+    return [*items, override_dirname[start:]] if override_dirname else []
+
+
+def run_name(override_dirname: str, query_aware=None) -> str:
+    """A run directory name from the overrides: stable (resume), readable, filesystem-safe.
+
+    A query-aware run whose mode came from a config, not the command line (task=longbench... defaults to it), gets
+    ``query_aware=true`` among its overrides (in Hydra's sorted order), so the name says when the question was
+    prefilled and ``task=longbench`` names the same dir as ``task=longbench query_aware=true``. A query-agnostic run
+    (the top-level default) is named by its overrides alone, as before."""
+    from harness.schema import parse_flag
+
+    items = _override_items(override_dirname)
+    if parse_flag(query_aware) is True and not any(re.match(r"[+~]{0,2}query_aware(=|$)", i) for i in items):
+        override_dirname = ",".join(sorted([*items, "query_aware=true"]))
     name = override_dirname.replace("/", ".") or "defaults"
     if len(name) > 180:
         name = name[:160] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]

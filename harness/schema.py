@@ -97,7 +97,7 @@ class RunSettings(BaseModel):
     model_config = STRICT
     keep_ratio: Annotated[list[KeepRatio], BeforeValidator(_as_list), Field(min_length=1)]
     context_length: Count
-    n_samples: Count
+    n_samples: Count | None  # None: every sample of a task with a fixed set of records (LongBench)
     seed: NonNegative
     query_aware: Flag
     max_new_tokens: Count | None = None

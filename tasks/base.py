@@ -6,10 +6,12 @@ in the model's own tokens.
 
 A prompt is split in two parts because eviction methods are usually evaluated *query-agnostic*
 (kvpress's convention): the ``context`` is prefilled and compressed before the ``question`` is seen.
-The text the model sees is always ``context + question + answer_prefix``.
+Without a chat template the text the model sees is ``context + question + answer_prefix``; with one, the
+answer prefix opens the assistant's reply (see ``PromptEncoder``).
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,44 +34,70 @@ class Sample:
 
 
 class PromptEncoder:
-    """Turns (context, question + answer_prefix) into token ids the way the harness prefills them.
+    """Turns a sample (context, question, answer prefix) into token ids the way the harness prefills them.
 
-    The context is encoded with the tokenizer's special tokens (BOS), the question without; with
-    ``chat=True`` the user turn is wrapped in the tokenizer's chat template and the split point is kept.
+    Without a chat template the text is ``context + question + answer_prefix`` (RULER's ``base`` model template,
+    LongBench's raw prompt); the context is encoded with the tokenizer's special tokens (BOS), the rest without.
+
+    With ``chat=True`` the text is official RULER's layout for chat models (prepare.py: the model's chat template
+    around the task input, then the answer prefix, which so begins the assistant's reply)::
+
+        apply_chat_template([{"role": "user", "content": context + question}], add_generation_prompt=True)
+          + answer_prefix
+
+    split where kvpress's pipeline splits it: the context part is the template up to the end of the context
+    (BOS, user header, context), the question part the question, the rest of the template (end of turn,
+    assistant header) and the answer prefix. Query-agnostic runs prefill and compress the context part first;
+    query-aware runs prefill both parts. Both parts are encoded without added special tokens (the template
+    carries them).
     """
+
+    MARKER = "\x00KVBENCH_SPLIT\x00"
 
     def __init__(self, tokenizer, chat: bool = False, system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.chat = chat
         self.system_prompt = system_prompt
 
-    def _wrap(self, context: str, question: str) -> tuple[str, str]:
+    def _wrap(self, context: str, question: str, answer_prefix: str = "") -> tuple[str, str]:
+        """The text of the context part and of the question part (answer prefix included)."""
         if not self.chat:
-            return context, question
-        marker = "\x00KVBENCH_SPLIT\x00"
-        messages = [{"role": "user", "content": context + marker + question}]
+            return context, question + answer_prefix
+        messages = [{"role": "user", "content": context + self.MARKER + question}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(marker)
-        return head, tail
+        parts = text.split(self.MARKER)
+        if len(parts) != 2:
+            raise KvbenchError("the tokenizer's chat template does not keep the user message as one piece of text "
+                               "(cannot split context from question); run without it: model.chat=false")
+        head, tail = parts
+        return head, tail + answer_prefix
 
-    def encode(self, context: str, question: str) -> tuple[list[int], list[int]]:
-        """Token ids of the context part and of the question part (question includes the answer prefix)."""
-        context, question = self._wrap(context, question)
+    def text(self, context: str, question: str, answer_prefix: str = "") -> str:
+        """The whole text the model sees."""
+        return "".join(self._wrap(context, question, answer_prefix))
+
+    def encode(self, context: str, question: str, answer_prefix: str = "") -> tuple[list[int], list[int]]:
+        """Token ids of the context part and of the question part (the answer prefix ends the latter)."""
+        context, question = self._wrap(context, question, answer_prefix)
         tok = self.tokenizer
         ctx_ids = tok(context, add_special_tokens=not self.chat).input_ids
         q_ids = tok(question, add_special_tokens=False).input_ids
         return list(ctx_ids), list(q_ids)
 
-    def count(self, context: str, question: str) -> int:
-        ctx_ids, q_ids = self.encode(context, question)
+    def count(self, context: str, question: str, answer_prefix: str = "") -> int:
+        ctx_ids, q_ids = self.encode(context, question, answer_prefix)
         return len(ctx_ids) + len(q_ids)
 
     def context_token_indices(self, context: str, spans: list[list[int]]) -> list[int]:
         """Indices (in the encoded context) of the tokens overlapping any character span ``[start, end)``."""
         wrapped, _ = self._wrap(context, "")
-        shift = wrapped.find(context) if self.chat else 0
+        # The context ends the wrapped text; a template may strip its leading whitespace (Llama 3's ``| trim``).
+        if not wrapped.endswith(context.lstrip()):
+            raise KvbenchError("the tokenizer's chat template changes the context text; evidence spans cannot be "
+                               "placed on its tokens (run with model.chat=false)")
+        shift = len(wrapped) - len(context)
         enc = self.tokenizer(wrapped, add_special_tokens=not self.chat, return_offsets_mapping=True)
         hits = []
         for i, (start, end) in enumerate(enc["offset_mapping"]):
@@ -80,7 +108,13 @@ class PromptEncoder:
         return hits
 
     def encode_sample(self, sample: Sample) -> tuple[list[int], list[int]]:
-        return self.encode(sample.context, sample.question + sample.answer_prefix)
+        return self.encode(sample.context, sample.question, sample.answer_prefix)
+
+    def count_sample(self, sample: Sample) -> int:
+        return self.count(sample.context, sample.question, sample.answer_prefix)
+
+    def text_sample(self, sample: Sample) -> str:
+        return self.text(sample.context, sample.question, sample.answer_prefix)
 
 
 class Task(ABC):
@@ -94,6 +128,15 @@ class Task(ABC):
     # data_dir is for the members that read it. A class serving several tasks (RULER's NiahTask) may set it
     # per instance, before ``Task.__init__``.
     reads_data: bool = False
+    # Whether the task is a fixed set of records, so that ``n_samples=None`` means all of them (LongBench). A task
+    # that generates its samples (RULER) has no "all" and refuses None (``samples`` of every subclass is checked).
+    finite: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("samples")
+        if own is not None and not getattr(own, "__isabstractmethod__", False):
+            cls.samples = _checked_count(own)
 
     def __init__(self, data_dir: str | None = None, **params: Any):
         if data_dir is not None and not Path(str(data_dir)).expanduser().is_dir():
@@ -105,7 +148,8 @@ class Task(ABC):
 
     @abstractmethod
     def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
-        """Exactly ``n_samples`` samples (fewer only if the dataset has fewer), deterministic in ``seed``."""
+        """Exactly ``n_samples`` samples (fewer only if the dataset has fewer), deterministic in ``seed``;
+        ``n_samples=None``: every record of a ``finite`` task (refused by the others)."""
 
     @abstractmethod
     def score(self, prediction: str, sample: Sample) -> float:
@@ -114,3 +158,19 @@ class Task(ABC):
     def stop_strings(self) -> list[str]:
         """Generation stops once the decoded continuation contains one of these (besides EOS)."""
         return []
+
+
+def _checked_count(samples):
+    """``Task.samples`` refusing ``n_samples=None`` (all samples) for a task that generates its samples."""
+    if getattr(samples, "_kvbench_checked", False):
+        return samples
+
+    @functools.wraps(samples)
+    def checked(self, encoder, context_length, n_samples, *args, **kwargs):
+        if n_samples is None and not self.finite:
+            raise KvbenchError(f"{self.name} generates its samples, so n_samples=null (all samples) has no meaning "
+                               "for it; pass n_samples=<number>")
+        return samples(self, encoder, context_length, n_samples, *args, **kwargs)
+
+    checked._kvbench_checked = True
+    return checked

@@ -48,16 +48,68 @@ def test_registry_and_class_attributes():
         make_task("longbench_e/narrativeqa")
 
 
+DEFAULTS = ["/task/longbench/_defaults@_global_", "_self_"]  # every LongBench config: all samples, query-aware
+
+
 def test_configs_name_every_task():
     for suite, names in (("longbench", DATASETS), ("longbench_e", E_DATASETS)):
         import yaml
 
-        assert yaml.safe_load((CONF / f"{suite}.yaml").read_text()) == {"name": suite, "data_dir": None}
-        files = sorted(p.stem for p in (CONF / suite).glob("*.yaml"))
+        assert yaml.safe_load((CONF / f"{suite}.yaml").read_text()) == {"defaults": DEFAULTS, "name": suite,
+                                                                         "data_dir": None}
+        files = sorted(p.stem for p in (CONF / suite).glob("*.yaml") if not p.name.startswith("_"))
         assert files == sorted(names)
         for d in names:
-            assert yaml.safe_load((CONF / suite / f"{d}.yaml").read_text()) == {"name": f"{suite}/{d}",
-                                                                                 "data_dir": None}
+            assert yaml.safe_load((CONF / suite / f"{d}.yaml").read_text()) == {
+                "defaults": DEFAULTS, "name": f"{suite}/{d}", "data_dir": None}
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent.resolve()), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("task", ["longbench/qasper", "longbench", "longbench_e/qasper", "longbench_e"])
+def test_longbench_defaults_are_all_samples_query_aware(task):
+    from harness.schema import validate
+
+    cfg = _compose(f"task={task}")
+    assert cfg.n_samples is None and cfg.query_aware is True and cfg.task.name == task
+    assert validate(cfg).n_samples is None  # the schema takes null = all
+    assert set(cfg.task) == {"name", "data_dir"}  # the run defaults are top-level keys, not task parameters
+    off = _compose(f"task={task}", "query_aware=false", "n_samples=5")  # the command line still wins
+    assert off.query_aware is False and off.n_samples == 5
+
+
+def test_ruler_defaults_unchanged_and_ruler_refuses_all_samples():
+    for task in ("ruler/niah_single_1", "ruler"):
+        cfg = _compose(f"task={task}")
+        assert cfg.n_samples == 10 and cfg.query_aware is False
+    assert _compose().n_samples == 10 and _compose().query_aware is False
+    assert _compose("paper=lkv_longbench").n_samples == 200  # a preset's count still beats the task's default
+    with pytest.raises(KvbenchError, match="n_samples=null"):
+        get_task("ruler/niah_single_1").samples(PromptEncoder(byte_tokenizer()), 1024, None, 0)
+
+
+def test_all_samples_is_every_record(enc):
+    task = make_task("longbench/qasper", data_dir=str(FIX))
+    assert [s.sample_id for s in task.samples(enc, 1 << 16, None, 0)] == [r["_id"] for r in _records("qasper")]
+    assert select_indices(5, None, 0, "x") == [0, 1, 2, 3, 4]
+
+
+def test_run_name_carries_the_query_mode():
+    from harness.cli import run_name
+
+    assert run_name("task=longbench/qasper", True) == "query_aware=true,task=longbench.qasper"
+    # the same config spelt out names the same dir (Hydra sorts the overrides)
+    assert run_name("query_aware=true,task=longbench/qasper", True) == run_name("task=longbench/qasper", True)
+    assert run_name("query_aware=false,task=longbench/qasper", False) == "query_aware=false,task=longbench.qasper"
+    assert run_name("keep_ratio=[0.1,0.5],task=longbench", "true") == "keep_ratio=[0.1,0.5],query_aware=true,task=longbench"
+    # query-agnostic (the top-level default, RULER's): names as before
+    assert run_name("method=snapkv,task=ruler/vt", False) == "method=snapkv,task=ruler.vt"
+    assert run_name("", False) == "defaults" and run_name("", True) == "query_aware=true"
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -287,3 +339,22 @@ def test_tiny_run_through_the_harness(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["error"] is None and 0.0 <= r["score"] <= 1.0 for r in rows)
     assert all(r["meta"]["all_classes"] and r["context_tokens"] <= 400 for r in rows)
+
+
+def test_cli_run_dir_and_rows_carry_the_query_mode(tmp_path):
+    """``kvbench task=longbench/...``: every sample, query-aware, and both the run dir and the rows say so
+    (``query_aware=false`` is one override away: test_longbench_defaults_are_all_samples_query_aware)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(FIX / "trec.jsonl", tmp_path / "data" / "trec.jsonl")
+    args = ["context_length=400", "max_new_tokens=2", "model=tiny-random", "task.data_dir=data", "task=longbench/trec"]
+    r = subprocess.run([sys.executable, "-m", "harness.cli", *args, "progress=false"], cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = tmp_path / "results" / "runs" / ",".join(sorted([*args, "query_aware=true"])).replace("/", ".")
+    rows = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(_records("trec")) and all(r["query_aware"] is True for r in rows)

@@ -17,9 +17,9 @@ from tasks.longbench.prompt import build_prompt, split_prompt, truncate
 MAX_FIT_TRIES = 8
 
 
-def select_indices(n_records: int, n_samples: int, seed: int, name: str) -> list[int]:
-    """All records in file order when n_samples covers them, else a seeded subset (kept in file order)."""
-    if n_samples >= n_records:
+def select_indices(n_records: int, n_samples: int | None, seed: int, name: str) -> list[int]:
+    """All records in file order when n_samples is None or covers them, else a seeded subset (in file order)."""
+    if n_samples is None or n_samples >= n_records:
         return list(range(n_records))
     digest = hashlib.sha256(f"kvbench-longbench\x1f{name}\x1f{seed}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
@@ -44,6 +44,7 @@ class LongBenchTask(Task):
     e: bool = False
     skip_chat_template: bool = False
     reads_data = True  # <data_dir>/<dataset>.jsonl
+    finite = True  # n_samples=None: every record (the default of task=longbench..., as eviction papers run it)
 
     def __init__(self, data_dir: str | None = None, **params: Any):
         if params:
@@ -114,14 +115,16 @@ class LongBenchTask(Task):
             context=ctx,
             question=question,
             answers=[str(a) for a in record["answers"]],
-            answer_prefix="",
+            answer_prefix="",  # pred.py has none: the prompt's own "Answer:" ends the user turn of a chat template
             max_new_tokens=MAX_NEW_TOKENS[self.dataset],
             meta=meta,
         )
 
-    def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
+    def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int | None,
+                seed: int) -> list[Sample]:
         records = self.records()
-        picked = select_indices(len(records), int(n_samples), int(seed), self.name)
+        count = None if n_samples is None else int(n_samples)
+        picked = select_indices(len(records), count, int(seed), self.name)
         return [self.build_sample(encoder, records[i], i, int(context_length)) for i in picked]
 
     # ---------------------------------------------------------------------------------------- scoring
