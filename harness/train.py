@@ -157,22 +157,22 @@ class DataStream:
         lengths = cfg.context_length
         self.lengths = [int(x) for x in lengths] if isinstance(lengths, (list, tuple, ListConfig)) else [int(lengths)]
         self.corpus = TextCorpus(cfg.path, tok, int(cfg.continuation)) if self.source == "text" else None
-        self.tasks = None
-        if self.source == "ruler":
-            self.tasks = self._ruler_tasks()
-            if self.tasks is None:
-                log.warning("tasks/ruler is not available yet: training on the built-in synthetic prompts")
-                self.source = "synthetic"
+        self.tasks = self.ruler_tasks(cfg.tasks) if self.source == "ruler" else None
 
-    def _ruler_tasks(self):
+    @staticmethod
+    def ruler_tasks(names) -> list:
+        """(name, task) of each ``data.tasks`` entry; an empty list or an unknown name is an error."""
         import tasks
 
+        if not names:
+            raise KvbenchError("data.tasks=[] is empty; name the tasks to train on, e.g. [ruler/niah_single_1], or "
+                               "pick data.source=synthetic")
         out = []
-        for name in self.cfg.tasks:
+        for name in names:
             try:
                 out.append((name, tasks.get_task(str(name))))
             except KeyError:
-                return None
+                raise KvbenchError(f"data.tasks: {name!r} is not a task; allowed: {', '.join(tasks.available())}") from None
         return out
 
     def example(self, step: int) -> Example:
@@ -468,8 +468,10 @@ def check_train_config(cfg) -> None:
     import methods
     from harness.schema import validate_train
 
-    validate_train(cfg)
+    settings = validate_train(cfg)
     methods.build_method(cfg.method)
+    if settings.data.source == "ruler" and settings.data.path is None:
+        DataStream.ruler_tasks(settings.data.tasks)
     name = str(cfg.method.name)
     if name not in learners():
         raise KvbenchError(f"method={name!r} has nothing to train; allowed: {', '.join(sorted(learners()))}")
