@@ -21,6 +21,9 @@ LU-KV (seed 002) allocates budgets to maximise the *future utility* kept in the 
   metadata: model name, config fingerprint, n_layers, n_kv_heads, method, task, samples, context length, date.
   The ``lukv`` allocator (methods/lukv.py) reads it, interpolates between ratios and rescales to the current
   T with exact integer sums.
+* **LU-KV's own budget table** (``.npy``, the file of github.com/baidu-baige/LU-KV that kvpress's ``LUKVPress``
+  loads, e.g. ``evaluation/curve_data/llama-3.1-8b/ea_0.02_sink4_win1_llama_avg_ratio.npy``): ``method.profile``
+  may name it directly; ``load_profile`` recognises it by content (see ``load_lukv_table``).
 
 Usage (Hydra-style overrides as ``kvbench``, plus the profile's own keys)::
 
@@ -51,6 +54,8 @@ from harness.errors import KvbenchError
 from harness.schema import Count
 
 FORMAT = "kvbench-lukv-profile/1"
+LUKV_TABLE_FORMAT = "lukv-npy"  # meta["format"] of a profile read from LU-KV's own .npy budget table
+NPY_MAGIC = b"\x93NUMPY"
 DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
@@ -200,9 +205,74 @@ def save_profile(path: str | Path, profile: Profile) -> Path:
     return path
 
 
+def _file_kind(path: Path) -> str:
+    """``npy`` (numpy's magic), ``pickle`` (a torch.save / pickle file: a zip archive or a pickle stream) or
+    ``safetensors`` (anything else: the safetensors reader judges it)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pickle"
+    return "safetensors"
+
+
+def load_lukv_table(path: str | Path) -> Profile:
+    """LU-KV's official budget table (a ``.npy`` file, read without pickle) as a ``Profile``.
+
+    The format, as kvpress's ``LUKVPress`` (kvpress/presses/lukv_press.py, NVIDIA/kvpress commit 520d418, 2026-07-02)
+    and LU-KV's ``evaluation/curve_data/step2_compute_curve.py`` (``np.save`` of the mean allocation over the
+    calibration questions) read and write it: one float array ``[99, n_layers, n_kv_heads]``; row ``i`` is the
+    global compression ratio ``(i + 1) / 100`` (kvpress picks row ``round(100 * compression_ratio) - 1``), and entry
+    ``[i, l, h]`` the fraction of layer ``l``'s tokens that KV head ``h`` *prunes* (each row's mean is the row's
+    compression ratio; the protected sinks and window are counted inside the kept share). No metadata: the
+    model is only checked by its number of layers and KV heads.
+
+    As a profile: keep ratios ``1 - (i + 1) / 100`` (0.01 .. 0.99), shares ``1 - table[i]``, ``scope=global``
+    (the table's layers trade budget). At those ratios the shares are the table's rows; between them the
+    ``lukv`` allocator interpolates linearly where kvpress takes the nearest row (kvpress runs compression
+    0.875 with the 0.88 row), and its total is the harness's exact count, where kvpress rounds each layer's
+    table total (at most a token per head apart).
+
+    ``np.load(..., allow_pickle=False)``: an object array (which needs pickle) is refused, never unpickled."""
+    import numpy as np
+
+    path = Path(path)
+    where = f"method.profile={str(path)!r}"
+    fmt = ("LU-KV's budget table: a .npy float array [99, n_layers, n_kv_heads] of per-head prune ratios, row i "
+           "for compression (i + 1) / 100")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower():
+            raise KvbenchError(f"{where} holds Python objects (it needs pickle, which kvbench never loads); give "
+                               f"{fmt}") from None
+        raise KvbenchError(f"{where} is not a readable .npy file ({err}); give {fmt}") from None
+    except (OSError, EOFError) as err:
+        raise KvbenchError(f"{where} is damaged or truncated ({err}); give {fmt}") from None
+    if not isinstance(table, np.ndarray) or table.ndim != 3 or table.shape[0] != 99 or 0 in table.shape:
+        shape = getattr(table, "shape", "?")
+        raise KvbenchError(f"{where} has shape {tuple(shape) if shape != '?' else shape}; {fmt}")
+    if not (np.issubdtype(table.dtype, np.floating) or np.issubdtype(table.dtype, np.integer)):
+        raise KvbenchError(f"{where} holds {table.dtype} values, not numbers; {fmt}")
+    prune = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
+    if not torch.isfinite(prune).all() or (prune < 0).any() or (prune > 1).any():
+        raise KvbenchError(f"{where} holds prune ratios outside [0, 1] (or non-finite); {fmt}")
+    n_layers, n_heads = int(prune.shape[1]), int(prune.shape[2])
+    keep = torch.tensor([1.0 - (i + 1) / 100 for i in range(99)], dtype=torch.float64)
+    order = keep.argsort()
+    meta = {"format": LUKV_TABLE_FORMAT, "table": path.name, "scope": "global", "n_layers": n_layers,
+            "n_kv_heads": n_heads, "ratios": "1 - (i + 1) / 100, i = 0 .. 98"}
+    return Profile((1.0 - prune)[order].float(), keep[order].float(), meta)
+
+
 def load_profile(path: str | Path) -> Profile:
     """A profile file, checked: a missing, truncated or foreign file, missing or extra tensors, and tensors that
-    disagree in shape with each other or with the metadata are one-line ``KvbenchError``s naming the file."""
+    disagree in shape with each other or with the metadata are one-line ``KvbenchError``s naming the file.
+
+    Two formats, told apart by content: kvbench-profile's safetensors file, and LU-KV's own ``.npy`` budget
+    table (``load_lukv_table``). A pickle-based file (``torch.save``'s ``.pt``, a pickle) is refused: it is never
+    unpickled."""
     from harness.paths import check_tensors, read_safetensors
 
     path = Path(path)
@@ -210,6 +280,17 @@ def load_profile(path: str | Path) -> Profile:
     remake = "make one with kvbench-profile model=<model> out=<file>"
     if not path.is_file():
         raise KvbenchError(f"{where} does not exist or is not a file; {remake}")
+    try:
+        kind = _file_kind(path)
+    except OSError as err:
+        raise KvbenchError(f"{where} cannot be read: {err.strerror or err}") from None
+    if kind == "npy":
+        return load_lukv_table(path)
+    if kind == "pickle":
+        raise KvbenchError(
+            f"{where} is a pickle-based file (torch.save / pickle), which kvbench never loads; give a kvbench-profile "
+            "safetensors file or LU-KV's .npy table (convert a tensor file yourself: read it with torch's "
+            "weights_only=True loader, then numpy.save the array as .npy)")
     tensors, raw = read_safetensors(path, f"{where} is not a kvbench-profile file; {remake}")
     if raw.get("format") != FORMAT:
         raise KvbenchError(f"{where} is not a kvbench-profile file (format {raw.get('format')!r}); {remake}")
@@ -357,7 +438,7 @@ def measure_curves(model, method, prompts: list[tuple[list[int], list[int]]], gr
     return total / len(prompts)
 
 
-def calibration_prompts(tokenizer, cfg, n_samples: int, context_length: int, seed: int, future_tokens: int,
+def calibration_prompts(tokenizer, cfg, n_samples: int | None, context_length: int, seed: int, future_tokens: int,
                         chat: bool, random: bool = False) -> tuple[list[tuple[list[int], list[int]]], str]:
     """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids.
 
@@ -489,7 +570,10 @@ def run(argv: list[str]) -> Path:
         raise KvbenchError(f"method={cfg.method.name} has no scorer; profile a method that evicts (e.g. method=lukv)")
     model, tok = load_model(cfg.model)
     ratios = parse_ratios(own.get("ratios", ",".join(str(r) for r in DEFAULT_RATIOS)))
-    prompts, source = calibration_prompts(tok, cfg, int(cfg.n_samples), int(cfg.context_length), int(cfg.seed),
+    n_samples = None if cfg.n_samples is None else int(cfg.n_samples)  # None: all of a dataset's records
+    if n_samples is None and own.get("task") == "random":
+        raise KvbenchError("task=random needs n_samples=<number of calibration contexts>")
+    prompts, source = calibration_prompts(tok, cfg, n_samples, int(cfg.context_length), int(cfg.seed),
                                           int(own.get("future_tokens", 64)), bool(cfg.model.get("chat", False)),
                                           own.get("task") == "random")
     meta = {"model": model_name(model, str(cfg.model.name)), "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),

@@ -76,6 +76,21 @@ def test_boolean_anything_else_is_an_error(capsys, key, bad):
     assert f"{key}=" in line and "true/false, yes/no or 1/0" in line
 
 
+def test_method_boolean_spelling_is_recorded_as_a_boolean(tmp_path):
+    import yaml
+
+    r = kvbench(*BASE, "method=expected_attention", "keep_ratio=0.5", "method.use_vnorm=no",
+                f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["method"]["use_vnorm"] is False
+
+
+@pytest.mark.parametrize("args, needle", [(["paper_model=nope"], "paper_model='nope'"),
+                                          (["model=nope"], "model='nope'")])
+def test_unknown_group_choice(capsys, args, needle):
+    assert needle in refused_in_process(capsys, *BASE, *args)
+
+
 def test_query_aware_no_records_false(tmp_path):
     r = kvbench(*BASE, "method=snapkv", "keep_ratio=0.5", "query_aware=no", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
@@ -100,6 +115,9 @@ BAD_VALUES = [
     ("method.n_sink=-5", "method.n_sink=-5"), ("method.pool=min", "method.pool='min'"),
     ("method.window=2.5", "method.window=2.5"), ("method.n_recent=true", "method.n_recent=true"),
     ("method.allocator=adakv method.alpha=1.5", "method.alpha=1.5"),
+    ("method.alpha=abc", "method.alpha='abc'"),  # an allocator parameter this method does not use: still checked
+    ("method.beta=0.5", "method.beta=0.5"), ("method.allocator=''", "method.allocator=''"),
+    ("method.name=''", "method.name=''"),
 ]
 
 
