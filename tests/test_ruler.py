@@ -1,4 +1,5 @@
-"""RULER generators: length fit, gold answers in context, seeding, official prompt structure, metrics."""
+"""RULER generators: length rules (official RULER's, kvbench's), gold answers in context, seeding, official
+prompt structure, metrics."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from harness.tokenizer import byte_tokenizer
 from tasks import expand, get_task
 from tasks.base import PromptEncoder
 from tasks.ruler import TASK_NAMES, make_task
+from tasks.ruler.common import BELOW_RANGE, BELOW_RANGE_PROMPT_ONLY, LENGTH_RULES, ruler_search, ruler_upper
 from tasks.ruler.metrics import postprocess_pred, string_match_all, string_match_part
 from tasks.ruler.templates import BASE, NOISE
 
@@ -24,9 +26,16 @@ def enc():
 
 
 def _check_fit(enc, s, L):
+    """length_rule=ruler: prompt + generation <= L (official RULER's budget); kvbench: the prompt fills 90-100%."""
     n = enc.count(s.context, s.question + s.answer_prefix)
-    assert 0.9 * L <= n <= L, (s.sample_id, n, L)
-    assert s.meta["prompt_tokens"] == n
+    assert s.meta["prompt_tokens"] == n and s.meta["tokens_to_generate"] == s.max_new_tokens
+    if s.meta["length_rule"] == "kvbench":
+        assert 0.9 * L <= n <= L, (s.sample_id, n, L)
+        assert s.meta["length_fallback"] is None
+    else:
+        assert s.meta["length_rule"] == "ruler"
+        assert s.meta["length_fallback"] in (None, BELOW_RANGE), (s.sample_id, s.meta["length_fallback"])
+        assert n + s.max_new_tokens <= L, (s.sample_id, n, s.max_new_tokens, L)
 
 
 def _check_evidence(s):
@@ -44,9 +53,10 @@ def _lengths(name):
     return [1024, 4096]
 
 
+@pytest.mark.parametrize("rule", LENGTH_RULES)
 @pytest.mark.parametrize("name", SYNTHETIC)
-def test_fit_answers_and_evidence(enc, name):
-    task = make_task(name)
+def test_fit_answers_and_evidence(enc, name, rule):
+    task = make_task(name, length_rule=rule)
     for L in _lengths(name):
         samples = task.samples(enc, L, 2, seed=0)
         assert len(samples) == 2
@@ -191,10 +201,11 @@ def test_registry_and_configs():
     names = expand("ruler")
     assert names == [f"ruler/{n}" for n in TASK_NAMES] and len(names) == 13
     root = Path(__file__).resolve().parents[1] / "conf" / "task"
-    assert yaml.safe_load((root / "ruler.yaml").read_text()) == {"name": "ruler", "data_dir": None, "exclude": []}
+    assert yaml.safe_load((root / "ruler.yaml").read_text()) == {"name": "ruler", "data_dir": None, "exclude": [],
+                                                                  "length_rule": "ruler"}
     for n in TASK_NAMES:
         cfg = yaml.safe_load((root / "ruler" / f"{n}.yaml").read_text())
-        assert cfg["name"] == f"ruler/{n}" and cfg["data_dir"] is None
+        assert cfg["name"] == f"ruler/{n}" and cfg["data_dir"] is None and cfg["length_rule"] == "ruler"
         if n.startswith("niah"):
             assert cfg["depth"] is None
         params = {k: v for k, v in cfg.items() if k != "name"}
@@ -270,7 +281,8 @@ def test_fwe_structure(enc):
         counts[w] = counts.get(w, 0) + 1
     ranked = sorted(counts, key=counts.get, reverse=True)
     assert ranked[0] == "..." and ranked[1:4] == s.answers
-    assert s.meta["vocab_size"] == 4096 // 50
+    assert s.meta["vocab_size"] == (4096 - 50) // 50  # sys_kwext: after the generation budget is taken off
+    assert make_task("fwe", length_rule="kvbench").sample(enc, 4096, 0, 0).meta["vocab_size"] == 4096 // 50
     assert sorted(s.context[b:e] for b, e in s.meta["evidence"]) == sorted(w for w in words if w in s.answers)
 
 
@@ -383,3 +395,297 @@ def test_suite_exclude_leaves_out_named_tasks_and_refuses_unknown_ones():
     assert suite_tasks(OmegaConf.create({"name": "ruler/vt", "exclude": []})) == ["ruler/vt"]
     with pytest.raises(KvbenchError, match="task.exclude='qa_3' is not a task of ruler; allowed: niah_single_1"):
         suite_tasks(OmegaConf.create({"name": "ruler", "exclude": ["qa_3"]}))
+
+
+# ------------------------------------------------------------------------------------------ length rules
+def test_ruler_search_hand_computed():
+    """Official RULER's binary search (niah.py generate_samples et al.) on token counts worked out by hand."""
+    # count(n) = 100 + 3n, budget 1000 with 128 to generate: 100 + 3n + 128 <= 1000 <=> n <= 257.
+    # Upper bound: 25 units probe 175 tokens (7 a unit): int(1000 / 7 * 3) = int(428.57) = 428.
+    assert ruler_upper(175, 25, 1000, 25) == 428
+    assert ruler_search(lambda n: 100 + 3 * n, 1000, 128, 25, 428) == 257
+    # Not monotone: 2 tokens a unit, but 78 units overflow. Bounds [5, int(200 / 2 * 3) = 300]; RULER's probes:
+    # 152 no, 78 no (the bump), 41 yes, 59, 68, 73, 75, 76, 77 yes: it settles on 77 although 79..100 fit too.
+    probes = []
+
+    def bumpy(n):
+        probes.append(n)
+        return 1000 if n == 78 else 2 * n
+
+    assert ruler_upper(bumpy(5), 5, 200, 5) == 300
+    probes.clear()
+    assert ruler_search(bumpy, 200, 0, 5, 300) == 77
+    assert probes == [152, 78, 41, 59, 68, 73, 75, 76, 77]
+    assert ruler_search(lambda n: 2 * n, 200, 0, 5, 300) == 100
+    # The floor: a tiny budget leaves 2 x incremental as the upper bound; nothing fits: None (RULER: incremental).
+    assert ruler_upper(1000, 10, 100, 10) == 20
+    assert ruler_search(lambda n: 1000 + n, 500, 0, 10, 20) is None
+    # cwe's bound (sys_word_pair_random): 4096 words probe 30000 tokens: int(8192 // 7.32421875) * 2 = 1118 * 2.
+    assert max(int(8192 // (30000 / 4096)) * 2, 20) == 2236
+
+
+def test_ruler_step_down():
+    """An overflowing sample retries with incremental fewer units while above incremental (RULER's sample loop)."""
+    task = make_task("niah_single_1")
+    assert task.ruler_incremental(4095) == 5 and task.ruler_incremental(4096) == 25
+    assert make_task("niah_single_2").ruler_incremental(1024) == 500
+    assert make_task("qa_1").ruler_incremental(1024) == 10 and make_task("cwe").ruler_incremental(8192) == 10
+    assert make_task("vt").ruler_incremental(4095) == 5 and make_task("vt").ruler_incremental(4096) == 10
+    assert make_task("fwe").ruler_incremental(4096) == (4096 - 50) // 32
+    assert task.ruler_down(60, 25) == 35 and task.ruler_down(27, 25) == 2
+    assert task.ruler_down(25, 25) is None and task.ruler_down(2, 25) is None  # RULER retries these forever
+
+
+def _noise_unit():
+    return len(NOISE) + 1  # one noise line and its newline: byte tokens
+
+
+@pytest.mark.parametrize("L", [2048, 4096, 16384])
+def test_official_size_on_a_linear_haystack(enc, L):
+    """niah_single_1 with byte tokens: the prompt is count(1) + (n - 1) x 91 tokens, so RULER's choice is
+    worked out by hand: the largest n with count(n) + 128 <= L; a sample whose own prompt then overflows drops
+    25 lines (5 below 4096) at a time."""
+    task = make_task("niah_single_1")
+    count = task.calibration_count(enc, L)
+    unit = _noise_unit()
+    assert count(2) - count(1) == unit and count(40) - count(1) == 39 * unit
+    expected = 1 + (L - 128 - count(1)) // unit
+    assert task.ruler_start(enc, L) == expected
+    inc = 5 if L < 4096 else 25
+    for s in task.samples(enc, L, 6, seed=0):
+        key = task.sample_key(0, s.meta["index"])
+        own = task.count(enc, task.build(enc, L, key, 1))
+        want = expected
+        while own + (want - 1) * unit + 128 > L:
+            want -= inc
+        assert s.meta["n_haystack"] == want and s.meta["length_fallback"] is None
+        _check_fit(enc, s, L)
+
+
+def _official_sizes(enc, task, L, samples):
+    """Every sample sits on RULER's ladder: start, start - inc, ...; the first rung that fits."""
+    start, inc = task.ruler_start(enc, L), task.ruler_incremental(L)
+    for s in samples:
+        n = s.meta["n_haystack"]
+        assert s.meta["length_fallback"] is None, (task.name, L)
+        assert n <= start and (start - n) % inc == 0, (task.name, L, start, n)
+        if n < start:
+            key = task.sample_key(s.meta["seed"], s.meta["index"])
+            assert task.count(enc, task.build(enc, L, key, n + inc)) + s.max_new_tokens > L
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_sample_on_the_official_ladder(enc, name):
+    L = 8192 if name == "cwe" else 4096
+    kw = {"data_dir": FIXTURES} if name.startswith("qa") else {}
+    task = make_task(name, **kw)
+    samples = task.samples(enc, L, 4, seed=0)
+    _official_sizes(enc, task, L, samples)
+    for s in samples:
+        _check_fit(enc, s, L)
+    if name in ("niah_single_1", "niah_single_2", "vt"):  # prompts grow with n: the search found the largest fit
+        count, start = task.calibration_count(enc, L), task.ruler_start(enc, L)
+        assert count(start) + task.max_new_tokens <= L < count(start + 1) + task.max_new_tokens
+
+
+def test_fwe_official_linear_search(enc):
+    """freq_words_extraction.py: from (L - 50) // 6 words up by (L - 50) // 32 while the prompt is shorter than
+    L - 50, then one step back."""
+    task = make_task("fwe")
+    for L in (2048, 8192):
+        budget, inc = L - 50, (L - 50) // 32
+        count, start = task.calibration_count(enc, L), task.ruler_start(enc, L)
+        assert (start - budget // 6) % inc == 0
+        if start >= budget // 6:  # the walk went up: the next step reached the budget
+            assert count(start) < budget <= count(start + inc)
+        _official_sizes(enc, task, L, task.samples(enc, L, 3, seed=0))
+
+
+def test_below_the_official_range(enc):
+    """Where RULER's smallest size overflows (its sample loop would retry forever) the sample is fitted below it:
+    prompt + generation <= L when any size allows it, else the prompt alone <= L; meta says which."""
+    s = make_task("niah_single_2").sample(enc, 1024, 0, 0)  # 500 essay words are ~2.7k byte tokens
+    assert s.meta["length_fallback"] == BELOW_RANGE and s.meta["n_haystack"] < 500
+    _check_fit(enc, s, 1024)
+    s = make_task("niah_single_1").sample(enc, 512, 0, 0)  # template + 1 line + 128 to generate > 512
+    assert s.meta["length_fallback"] == BELOW_RANGE_PROMPT_ONLY and s.meta["n_haystack"] == 1
+    assert enc.count(s.context, s.question + s.answer_prefix) <= 512
+    with pytest.raises(KvbenchError, match="too short"):
+        make_task("niah_multikey_1").sample(enc, 512, 0, 0)
+
+
+def test_length_rule_parameter(enc):
+    s = make_task("vt").sample(enc, 4096, 0, 0)
+    assert s.meta["length_rule"] == "ruler" and s.meta["length_fallback"] is None
+    s = get_task("ruler/vt", length_rule="kvbench").sample(enc, 4096, 0, 0)
+    assert s.meta["length_rule"] == "kvbench"
+    for bad in ("official", None, 3):
+        with pytest.raises(KvbenchError, match="length_rule=.*allowed: ruler, kvbench") as err:
+            get_task("ruler/niah_single_1", length_rule=bad)
+        assert "\n" not in str(err.value)
+
+
+# sha256 of (context, question, answer_prefix, answers, n_haystack) of 2 samples (byte tokenizer, seed 0; L=4096,
+# cwe 8192, qa 2048 on the fixtures) as the kvbench rule made them before the official rule came: unchanged.
+KVBENCH_RULE_SAMPLES = {
+    "niah_single_1": "482ad36282ccc127", "niah_single_2": "8cd5eaeed613aac1", "niah_single_3": "444cecfea41577a0",
+    "niah_multikey_1": "006587c1953ce9c0", "niah_multikey_2": "b04d9c5729c05104", "niah_multikey_3": "13e2e8cb27349d5d",
+    "niah_multivalue": "0ec48f1c51d400d2", "niah_multiquery": "b0abff0fe08e07e6", "vt": "d98918d2e8e6e05a",
+    "cwe": "8390e2aedfdbe7b8", "fwe": "634d3b27fe0b3f60", "qa_1": "fdfb826b095a88e8", "qa_2": "835c1ca446f74ac8",
+}
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_kvbench_rule_keeps_its_samples(enc, name):
+    import hashlib
+    import json
+
+    L = 8192 if name == "cwe" else 2048 if name.startswith("qa") else 4096
+    kw = {"data_dir": FIXTURES} if name.startswith("qa") else {}
+    samples = make_task(name, length_rule="kvbench", **kw).samples(enc, L, 2, seed=0)
+    blob = json.dumps([(s.context, s.question, s.answer_prefix, s.answers, s.meta["n_haystack"]) for s in samples])
+    assert hashlib.sha256(blob.encode()).hexdigest()[:16] == KVBENCH_RULE_SAMPLES[name]
+
+
+def _squad_file(path, n_articles=8, per_article=6):
+    import json
+
+    data = []
+    for a in range(n_articles):
+        paragraphs = []
+        for p in range(per_article):
+            code = f"{a}-{p}"
+            paragraphs.append({"context": f"Paragraph {code} of article {a}: the river town keeps record {code}. "
+                                          "Boats come in at dawn and leave at dusk with the market's goods.",
+                               "qas": [{"question": f"Which record does paragraph {code} keep?", "is_impossible": False,
+                                        "answers": [{"text": f"record {code}"}]}]})
+        data.append({"title": f"A{a}", "paragraphs": paragraphs})
+    (path / "dev-v2.0.json").write_text(json.dumps({"data": data}))
+
+
+def _hotpot_file(path, n_questions=6):
+    import json
+
+    records = []
+    for q in range(n_questions):
+        context = [[f"Title {q}-{p}", [f"Sentence one of {q}-{p} is about the harbour and its many boats. ",
+                                       f"Fact {q}-{p} is here, written down by the clerk of the river town."]]
+                   for p in range(10)]
+        records.append({"question": f"What joins {q}-3 and {q}-7?", "answer": f"fact {q}",
+                        "context": context, "supporting_facts": [[f"Title {q}-3", 1], [f"Title {q}-7", 0]]})
+    (path / "hotpot_dev_distractor_v1.json").write_text(json.dumps(records))
+
+
+def _landing(seed, n, original):
+    """Where the document at ``original`` of qa.py's list lands after random.Random(seed).shuffle."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order.index(original)
+
+
+def test_qa_gold_position_is_rulers_fixed_seed_shuffle(enc, tmp_path):
+    """qa.py shuffles [gold, distractors] with random.Random(random_seed): at one seed every sample with the
+    same number of documents has its gold document at the same place; kvbench's rule shuffles per sample."""
+    _squad_file(tmp_path)
+    _hotpot_file(tmp_path)
+    L = 4096
+    for seed in (0, 1, 42):
+        samples = make_task("qa_1", data_dir=str(tmp_path)).samples(enc, L, 6, seed=seed)
+        for s in samples:
+            n = s.meta["n_docs"]
+            assert n < 48 and s.meta["length_fallback"] is None  # fewer than the file's 48 paragraphs
+            assert s.meta["gold_doc_index"] == [_landing(seed, n, 0)]
+            _check_fit(enc, s, L)
+        for s in make_task("qa_2", data_dir=str(tmp_path)).samples(enc, L, 4, seed=seed):
+            n = s.meta["n_docs"]
+            # the question's 10 paragraphs lead qa.py's list in file order; the supporting ones are its 4th and 8th
+            assert n < 60 and s.meta["gold_doc_index"] == sorted([_landing(seed, n, 3), _landing(seed, n, 7)])
+            _check_fit(enc, s, L)
+    again = make_task("qa_1", data_dir=str(tmp_path)).samples(enc, L, 6, seed=1)
+    assert [s.meta["gold_doc_index"] for s in again] == [
+        s.meta["gold_doc_index"] for s in make_task("qa_1", data_dir=str(tmp_path)).samples(enc, L, 6, seed=1)]
+    free = make_task("qa_1", data_dir=str(tmp_path), length_rule="kvbench").samples(enc, L, 6, seed=0)
+    assert len({s.meta["gold_doc_index"][0] for s in free}) > 1
+
+
+def _word_tokenizer():
+    """One token a word, Llama-like compact: a WordLevel tokenizer over RULER's cwe vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.ruler.common import common_words
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *common_words()])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", model_max_length=1 << 20)
+
+
+def _cwe_shape(s):
+    """(words in the solved example's list, repeats of a common word, of another word) of a cwe sample."""
+    shot, task_part = s.context.split("\nBelow is a numbered list", 1)
+    shot_items = re.findall(r"\d+\. (\S+)", shot.split("\nQuestion:")[0])
+    items = re.findall(r"\d+\. (\S+)", task_part)
+    other = next(w for w in items if w not in s.answers)
+    return len(set(shot_items)), items.count(s.answers[0]), items.count(other)
+
+
+def test_cwe_config_switch_at_4096(enc):
+    """common_words_extraction.py: ``if args.max_seq_length < 4096`` the small example (20 words, 3x/1x) and
+    6x/1x repeats, else the large one (40 words, 10x/3x) and freq_cw/freq_ucw = 30x/3x."""
+    words = PromptEncoder(_word_tokenizer())
+    for rule in LENGTH_RULES:
+        small = make_task("cwe", length_rule=rule).sample(words, 4095, 0, 0)
+        large = make_task("cwe", length_rule=rule).sample(words, 4096, 0, 0)
+        assert small.meta["cwe_config"] == "small" and _cwe_shape(small) == (20, 6, 1)
+        assert large.meta["cwe_config"] == "large" and _cwe_shape(large) == (40, 30, 3)
+        assert "ruler_config" not in large.meta
+        for s, L in ((small, 4095), (large, 4096)):
+            _check_fit(words, s, L)
+    # byte tokens: the large configuration's smallest prompt (~6.7k) cannot fit 4096; RULER would loop forever
+    s = make_task("cwe").sample(enc, 4096, 0, 0)
+    assert s.meta["cwe_config"] == "small" and "does not fit" in s.meta["ruler_config"]
+    _check_fit(enc, s, 4096)
+    assert make_task("cwe").sample(enc, 8192, 0, 0).meta["cwe_config"] == "large"
+
+
+@pytest.fixture(scope="module")
+def reference_encoder():
+    from transformers import AutoTokenizer
+
+    from harness.models import REFERENCE_DIR
+
+    return PromptEncoder(AutoTokenizer.from_pretrained(REFERENCE_DIR))  # its tokenizer.json (a 2k-word BPE)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_reference_tokenizer_prompt_plus_generation_fits(reference_encoder, name):
+    kw = {"data_dir": FIXTURES} if name.startswith("qa") else {}
+    task = make_task(name, **kw)
+    for L in ((2048, 8192) if name == "cwe" else (1024, 4096)):
+        samples = task.samples(reference_encoder, L, 2, seed=0)
+        for s in samples:
+            _check_fit(reference_encoder, s, L)
+            assert all(a.lower() in s.context.lower() for a in s.answers)
+        if all(s.meta["length_fallback"] is None for s in samples):
+            _official_sizes(reference_encoder, task, L, samples)
+
+
+def test_rows_record_the_length_rule(tmp_path):
+    """task.length_rule=kvbench from the command line; the row's meta (the sample's) names the rule."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "model=tiny-random", "task=ruler/niah_single_1",
+                        "context_length=1024", "n_samples=1", "max_new_tokens=2", "progress=false",
+                        "task.length_rule=kvbench", f"hydra.run.dir={tmp_path}"], cwd=root, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(row["meta"]["length_rule"] == "kvbench" and row["meta"]["length_fallback"] is None
+                        for row in rows)

@@ -2,12 +2,14 @@
 
 Registers ``ruler/<name>`` for niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery,
 vt, cwe, fwe, qa_1, qa_2 (suite "ruler"). Generators follow NVIDIA/RULER scripts/data/synthetic/*.py;
-see tasks/ruler/common.py for seeding and length fitting, tasks/ruler/data/README.md for the data files.
+see tasks/ruler/common.py for seeding and length fitting (``length_rule``: ``ruler``, official RULER's, by
+default; ``kvbench``), docs/ruler.md for every difference from RULER's generator, tasks/ruler/data/README.md for
+the data files.
 
 Use from other code::
 
     from tasks.ruler import make_task
-    task = make_task("niah_single_1", depth=None, data_dir=None)
+    task = make_task("niah_single_1", depth=None, data_dir=None, length_rule="ruler")
     samples = task.samples(encoder, context_length, n_samples, seed)   # or task.sample(encoder, L, seed, i)
     task.score(prediction, sample)                                     # in [0, 1]
 """

@@ -1,23 +1,37 @@
 """Shared machinery of the RULER generators: seeded randomness, word lists, essays, length fitting, base task.
 
-Seeds: every sample is a pure function of (task name, seed, index, tokenizer, context_length). Its random
-draws come from ``random.Random`` seeded with a SHA-256 digest of those values (never Python's salted
+Seeds: every sample is a pure function of (task name, seed, index, tokenizer, context_length, length_rule). Its
+random draws come from ``random.Random`` seeded with a SHA-256 digest of those values (never Python's salted
 ``hash``), so evaluation (seeds < 1000) and training (seeds >= 1_000_000) streams never collide and any
 single sample can be regenerated alone with ``task.sample(encoder, context_length, seed, index)``.
 
-Length: like RULER, the haystack size (noise sentences, essay words, distractor needles, list words,
-documents) is searched so that the whole prompt, counted by the harness's own ``PromptEncoder``, fits the
-budget. Unlike RULER the budget is the prompt alone (``context_length``; the generation budget comes on
-top). The search runs once per (tokenizer, length) on a calibration sample (a bracketed binary search
-steered by linear interpolation: a few full encodes instead of ~20); each sample then starts from that
-size and is searched again (largest size that fits) only if it does not land within [0.95, 1.0] x
-``context_length``. Prompts then fill at least 0.9 x ``context_length`` whenever one haystack unit is
-under a tenth of the budget (too short budgets raise a one-line KvbenchError).
+Length (task parameter ``length_rule``; docs/ruler.md has the whole comparison with NVIDIA/RULER):
+
+``ruler`` (default): official RULER's rule (scripts/data/synthetic/*.py, ``generate_samples`` and its
+siblings). The budget is prompt + generation: ``tokens(prompt) + tokens_to_generate <= context_length``. One
+search per (tokenizer, length) on a calibration sample picks the haystack size: a binary search over
+``[incremental, max(estimate, 2 * incremental)]`` (``ruler_search``), ``incremental`` being the task's
+step (essay: 500 words; noise/needle lines: 25, or 5 below 4096; documents, list words, vt lines: 10; vt
+below 4096: 5). Each sample starts from that size and, while it overflows, steps down by ``incremental``
+(never below it: RULER retries forever there). fwe has its own search (a linear one, as
+freq_words_extraction.py). Where the official generator would produce nothing (its smallest size overflows),
+the sample is fitted below the official range instead and ``meta["length_fallback"]`` says so.
+
+``kvbench``: the rule of the first kvbench releases. The budget is the prompt alone (``context_length``; the
+generation comes on top). The search runs once per (tokenizer, length) on a calibration sample (a bracketed
+binary search steered by linear interpolation: a few full encodes instead of ~20); each sample then starts
+from that size and is searched again (largest size that fits) only if it does not land within [0.95, 1.0] x
+``context_length``. Prompts then fill at least 0.9 x ``context_length`` whenever one haystack unit is under a
+tenth of the budget (too short budgets raise a one-line KvbenchError).
+
+Every sample records ``meta["length_rule"]`` (the rule asked for) and ``meta["length_fallback"]`` (None, or
+how a ``ruler`` sample was fitted where the official generator has no size that fits).
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import math
 import random
 import re
@@ -31,8 +45,16 @@ from tasks.base import PromptEncoder, Sample, Task
 from tasks.ruler.metrics import postprocess_pred, string_match_all, string_match_part
 
 DATA = Path(__file__).parent / "data"
-MIN_FILL = 0.9  # a prompt must use at least this fraction of context_length
-ACCEPT_HINT = 0.95  # a sample keeps the calibrated haystack size if it fills at least this much
+MIN_FILL = 0.9  # kvbench rule: a prompt must use at least this fraction of context_length
+ACCEPT_HINT = 0.95  # kvbench rule: a sample keeps the calibrated haystack size if it fills at least this much
+LENGTH_RULES = ("ruler", "kvbench")  # task parameter length_rule: official RULER's rule, or kvbench's fill rule
+RULER_SEED = 42  # prepare.py's --random_seed default: the fixed-seed draws of the calibration sample
+CALIBRATION = "calibration"  # first part of the calibration sample's key (the one sample a search measures)
+# meta["length_fallback"] of a length_rule=ruler sample the official generator cannot make (its smallest size
+# overflows prompt + generation; RULER's sample loop then retries forever): fitted below the official range
+BELOW_RANGE = "below official range"  # prompt + generation <= context_length still holds
+BELOW_RANGE_PROMPT_ONLY = "below official range, prompt only"  # not even that fits: prompt <= context_length
+log = logging.getLogger("kvbench")
 
 
 # ----------------------------------------------------------------------------------------------- randomness
@@ -209,7 +231,7 @@ class TextBuilder:
 def fit_length(measure: Callable[[int], int], limit: int, n_min: int, n_start: int,
                known: dict[int, int] | None = None, max_probes: int = 48,
                good: float = 0.99) -> tuple[int | None, int]:
-    """Largest ``n >= n_min`` with ``measure(n) <= limit`` (RULER's binary search on the haystack size).
+    """Largest ``n >= n_min`` with ``measure(n) <= limit``: the kvbench rule's search (``ruler_search`` is RULER's).
 
     The search stops early at a size that fills at least ``good`` x ``limit`` (saves encodes at long
     lengths, where one unit is a tiny fraction of the budget).
@@ -267,6 +289,40 @@ def fit_length(measure: Callable[[int], int], limit: int, n_min: int, n_start: i
     return lo[0], lo[1]
 
 
+def ruler_search(count: Callable[[int], int], max_seq_length: int, tokens_to_generate: int, incremental: int,
+                 upper: int) -> int | None:
+    """Official RULER's haystack search (niah.py ``generate_samples``, qa.py ``generate_samples``,
+    variable_tracking.py ``sys_vartrack_w_noise_random``, common_words_extraction.py ``sys_word_pair_random``).
+
+    A binary search over ``[incremental, upper]`` for a size whose prompt tokens ``count(n)`` plus
+    ``tokens_to_generate`` fit ``max_seq_length``: the largest such size when ``count`` is increasing, and
+    otherwise the same size RULER's probes would settle on (the probes are RULER's: ``mid = (lo + hi) // 2``).
+    None when no probe fits (RULER then starts every sample at ``incremental``).
+    """
+    lower, best = incremental, None
+    while lower <= upper:
+        mid = (lower + upper) // 2
+        if count(mid) + tokens_to_generate <= max_seq_length:
+            best, lower = mid, mid + 1
+        else:
+            upper = mid - 1
+    return best
+
+
+def ruler_upper(probe_tokens: int, probe: int, max_seq_length: int, incremental: int) -> int:
+    """The binary search's upper bound from a probe of ``probe`` units with ``probe_tokens`` prompt tokens:
+    ``max(int((max_seq_length / tokens_per_unit) * 3), 2 * incremental)`` (niah.py, qa.py, variable_tracking.py)."""
+    return max(int((max_seq_length / (probe_tokens / probe)) * 3), incremental * 2)
+
+
+class TooShort(KvbenchError):
+    """A budget that not even the smallest haystack fits (``tokens``: that smallest prompt's length)."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
+
+
 # ----------------------------------------------------------------------------------------------- base task
 class RulerTask(Task):
     """One RULER task. ``sample(encoder, context_length, seed, index)`` builds one prompt (pure function)."""
@@ -276,12 +332,18 @@ class RulerTask(Task):
     max_new_tokens: int = 32
     category: str = ""
     haystack: str = ""
-    n_min: int = 1  # smallest haystack size
+    n_min: int = 1  # smallest haystack size (kvbench rule, and a ruler sample below the official range)
 
-    def __init__(self, data_dir: str | None = None, depth: float | None = None, **params: Any):
+    def __init__(self, data_dir: str | None = None, depth: float | None = None, length_rule: str = "ruler",
+                 **params: Any):
         super().__init__(data_dir=data_dir, **params)
         if params:
-            raise KvbenchError(f"{self.name}: unknown parameter(s) {', '.join(sorted(params))}; allowed: data_dir, depth")
+            raise KvbenchError(f"{self.name}: unknown parameter(s) {', '.join(sorted(params))}; allowed: data_dir, "
+                               "depth, length_rule")
+        if length_rule not in LENGTH_RULES:
+            raise KvbenchError(f"{self.name}: length_rule={length_rule!r} is not known; allowed: "
+                               f"{', '.join(LENGTH_RULES)} (ruler: official RULER's, prompt + generation <= "
+                               "context_length; kvbench: the prompt fills 90-100% of context_length)")
         if depth is not None:
             if not self.supports_depth:
                 raise KvbenchError(f"{self.name}: depth is only for the niah tasks; use depth=null")
@@ -291,14 +353,20 @@ class RulerTask(Task):
             if depth.is_integer():
                 depth = int(depth)
         self.depth = depth
+        self.length_rule = length_rule
         self.info = {"suite": "ruler", "category": self.category, "metric": self.metric}
-        self._hints: dict[tuple, int] = {}
+        self._hints: dict[tuple, Any] = {}
 
     supports_depth = False
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"ruler/{self.ruler_name}"
+
+    @property
+    def official(self) -> bool:
+        """Whether the official RULER length rule applies (``length_rule=ruler``)."""
+        return self.length_rule == "ruler"
 
     # -- to implement ---------------------------------------------------------------------------------
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
@@ -307,6 +375,10 @@ class RulerTask(Task):
 
     def sample_key(self, seed: int, index: int) -> tuple:
         return (self.ruler_name, seed, index)
+
+    def ruler_incremental(self, context_length: int) -> int:
+        """Official RULER's ``incremental``: the binary search's smallest size and the per-sample step down."""
+        raise NotImplementedError
 
     # -- generic ----------------------------------------------------------------------------------------
     def _encoder_key(self, encoder: PromptEncoder, context_length: int) -> tuple:
@@ -318,25 +390,32 @@ class RulerTask(Task):
     def count(encoder: PromptEncoder, s: Sample) -> int:
         return encoder.count(s.context, s.question + s.answer_prefix)
 
-    def _too_short(self, context_length: int, tokens: int) -> KvbenchError:
-        return KvbenchError(f"{self.name}: context_length={context_length} is too short; its smallest prompt "
-                            f"has {tokens} tokens")
+    def _too_short(self, context_length: int, tokens: int) -> TooShort:
+        return TooShort(f"{self.name}: context_length={context_length} is too short; its smallest prompt "
+                        f"has {tokens} tokens", tokens)
 
-    def size_hint(self, encoder: PromptEncoder, context_length: int) -> int:
-        """The largest haystack size of the calibration sample (RULER's one binary search per dataset)."""
-        k = self._encoder_key(encoder, context_length)
+    def calibration_count(self, encoder: PromptEncoder, context_length: int) -> Callable[[int], int]:
+        """Prompt tokens of the calibration sample as a function of the haystack size."""
+        key = (CALIBRATION, self.ruler_name)
+        return lambda n: self.count(encoder, self.build(encoder, context_length, key, n))
+
+    # -- length_rule=kvbench (also a ruler sample's fit below the official range) --------------------------
+    def size_hint(self, encoder: PromptEncoder, context_length: int, limit: int | None = None) -> int:
+        """The largest haystack size of the calibration sample whose prompt fits ``limit`` (default
+        ``context_length``); TooShort when not even ``n_min`` does."""
+        limit = context_length if limit is None else limit
+        k = (*self._encoder_key(encoder, context_length), limit)
         if k not in self._hints:
-            key = ("calibration", self.ruler_name)
-            n, t = fit_length(lambda n: self.count(encoder, self.build(encoder, context_length, key, n)),
-                              context_length, self.n_min, self.n_min)
+            n, t = fit_length(self.calibration_count(encoder, context_length), limit, self.n_min, self.n_min)
             if n is None:
                 raise self._too_short(context_length, t)
             self._hints[k] = n
         return self._hints[k]
 
-    def sample(self, encoder: PromptEncoder, context_length: int, seed: int, index: int) -> Sample:
-        key = self.sample_key(seed, index)
-        n = self.size_hint(encoder, context_length)
+    def fit_fill(self, encoder: PromptEncoder, context_length: int, key: tuple, limit: int) -> tuple[Sample, int, int]:
+        """kvbench's fill rule: (sample, size, prompt tokens) whose prompt fits ``limit`` and fills 95-100% of it
+        where the haystack's granularity allows; TooShort when not even ``n_min`` fits."""
+        n = self.size_hint(encoder, context_length, limit)
         built: dict[int, Sample] = {}
 
         def measure(m: int) -> int:
@@ -344,14 +423,69 @@ class RulerTask(Task):
             return self.count(encoder, built[m])
 
         t = measure(n)
-        if not (ACCEPT_HINT * context_length <= t <= context_length):
-            n, t = fit_length(measure, context_length, self.n_min, n, known={n: t})
+        if not (ACCEPT_HINT * limit <= t <= limit):
+            n, t = fit_length(measure, limit, self.n_min, n, known={n: t})
             if n is None:
                 raise self._too_short(context_length, t)
-        s = built[n]
+        return built[n], n, t
+
+    # -- length_rule=ruler ------------------------------------------------------------------------------
+    def ruler_upper(self, encoder: PromptEncoder, context_length: int, incremental: int) -> int:
+        """The binary search's upper bound: a probe of ``incremental`` units (niah.py, qa.py)."""
+        return ruler_upper(self.calibration_count(encoder, context_length)(incremental), incremental,
+                           context_length, incremental)
+
+    def ruler_start(self, encoder: PromptEncoder, context_length: int) -> int | None:
+        """The size every sample starts from: ``ruler_search`` on the calibration sample, or ``incremental``
+        when nothing fits (as RULER). None: no official size to start from."""
+        k = ("ruler", *self._encoder_key(encoder, context_length))
+        if k not in self._hints:
+            inc = self.ruler_incremental(context_length)
+            best = ruler_search(self.calibration_count(encoder, context_length), context_length, self.max_new_tokens,
+                                inc, self.ruler_upper(encoder, context_length, inc))
+            self._hints[k] = inc if best is None else best
+        return self._hints[k]
+
+    def ruler_down(self, used: int, incremental: int) -> int | None:
+        """The size RULER retries an overflowing sample with (``used -= incremental`` while ``used > incremental``);
+        None where RULER would retry the same size forever."""
+        return used - incremental if used > incremental else None
+
+    def fit_ruler(self, encoder: PromptEncoder, context_length: int, key: tuple
+                  ) -> tuple[Sample, int, int, str | None]:
+        """Official RULER's rule: (sample, size, prompt tokens, fallback). The sample starts at ``ruler_start``
+        and steps down by ``incremental`` while prompt + generation overflows ``context_length``."""
+        inc = self.ruler_incremental(context_length)
+        used = self.ruler_start(encoder, context_length)
+        while used is not None:
+            s = self.build(encoder, context_length, key, used)
+            t = self.count(encoder, s)
+            if t + self.max_new_tokens <= context_length:
+                return s, used, t, None
+            used = self.ruler_down(used, inc)
+        warned = ("warned", *self._encoder_key(encoder, context_length))
+        fallback = BELOW_RANGE
+        try:
+            fit = self.fit_fill(encoder, context_length, key, context_length - self.max_new_tokens)
+        except TooShort:
+            fit, fallback = self.fit_fill(encoder, context_length, key, context_length), BELOW_RANGE_PROMPT_ONLY
+        if warned not in self._hints:
+            self._hints[warned] = True
+            log.warning("%s: at context_length=%d the official RULER generator has no haystack size that fits "
+                        "(it would retry forever); samples fitted %s (meta length_fallback)", self.name,
+                        context_length, fallback)
+        return (*fit, fallback)
+
+    def sample(self, encoder: PromptEncoder, context_length: int, seed: int, index: int) -> Sample:
+        key = self.sample_key(seed, index)
+        if self.official:
+            s, n, t, fallback = self.fit_ruler(encoder, context_length, key)
+        else:
+            (s, n, t), fallback = self.fit_fill(encoder, context_length, key, context_length), None
         s.sample_id = f"{self.name}/L{context_length}/s{seed}/{index}"
         s.meta.update({"seed": seed, "index": index, "n_haystack": n, "prompt_tokens": t,
-                       "context_length": context_length})
+                       "context_length": context_length, "tokens_to_generate": self.max_new_tokens,
+                       "length_rule": self.length_rule, "length_fallback": fallback})
         return s
 
     def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:

@@ -35,6 +35,12 @@ class NiahTask(RulerTask):
         self.n_needles = self.num_k * self.cfg["num_needle_v"]
         self.n_min = 10 if self.haystack == "essay" else self.n_needles
 
+    def ruler_incremental(self, context_length: int) -> int:
+        """niah.py generate_samples: 500 essay words, 25 noise / needle lines (5 below max_seq_length 4096)."""
+        if self.haystack == "essay":
+            return 500
+        return 5 if context_length < 4096 else 25
+
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
         cfg = self.cfg
         type_k, type_v = cfg["type_needle_k"], cfg["type_needle_v"]

@@ -5,6 +5,11 @@ paragraph; HotpotQA: the question's 10 paragraphs) are mixed with other paragrap
 (SQuAD), then random paragraphs of the dataset, shuffled, as ``Document {i}:\\n{text}`` joined by blank
 lines. The haystack size is the number of documents. Metric: string_match_part.
 
+Shuffle: with ``length_rule=ruler`` as qa.py, ``random.Random(seed).shuffle`` of [gold documents (HotpotQA:
+the question's paragraphs in file order), distractors]: a fixed-seed permutation, so at one seed every sample
+with the same number of documents has its gold document at the same position (``meta["gold_doc_index"]``).
+With ``length_rule=kvbench`` each sample shuffles with its own random stream (supporting paragraphs first).
+
 Data (``task.data_dir``; nothing is downloaded):
   - qa_1: ``dev-v2.0.json`` (or RULER's name ``squad.json``), the official SQuAD 2.0 dev file;
   - qa_2: ``hotpot_dev_distractor_v1.json`` (or RULER's name ``hotpotqa.json``), the official HotpotQA file.
@@ -18,12 +23,13 @@ the first gold document among the documents.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from harness.errors import KvbenchError
 from harness.paths import read_json
 from tasks.base import PromptEncoder, Sample
-from tasks.ruler.common import RulerTask, TextBuilder, depth_percent, make_sample, rng_for
+from tasks.ruler.common import RULER_SEED, RulerTask, TextBuilder, depth_percent, make_sample, rng_for
 from tasks.ruler.templates import CONFIGS, DOCUMENT_PROMPT, split_template
 
 FILES = {
@@ -83,8 +89,9 @@ def read_hotpotqa(path: Path) -> tuple[list[dict], list[str]]:
             start = len(title) + 1 + sum(len(s) for s in para[:sid])
             support.setdefault(index[f"{title}\n{''.join(para)}"], []).append([start, start + len(para[sid])])
         gold = [i for i in ctx if i in support] + [i for i in ctx if i not in support]  # supporting first
+        # "file_order": RULER's context (length_rule=ruler); "context": supporting first (kvbench's rule)
         qas.append({"query": _texts(d["question"])[0], "outputs": _texts(d["answer"]), "context": gold, "more_context": [],
-                    "support": support, "n_support": max(1, len(support))})
+                    "support": support, "n_support": max(1, len(support)), "file_order": ctx})
     return qas, docs
 
 
@@ -136,6 +143,9 @@ class QaTask(RulerTask):
         return self._orders[seed]
 
     # -- generation --------------------------------------------------------------------------------------
+    def ruler_incremental(self, context_length: int) -> int:
+        return 10  # qa.py generate_samples: documents
+
     def sample_key(self, seed: int, index: int) -> tuple:
         order = self._order(seed)
         return (self.ruler_name, seed, index, order[index % len(order)])
@@ -147,7 +157,8 @@ class QaTask(RulerTask):
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
         qas, docs = self.data()
         qa = qas[key[3] if len(key) == 4 else 0]
-        curr, more = list(qa["context"]), list(qa["more_context"])
+        order = "file_order" if self.official and "file_order" in qa else "context"
+        curr, more = list(qa[order]), list(qa["more_context"])
         needed = qa.get("n_support", 1)
         n = max(n, needed)
         h = rng_for(*key, "haystack", n)
@@ -159,11 +170,14 @@ class QaTask(RulerTask):
             elif n >= len(curr):
                 chosen = curr + h.sample(more, n - len(curr))
             else:  # below RULER's range (HotpotQA): keep the supporting paragraphs first
-                chosen = curr[:n]
+                chosen = list(qa["context"])[:n]
         else:
             repeats = (n + len(docs) - 1) // len(docs)
             chosen = (list(range(len(docs))) * repeats)[:n]
-        h.shuffle(chosen)
+        if self.official:  # qa.py: random.Random(args.random_seed).shuffle(all_docs), the same order for every sample
+            random.Random(key[1] if len(key) == 4 else RULER_SEED).shuffle(chosen)
+        else:
+            h.shuffle(chosen)
 
         gold = set(qa["support"]) if qa["support"] else set(qa["context"])
         body = TextBuilder()
@@ -181,7 +195,8 @@ class QaTask(RulerTask):
             body.add(label + text, *marks)
         head, tail, prefix = split_template("qa")
         meta = {"haystack": self.haystack, "dataset": self.dataset, "question_index": key[3] if len(key) == 4 else 0,
-                "depth": depth_percent(positions[0], len(chosen)) if positions else None, "n_docs": len(chosen)}
+                "depth": depth_percent(positions[0], len(chosen)) if positions else None, "n_docs": len(chosen),
+                "gold_doc_index": positions}
         return make_sample(head, body, tail.format(query=qa["query"]), prefix, qa["outputs"], self.max_new_tokens, meta)
 
     @staticmethod

@@ -14,7 +14,8 @@ import random
 import string
 
 from tasks.base import PromptEncoder, Sample
-from tasks.ruler.common import RulerTask, TextBuilder, depth_percent, fit_length, make_sample, rng_for
+from tasks.ruler.common import (CALIBRATION, RulerTask, TextBuilder, depth_percent, fit_length, make_sample, rng_for,
+                                ruler_search, ruler_upper)
 from tasks.ruler.templates import CONFIGS, NOISE, split_template
 
 ICL_MAX_TOKENS = 500  # variable_tracking.py main(): the example is fitted to max_seq_length=500
@@ -75,29 +76,60 @@ class VariableTrackingTask(RulerTask):
         head, tail, prefix = split_template("variable_tracking")
         return head, tail.format(query=value), prefix.format(query=value, num_v=num_v)
 
-    def _icl(self, rng: random.Random, n_icl: int) -> str:
-        """The solved example: its noise layout is fixed (one example per dataset as in RULER), names and
-        value are drawn from ``rng`` (RULER's randomize_icl)."""
+    def ruler_incremental(self, context_length: int) -> int:
+        """variable_tracking.py sys_vartrack_w_noise_random: 10 noise lines (5 below max_seq_length 4096)."""
+        return 5 if context_length < 4096 else 10
+
+    def ruler_upper(self, encoder: PromptEncoder, context_length: int, incremental: int) -> int:
+        """RULER's probe is the task prompt without the solved example."""
+        probe = self._build(encoder, context_length, (CALIBRATION, self.ruler_name), incremental, with_icl=False)
+        return ruler_upper(self.count(encoder, probe), incremental, context_length, incremental)
+
+    def _icl_parts(self, rng: random.Random, n_icl: int) -> tuple[str, str]:
+        """The solved example, (prompt, answer): its noise layout is fixed (one example per dataset as in
+        RULER), names and value are drawn from ``rng`` (RULER's randomize_icl)."""
         hops = min(10, self.num_hops)
         all_vars, chains = _chains(rng, 1, hops, 3)
         lines = _haystack(rng_for("vt-icl-layout", n_icl), chains, n_icl)
         body = "\n".join(x if isinstance(x, str) else x[2] for x in lines)
         value = chains[0][0].split("=")[-1].strip()
         head, tail, prefix = self._prompt_parts(value, hops + 1)
-        return head + body + tail + prefix + " " + " ".join(all_vars[0]) + "\n"
+        return head + body + tail + prefix, " " + " ".join(all_vars[0]) + "\n"
+
+    def _icl(self, rng: random.Random, n_icl: int) -> str:
+        return "".join(self._icl_parts(rng, n_icl))
 
     def _icl_size(self, encoder: PromptEncoder) -> int:
+        """Noise lines of the solved example. ruler: RULER's own search for it (main(): max_seq_length=500,
+        no generation, incremental 5, the example's prompt counted without special tokens); kvbench, or where
+        RULER's finds nothing (it would retry forever): the largest size whose whole example fits 500 tokens."""
         k = self._encoder_key(encoder, ICL_MAX_TOKENS)
         if k not in self._icl_sizes:
             rng_key = ("vt-icl-calibration",)
-            n, t = fit_length(lambda n: encoder.count(self._icl(rng_for(*rng_key), n), ""),
-                              ICL_MAX_TOKENS, 0, 0)
-            self._icl_sizes[k] = n if n is not None else 0
+            size = None
+            if self.official:
+                def count(n: int) -> int:
+                    text = self._icl_parts(rng_for(*rng_key), n)[0]
+                    return len(encoder.tokenizer(text, add_special_tokens=False).input_ids)
+
+                inc = 5
+                size = ruler_search(count, ICL_MAX_TOKENS, 0, inc, ruler_upper(count(inc), inc, ICL_MAX_TOKENS, inc))
+                size = inc if size is None else size
+                while size is not None and count(size) > ICL_MAX_TOKENS:
+                    size = self.ruler_down(size, inc)
+            if size is None:
+                n, t = fit_length(lambda n: encoder.count(self._icl(rng_for(*rng_key), n), ""),
+                                  ICL_MAX_TOKENS, 0, 0)
+                size = n if n is not None else 0
+            self._icl_sizes[k] = size
         return self._icl_sizes[k]
 
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        return self._build(encoder, context_length, key, n, with_icl=True)
+
+    def _build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int, with_icl: bool) -> Sample:
         rng = rng_for(*key)
-        icl = self._icl(rng, self._icl_size(encoder))
+        icl = self._icl(rng, self._icl_size(encoder))  # drawn either way: the chain's draws come after it
         all_vars, chains = _chains(rng, self.num_chains, self.num_hops, 5)
         value = chains[0][0].split("=")[-1].strip()
         lines = _haystack(rng_for(*key, "haystack", n), chains, n)
@@ -118,4 +150,5 @@ class VariableTrackingTask(RulerTask):
                     body.add(text)
         head, tail, prefix = self._prompt_parts(value, self.num_hops + 1)
         meta = {"haystack": self.haystack, "depth": depths[0], "depths": depths, "query": value}
-        return make_sample(icl + "\n" + head, body, tail, prefix, all_vars[0], self.max_new_tokens, meta)
+        head = (icl + "\n" if with_icl else "") + head
+        return make_sample(head, body, tail, prefix, all_vars[0], self.max_new_tokens, meta)

@@ -4,12 +4,14 @@ After NVIDIA/RULER scripts/data/synthetic/common_words_extraction.py and freq_wo
 
 cwe: a numbered list ``1. word 2. word ...`` where 10 common words appear ``freq_cw`` times and the others
 ``freq_ucw`` times, shuffled; one solved example (40 words, 10x/3x) comes first. Below a 4096-token budget
-RULER uses a 20-word example (3x/1x) and 6x/1x in the task. The haystack size is the number of distinct
-words. ``meta["evidence"]``: spans of every occurrence of the 10 common words in the task's list.
+RULER uses a 20-word example (3x/1x) and 6x/1x in the task (``meta["cwe_config"]``: small / large). The
+haystack size is the number of distinct words. ``meta["evidence"]``: spans of every occurrence of the 10 common
+words in the task's list.
 
 fwe: coded text of random 6-letter words drawn with Zipf counts ``int(n * k**-alpha / zeta(alpha))`` for
 rank k, the top word replaced by '...' (noise); the answer is ranks 2-4. Vocabulary size is
-``context_length // 50``. ``meta["evidence"]``: spans of every occurrence of the three answer words.
+``(context_length - 50) // 50`` (RULER's, after the generation budget is taken off; ``length_rule=kvbench``:
+``context_length // 50``). ``meta["evidence"]``: spans of every occurrence of the three answer words.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import random
 import string
 
 from tasks.base import PromptEncoder, Sample
-from tasks.ruler.common import (RulerTask, TextBuilder, common_words, make_sample, rng_for, word_list, zeta)
+from tasks.ruler.common import (CALIBRATION, RulerTask, TextBuilder, common_words, make_sample, rng_for, word_list,
+                                zeta)
 from tasks.ruler.templates import CONFIGS, split_template
 
 
@@ -65,17 +68,30 @@ class CommonWordsTask(RulerTask):
         rng.shuffle(word_list_)
         return word_list_, common
 
+    def ruler_incremental(self, context_length: int) -> int:
+        return 10  # common_words_extraction.py sys_word_pair_random: words
+
+    def ruler_upper(self, encoder: PromptEncoder, context_length: int, incremental: int) -> int:
+        """sys_word_pair_random: a probe of 4096 words, ``int(max_seq_length // tokens_per_word) * 2``."""
+        probe = self.calibration_count(encoder, context_length)(4096)
+        return max(int(context_length // (probe / 4096)) * 2, incremental * 2)
+
     def _use_small(self, encoder: PromptEncoder, context_length: int) -> bool:
-        """RULER switches to the larger example and repeats at max_seq_length >= 4096. With a tokenizer less
-        efficient than Llama's (e.g. the reference model's 2k-word BPE) that configuration's smallest prompt
-        can exceed the budget; then the < 4096 configuration is used, and the sample's meta says so."""
+        """RULER switches to the larger example and repeats at max_seq_length >= 4096 (generate_input_output:
+        ``if args.max_seq_length < 4096`` the small one). With a tokenizer less efficient than Llama's (the byte
+        tokenizer, the reference model's 2k-word BPE) that configuration's smallest prompt can exceed the budget
+        (ruler: prompt + generation over context_length, where RULER would retry forever; kvbench: prompt over
+        90% of it); then the < 4096 configuration is used, and the sample's meta says so."""
         if context_length < 4096:
             return True
         k = ("small", *self._encoder_key(encoder, context_length))
         if k not in self._hints:
-            smallest = self._build(encoder, context_length, ("calibration", self.ruler_name), self.n_min, small=False)
-            # Margin: word lengths vary across samples, and the fit must reach 90% of the budget from below.
-            self._hints[k] = self.count(encoder, smallest) > 0.9 * context_length
+            smallest = self._build(encoder, context_length, (CALIBRATION, self.ruler_name), self.n_min, small=False)
+            if self.official:
+                self._hints[k] = self.count(encoder, smallest) + self.max_new_tokens > context_length
+            else:
+                # Margin: word lengths vary across samples, and the fit must reach 90% of the budget from below.
+                self._hints[k] = self.count(encoder, smallest) > 0.9 * context_length
         return self._hints[k]
 
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
@@ -106,7 +122,7 @@ class CommonWordsTask(RulerTask):
                 body.add(label + w, ("evidence", len(label), len(label) + len(w)))
             else:
                 body.add(label + w)
-        meta = {"haystack": self.haystack, "depth": None}
+        meta = {"haystack": self.haystack, "depth": None, "cwe_config": "small" if small else "large"}
         return make_sample(shot + "\n" + head, body, tail, prefix, answer, self.max_new_tokens, meta)
 
 
@@ -124,9 +140,34 @@ class FreqWordsTask(RulerTask):
         self.max_new_tokens = 50  # constants.py: freq_words_extraction tokens_to_generate
         self._zeta = zeta(self.alpha)
 
+    def ruler_incremental(self, context_length: int) -> int:
+        """sys_kwext: ``incremental = input_max_len // 32``, input_max_len = max_seq_length - tokens_to_generate."""
+        return (context_length - self.max_new_tokens) // 32
+
+    def ruler_start(self, encoder: PromptEncoder, context_length: int) -> int | None:
+        """freq_words_extraction.py generate_input_output's own search: from ``input_max_len // 6`` words up by
+        ``incremental`` while the prompt is shorter than input_max_len, then one step back."""
+        k = ("ruler", *self._encoder_key(encoder, context_length))
+        if k not in self._hints:
+            budget, inc = context_length - self.max_new_tokens, self.ruler_incremental(context_length)
+            n = None
+            if inc >= 1:
+                count = self.calibration_count(encoder, context_length)
+                n = budget // 6
+                while count(n) < budget:
+                    n += inc
+                n -= inc
+            self._hints[k] = n if n is not None and n >= self.n_min else None
+        return self._hints[k]
+
+    def ruler_down(self, used: int, incremental: int) -> int | None:
+        """sys_kwext steps down without a floor; here not below ``n_min`` (fewer words lose the answer)."""
+        return used - incremental if used - incremental >= self.n_min else None
+
     def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
         rng = rng_for(*key)
-        vocab_size = max(10, context_length // 50)
+        # sys_kwext: vocab_size = max_seq_length // 50 after the generation budget is taken off
+        vocab_size = max(10, ((context_length - self.max_new_tokens) if self.official else context_length) // 50)
         vocab: list[str] = []
         seen: set[str] = set()
         while len(vocab) < vocab_size:
