@@ -46,11 +46,13 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
 
 
-def normalized(cfg: DictConfig, settings: RunSettings) -> dict:
+def normalized(cfg: DictConfig, settings: RunSettings, method=None) -> dict:
     """The resolved config with the validated spellings (``query_aware=yes`` is stored as true), so that two
     spellings of one config are one config. ``compression_ratio=0.9`` is stored as ``keep_ratio: 0.1`` (every
     budget rule counts the same for both spellings: ``harness.compress.kept_fraction``)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if method is not None:  # the method's own values as checked (a preset's values are not written in)
+        resolved["method"] = {k: method.config.get(k, v) for k, v in resolved["method"].items()}
     for key in ("query_aware", "overwrite", "progress"):
         resolved[key] = getattr(settings, key)
     resolved.pop("compression_ratio", None)
@@ -82,11 +84,12 @@ def _read_config(path: Path) -> dict:
     return previous
 
 
-def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None, settings: RunSettings | None = None) -> None:
+def prepare_dir(out_dir: Path, cfg: DictConfig, inputs: dict | None = None, settings: RunSettings | None = None,
+                method=None) -> None:
     """Create the run dir, or check that an existing one was made by the same config and the same input files
     (``inputs``: fingerprints of the model weights and method files, see harness/fingerprint.py)."""
     settings = settings or validate(cfg)
-    resolved = normalized(cfg, settings)
+    resolved = normalized(cfg, settings, method)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -210,7 +213,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
         encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
         samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
         for sample in samples:
-            n_tokens = encoder.count(sample.context, sample.question + sample.answer_prefix)
+            n_tokens = encoder.count_sample(sample)
             if n_tokens > settings.context_length:
                 raise KvbenchError(
                     f"context_length={settings.context_length} is smaller than the prompt of {name} "
@@ -218,7 +221,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
                 )
         loaded.append((name, task, encoder, samples))
     check_protected(method, settings)
-    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)), settings)
+    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)), settings, method)
     store = RowStore(out_dir / "predictions.jsonl")
     label = model_label(cfg.model)
     if not method.shares_across_ratios and len(ratios) > 1:

@@ -1,5 +1,6 @@
-"""RULER with the reference model's own tokenizer (a BPE with split digits): every task at 1k, 4k and 16k
-fills 90-100% of the context, its gold answers are in the context, and seeds give distinct samples."""
+"""RULER with the reference model's own tokenizer (a BPE with split digits): under task.length_rule=kvbench every task
+at 1k, 4k and 16k fills 90-100% of the context (the official rule is checked in test_ruler.py), its gold answers are in
+the context, and seeds give distinct samples."""
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def encoder():
 @pytest.mark.parametrize("name", tasks.expand("ruler"))
 def test_length_fit_answers_and_seeds(encoder, name, length):
     data_dir = str(FIXTURES) if name.startswith("ruler/qa") else None
-    task = tasks.get_task(name, data_dir=data_dir)
+    task = tasks.get_task(name, data_dir=data_dir, length_rule="kvbench")  # the fill rule this file checks
     samples = task.samples(encoder, length, 2, seed=0)
     for s in samples:
         n = encoder.count(s.context, s.question + s.answer_prefix)

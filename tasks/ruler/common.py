@@ -388,7 +388,7 @@ class RulerTask(Task):
 
     @staticmethod
     def count(encoder: PromptEncoder, s: Sample) -> int:
-        return encoder.count(s.context, s.question + s.answer_prefix)
+        return encoder.count_sample(s)
 
     def _too_short(self, context_length: int, tokens: int) -> TooShort:
         return TooShort(f"{self.name}: context_length={context_length} is too short; its smallest prompt "
