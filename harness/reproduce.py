@@ -11,6 +11,12 @@ model and method with its own overrides), ``published`` (numbers with their sour
 (one prefill serves all keep ratios of a job; reruns skip finished rows), then ``kvbench-report <out>/<name>``,
 which writes ``published.{md,tex,csv}``: ours beside the published numbers.
 
+A grid task is a task name (run at the grid's ``context_length`` list) or ``{name: <task>, context_length: [...],
+overrides: [...]}`` for a task the paper ran at its own lengths or settings (LongBench whole and without its
+Chinese tasks, RULER at 4k): each distinct (lengths, overrides) is one job per model and method. The preset's
+published cells are checked when it loads (``harness.published.check_published``): a cell without a source, or
+with a number but no configuration, is refused with one line.
+
 Overrides on the command line go to every job. ``model=...`` (with ``model.*``) replaces the grid's models by
 that one model: ``model=reference`` runs the grid offline on a stand-in for a quick check (the report then shows
 the stand-in's numbers beside the paper's, marked so). Before anything runs, every job's config is composed and
@@ -34,6 +40,23 @@ def presets() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "paper").glob("*.yaml") if not p.name.startswith("_"))
 
 
+def task_name(entry) -> str:
+    """A grid task entry's task name (a name, or ``{name, context_length, overrides}``)."""
+    return str(entry["name"]) if isinstance(entry, dict) else str(entry)
+
+
+def task_groups(grid: dict) -> list[tuple[list[str], list[int], list[str]]]:
+    """The grid's tasks grouped by the context lengths and task overrides they run with, in order of first
+    appearance: ``[(task names, context lengths, overrides)]``; a plain name takes ``grid.context_length``."""
+    groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
+    for entry in grid["tasks"]:
+        own = entry.get("context_length") if isinstance(entry, dict) else None
+        lengths = tuple(int(c) for c in (own if own is not None else grid["context_length"]))
+        extra = tuple(str(o) for o in (entry.get("overrides") or [])) if isinstance(entry, dict) else ()
+        groups.setdefault((lengths, extra), []).append(task_name(entry))
+    return [(names, list(lengths), list(extra)) for (lengths, extra), names in groups.items()]
+
+
 def _fmt_list(values) -> str:
     return "[" + ",".join(str(float(v)) for v in values) + "]"
 
@@ -50,7 +73,8 @@ def _missing(raw: dict, grid: dict, with_defaults: bool) -> list[str]:
                     missing.append(f"conf/{group}/{value}.yaml")
     missing += [f"conf/method/{m['method']}.yaml" for m in grid["methods"]
                 if not (CONF_DIR / "method" / f"{m['method']}.yaml").exists()]
-    missing += [f"conf/task/{t}.yaml" for t in grid["tasks"] if not (CONF_DIR / "task" / f"{t}.yaml").exists()]
+    missing += [f"conf/task/{task_name(t)}.yaml" for t in grid["tasks"]
+                if not (CONF_DIR / "task" / f"{task_name(t)}.yaml").exists()]
     for m in grid["models"]:
         for o in m.get("overrides") or []:
             if o.startswith("model=") and not (CONF_DIR / "model" / f"{o.split('=', 1)[1]}.yaml").exists():
@@ -62,8 +86,12 @@ def load_preset(name: str, methods: list[str] | None = None, tasks: list[str] | 
                 check_models: bool = True) -> dict:
     """The preset's ``paper`` node (a plain dict), its grid cut to ``methods`` (labels) / ``tasks`` if given,
     and checked: every method, task and model it names must exist in conf/ (and, for the whole preset, what its
-    defaults list selects). Raises ``KvbenchError`` with one line naming what is missing."""
+    defaults list selects), every grid task entry is a name or ``{name, context_length, overrides}``, and every
+    published cell names its source and configuration (``harness.published.check_published``). Raises
+    ``KvbenchError`` with one line naming what is missing."""
     from omegaconf import OmegaConf
+
+    from harness.published import check_published
 
     path = CONF_DIR / "paper" / f"{name}.yaml"
     if not path.exists():
@@ -76,6 +104,13 @@ def load_preset(name: str, methods: list[str] | None = None, tasks: list[str] | 
     for key in ("models", "methods", "tasks", "keep_ratio", "context_length"):
         if not grid.get(key):
             raise KvbenchError(f"conf/paper/{name}.yaml: paper.grid.{key} is missing or empty")
+    for entry in grid["tasks"]:
+        if isinstance(entry, dict) and (set(entry) - {"name", "context_length", "overrides"} or "name" not in entry
+                                        or not isinstance(entry.get("context_length", []), list)
+                                        or not isinstance(entry.get("overrides", []), list)):
+            raise KvbenchError(f"conf/paper/{name}.yaml: paper.grid.tasks entry {entry!r} is not a task name or "
+                               "{name: <task>, context_length: [<tokens>, ...], overrides: [<key=value>, ...]}")
+    check_published(paper, f"conf/paper/{name}.yaml")
     labels = [m["label"] for m in grid["methods"]]
     if len(set(labels)) != len(labels):
         raise KvbenchError(f"conf/paper/{name}.yaml: method labels repeat in paper.grid.methods: {labels}")
@@ -85,10 +120,11 @@ def load_preset(name: str, methods: list[str] | None = None, tasks: list[str] | 
             raise KvbenchError(f"--methods {','.join(unknown)}: not in paper {name}; allowed: {', '.join(labels)}")
         grid["methods"] = [m for m in grid["methods"] if m["label"] in methods]
     if tasks:
-        unknown = [t for t in tasks if t not in grid["tasks"]]
+        names = [task_name(t) for t in grid["tasks"]]
+        unknown = [t for t in tasks if t not in names]
         if unknown:
-            raise KvbenchError(f"--tasks {','.join(unknown)}: not in paper {name}; allowed: {', '.join(grid['tasks'])}")
-        grid["tasks"] = [t for t in grid["tasks"] if t in tasks]
+            raise KvbenchError(f"--tasks {','.join(unknown)}: not in paper {name}; allowed: {', '.join(names)}")
+        grid["tasks"] = [t for t in grid["tasks"] if task_name(t) in tasks]
     if not check_models:
         grid = {**grid, "models": []}
     missing = _missing(raw, grid, with_defaults=not (methods or tasks or not check_models))
@@ -137,18 +173,18 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
                 raise KvbenchError(f"--models {','.join(unknown)}: not in paper {name}; allowed: "
                                    f"{', '.join(m['label'] for m in model_entries)}")
             model_entries = [m for m in model_entries if m["label"] in models]
-    task_list = list(grid["tasks"])
-    contexts = [int(c) for c in grid["context_length"]]
     jobs = []
     for model in model_entries:
         for m in grid["methods"]:
-            base = [f"paper={name}", f"method={m['method']}"] + list(m.get("overrides") or [])
-            sweep = [f"task={','.join(task_list)}", f"context_length={','.join(str(c) for c in contexts)}"]
-            fixed = [f"keep_ratio={_fmt_list(m['keep_ratio'])}"] if m.get("keep_ratio") else []
-            # the method's own keep ratios (full: 1.0) win over the user's; everything else the user sets wins
-            job = _merge(base, sweep, list(model.get("overrides") or []), rest, fixed)
-            jobs.append({"model": model["label"], "label": m["label"], "overrides": job,
-                         "sweep_dir": str(Path(out_root) / name / model["label"])})
+            for task_list, contexts, task_overrides in task_groups(grid):
+                base = [f"paper={name}", f"method={m['method']}"] + list(m.get("overrides") or [])
+                sweep = [f"task={','.join(task_list)}", f"context_length={','.join(str(c) for c in contexts)}",
+                         *task_overrides]
+                fixed = [f"keep_ratio={_fmt_list(m['keep_ratio'])}"] if m.get("keep_ratio") else []
+                # the method's own keep ratios (full: 1.0) win over the user's; everything else the user sets wins
+                job = _merge(base, sweep, list(model.get("overrides") or []), rest, fixed)
+                jobs.append({"model": model["label"], "label": m["label"], "overrides": job,
+                             "sweep_dir": str(Path(out_root) / name / model["label"])})
     return paper, jobs
 
 

@@ -13,7 +13,7 @@ from tasks.base import PromptEncoder, Sample, Task
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 _REPORT_HOOKS: list[Callable] = []
 _SUITES: dict[str, list[str]] = {}
-_SUITE_MODULES = ("tasks.ruler", "tasks.longbench")
+_SUITE_MODULES = ("tasks.ruler", "tasks.longbench", "tasks.kvpress_ruler")
 
 
 def register(name: str, suite: str | None = None):

@@ -132,7 +132,7 @@ def test_preset_composes_or_fails_clearly(name):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.reproduce import load_preset
+    from harness.reproduce import load_preset, task_name
 
     try:
         paper = load_preset(name)
@@ -153,7 +153,7 @@ def test_preset_composes_or_fails_clearly(name):
     for m in grid["methods"]:
         assert (CONF / "method" / f"{m['method']}.yaml").exists()
     for t in grid["tasks"]:
-        assert (CONF / "task" / f"{t}.yaml").exists()
+        assert (CONF / "task" / f"{task_name(t)}.yaml").exists()
 
 
 def test_kvpress_preset_on_reference_model_is_the_offline_variant():
@@ -183,8 +183,10 @@ def test_kvpress_preset_on_reference_model_is_the_offline_variant():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_published_cells(name):
-    """Published cells: numbers only with a known source, null otherwise; no cell twice."""
+    """Published cells: numbers only with a known source and configuration, null otherwise; no cell twice."""
     from omegaconf import OmegaConf
+
+    from harness.published import cell_config
 
     paper = OmegaConf.to_container(OmegaConf.load(CONF / "paper" / f"{name}.yaml"))["paper"]
     sources = paper["sources"]
@@ -192,6 +194,8 @@ def test_preset_published_cells(name):
     for p in paper["published"]:
         assert set(p) >= {"model", "method", "keep_ratio", "task", "score", "source"}, p
         assert p["source"] in sources, p
+        assert p["score"] is None or cell_config(paper, p) in (paper.get("configs") or {}), p
+        assert isinstance(p.get("approximate", False), bool), p
         assert p["score"] is None or isinstance(p["score"], (int, float))
         assert 0.0 < float(p["keep_ratio"]) <= 1.0
         key = (p["model"], p["method"], float(p["keep_ratio"]), p["task"], p.get("context_length"))
@@ -202,17 +206,29 @@ def test_preset_published_cells(name):
 
 
 def test_kvpress_published_numbers():
-    """The numbers quoted in /work/shared/METHODS.md, at keep_ratio = 1 - compression; every grid cell listed."""
+    """The numbers read from kvpress's two committed leaderboard figures (approximate), at keep_ratio =
+    1 - compression; nothing for Qwen3-8B (no primary source); every grid cell listed."""
     from omegaconf import OmegaConf
 
     paper = OmegaConf.to_container(OmegaConf.load(CONF / "paper" / "kvpress_ruler4k.yaml"))["paper"]
     cells = {(p["model"], p["method"], p["keep_ratio"]): p["score"] for p in paper["published"]}
     llama, qwen = "Llama-3.1-8B-Instruct", "Qwen3-8B"
-    known = {(llama, "full", 1.0): 95.5, (llama, "snapkv", 0.75): 81.8, (llama, "snapkv+adakv", 0.75): 88.1,
-             (llama, "expected_attention", 0.75): 88.5, (llama, "expected_attention+adakv", 0.75): 93.6,
-             (qwen, "knorm", 0.75): 87.2, (qwen, "knorm", 0.5): 68.3, (qwen, "knorm", 0.25): 32.6,
-             (qwen, "knorm", 0.12): 8.9}
+    known = {(llama, "full", 1.0): 95.4,
+             (llama, "snapkv", 0.75): 80.3, (llama, "snapkv", 0.5): 67.0, (llama, "snapkv", 0.25): 40.0,
+             (llama, "snapkv_query_aware", 0.75): 94.0, (llama, "snapkv_query_aware", 0.5): 88.1,
+             (llama, "expected_attention", 0.75): 87.6, (llama, "expected_attention", 0.5): 74.7,
+             (llama, "expected_attention", 0.25): 52.7, (llama, "expected_attention+adakv", 0.5): 91.5,
+             (llama, "knorm", 0.75): 74.5, (llama, "knorm", 0.5): 49.7, (llama, "streaming_llm", 0.75): 78.2,
+             (llama, "tova", 0.75): 86.5, (llama, "tova", 0.5): 75.5, (llama, "tova", 0.25): 64.2,
+             (llama, "random", 0.75): 63.0, (llama, "random", 0.5): 7.7, (llama, "random", 0.25): 0.5,
+             (llama, "observed_attention", 0.75): 72.9, (llama, "observed_attention", 0.5): 50.8,
+             (llama, "observed_attention", 0.25): 28.9, (llama, "pyramidkv", 0.75): 81.6}
     assert {k: v for k, v in cells.items() if v is not None} == known
+    assert all(p["approximate"] for p in paper["published"] if p["score"] is not None)  # read from plots
+    methods = {m["label"]: m for m in paper["grid"]["methods"]}
+    assert methods["expected_attention+adakv"]["method"] == "expected_attention_adakv_e2"  # AdaKV(EA eps 1e-2)
+    assert "query_aware=true" in methods["snapkv_query_aware"]["overrides"]
+    assert [float(r) for r in paper["grid"]["keep_ratio"]] == [0.75, 0.5, 0.25, 0.125]  # cr 0.875 included
     for model in (llama, qwen):
         for m in paper["grid"]["methods"]:
             for r in m.get("keep_ratio") or paper["grid"]["keep_ratio"]:
@@ -224,27 +240,27 @@ def test_missing_method_fails_with_one_line(tmp_path, monkeypatch):
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
-    (conf / "method" / "expected_attention_adakv.yaml").unlink()
+    (conf / "method" / "expected_attention_adakv_e2.yaml").unlink()
     monkeypatch.setattr(rp, "CONF_DIR", conf)
     with pytest.raises(KvbenchError) as err:
         rp.load_preset("kvpress_ruler4k")
-    assert "\n" not in str(err.value) and "conf/method/expected_attention_adakv.yaml" in str(err.value)
+    assert "\n" not in str(err.value) and "conf/method/expected_attention_adakv_e2.yaml" in str(err.value)
     # leaving it out explicitly works
     paper = rp.load_preset("kvpress_ruler4k", methods=["snapkv", "knorm"])
-    assert [m["label"] for m in paper["grid"]["methods"]] == ["snapkv", "knorm"]
+    assert [m["label"] for m in paper["grid"]["methods"]] == ["knorm", "snapkv"]  # in the grid's order
 
 
 def test_reproduce_plan_stand_in_and_overrides():
     from harness.reproduce import plan
 
     paper, jobs = plan("kvpress_ruler4k", ["model=tiny-random", "n_samples=2", "keep_ratio=[0.5]"],
-                       methods=["full", "knorm+adakv"])
-    assert [j["label"] for j in jobs] == ["full", "knorm+adakv"]
+                       methods=["full", "snapkv_query_aware"])
+    assert [j["label"] for j in jobs] == ["full", "snapkv_query_aware"]
     assert all(j["sweep_dir"] == "results/paper/kvpress_ruler4k/tiny-random" for j in jobs)
-    full, knorm = (j["overrides"] for j in jobs)
+    full, snap = (j["overrides"] for j in jobs)
     assert "keep_ratio=[1.0]" in full and "keep_ratio=[0.5]" not in full  # full cache keeps its own ratio
-    assert "keep_ratio=[0.5]" in knorm and "method.allocator=adakv" in knorm and "model=tiny-random" in knorm
-    assert "paper=kvpress_ruler4k" in knorm and "task=ruler" in knorm
+    assert "keep_ratio=[0.5]" in snap and "query_aware=true" in snap and "model=tiny-random" in snap
+    assert "paper=kvpress_ruler4k" in snap and "task=ruler" in snap
     _, jobs = plan("kvpress_ruler4k", [], methods=["snapkv"])  # the grid's own models
     assert [j["model"] for j in jobs] == ["Llama-3.1-8B-Instruct", "Qwen3-8B"]
     assert "model.path=Qwen/Qwen3-8B" in jobs[1]["overrides"]
