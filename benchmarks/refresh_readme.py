@@ -3,7 +3,7 @@ machine and date. One command: ``make bench``.
 
     python benchmarks/refresh_readme.py [--skip-kvpress] [--context 4096]
 
-The kvpress comparison needs kvpress's own venv (``bash ../shared/peers/kvpress-env.sh .peers/kvpress-venv``);
+The kvpress comparison needs kvpress's own venv (``bash tools/peers/kvpress-env.sh``);
 without it that line says so instead of a number.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@
 * GPU variant (``--model llama-8b``): Llama-3.1-8B's architecture with random weights (as
   ``benchmarks/speed.py``), bf16 on CUDA, saved once and loaded by both sides; ``--layers N`` shortens it (a
   CPU smoke run: ``--model llama-8b --layers 1 --context 1024 --device cpu``). On CUDA both sides also report
-  their peak allocated memory. kvpress's venv must exist on that machine: ``../shared/peers/kvpress-env.sh``
+  their peak allocated memory. kvpress's venv must exist on that machine: ``tools/peers/kvpress-env.sh``
   installs the CUDA torch build there when ``nvidia-smi`` works.
 
 * Model: random weights with the reference model's architecture (``harness/reference/checkpoint``'s config
