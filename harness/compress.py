@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +71,10 @@ class Scorer:
     needs_hidden_states = False
     # False where the scores depend on the keep ratio or the prefill itself changes (then one prefill per ratio).
     shares_across_ratios = True
-    # Parameter presets, e.g. {"kvpress": {"window": 64, "kernel": 5, "pool": "avg"}}.
+    # Parameter presets, e.g. {"kvpress": {"window": 64, "kernel": 5, "pool": "avg"}}; a preset may also set the
+    # method's ``budget_rule`` (every kvpress preset does: ``KVPRESS_BUDGET``).
     PRESETS: dict[str, dict[str, Any]] = {}
+    budget_rule: str = "floor"  # set by ``Method``; for scorers that size a budget themselves (ASL)
 
     def score(self, inputs: LayerInputs) -> Tensor | None:  # pragma: no cover - interface
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
@@ -99,20 +101,57 @@ class Scorer:
 
 
 class Allocator:
-    """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer."""
+    """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer. Counts come from
+    ``self.n_keep`` (the method's budget rule, which ``Method`` sets on its allocator)."""
 
     registered_name = ""
+    budget_rule: str = "floor"
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def n_keep(self, n_tokens: int, keep_ratio: float) -> int:
+        return n_keep(n_tokens, keep_ratio, self.budget_rule)
 
-def n_keep(n_tokens: int, keep_ratio: float) -> int:
-    """Entries kept per head for a ratio: floor, as kvpress's ``int(q_len * (1 - compression_ratio))``.
 
-    The epsilon absorbs float noise such as 100 * 0.29 = 28.999999999999996.
+# How a ratio becomes a count of entries (``Method.budget_rule``; every allocator asks ``n_keep`` with it):
+#   floor   -- ``floor(T * keep_ratio + 1e-6)``: the count the ratio means in exact arithmetic (the epsilon
+#              absorbs float noise such as 100 * 0.29 = 28.999999999999996). kvbench's default.
+#   kvpress -- kvpress 0.5.5's ``int(T * (1 - compression_ratio))`` with no epsilon, ``compression_ratio =
+#              1 - keep_ratio`` in float: 1 - 0.9 = 0.09999999999999998, so T = 1000 at cr 0.9 keeps 99, not
+#              100 (every T divisible by 10 at cr 0.9, by 5 at cr 0.8, T = 90, 330, ... at cr 0.3). Set by
+#              ``method.preset=kvpress``.
+BudgetRule = Literal["floor", "kvpress"]
+BUDGET_RULES: tuple[str, ...] = get_args(BudgetRule)
+# What a method's ``kvpress`` preset adds so that its counts are kvpress's (see ``kept_fraction``).
+KVPRESS_BUDGET: dict[str, Any] = {"budget_rule": "kvpress"}
+# The presets of a scorer whose defaults already are kvpress's (streaming_llm, tova, knorm, expected_attention):
+# ``method.preset=kvpress`` then only switches the counts to kvpress's.
+KVPRESS_COUNTS_ONLY: dict[str, dict[str, Any]] = {"kvpress": KVPRESS_BUDGET}
+
+
+def kept_fraction(keep_ratio: float, rule: BudgetRule = "floor") -> float:
+    """The fraction a rule multiplies the token count by: ``keep_ratio`` itself (floor), or kvpress's
+    ``1 - compression_ratio`` with ``compression_ratio = 1 - keep_ratio`` computed in float (kvpress).
+
+    A keep ratio made from a typed compression ratio (``keep = 1 - cr``, as ``compression_ratio=`` does) comes
+    back unchanged, ``1 - (1 - keep) == keep`` (exact in binary floating point for such a ``keep``), so the
+    count is kvpress's ``int(T * (1 - cr))`` with the very ``cr`` typed; a typed keep ratio 0.1 gives
+    kvpress's cr 0.9, i.e. 0.09999999999999998.
     """
-    return max(1, min(n_tokens, int(math.floor(n_tokens * keep_ratio + 1e-6))))
+    if rule == "kvpress":
+        return 1.0 - (1.0 - float(keep_ratio))
+    if rule == "floor":
+        return float(keep_ratio)
+    raise ValueError(f"budget rule {rule!r} is not one of {', '.join(BUDGET_RULES)}")
+
+
+def n_keep(n_tokens: int, keep_ratio: float, rule: BudgetRule = "floor") -> int:
+    """Entries kept per head of ``n_tokens`` for a keep ratio under a budget rule (see ``BudgetRule``):
+    floor ``max(1, floor(T * keep + 1e-6))``, kvpress ``max(1, int(T * (1 - cr)))``; at most ``T``."""
+    fraction = kept_fraction(keep_ratio, rule)
+    exact = n_tokens * fraction if rule == "kvpress" else math.floor(n_tokens * fraction + 1e-6)
+    return max(1, min(n_tokens, int(exact)))
 
 
 @register_allocator("uniform")
@@ -121,7 +160,7 @@ class UniformAllocator(Allocator):
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
         n_heads, n_tokens = scores[0].shape[-2], scores[0].shape[-1]
-        return torch.full((len(scores), n_heads), n_keep(n_tokens, keep_ratio), dtype=torch.long)
+        return torch.full((len(scores), n_heads), self.n_keep(n_tokens, keep_ratio), dtype=torch.long)
 
 
 def protect(scores: Tensor, n_sink: int, n_recent: int) -> Tensor:
@@ -159,6 +198,15 @@ class Method:
     n_sink: int = 0
     n_recent: int = 0
     recent_share: float = 0.0  # fraction of each head's budget reserved for the most recent tokens (H2O)
+    # How a ratio becomes a count (``BudgetRule``): "floor" (default) or "kvpress" (``method.preset=kvpress``).
+    budget_rule: BudgetRule = "floor"
+
+    def __post_init__(self) -> None:
+        if self.budget_rule not in BUDGET_RULES:
+            raise ValueError(f"budget_rule {self.budget_rule!r} is not one of {', '.join(BUDGET_RULES)}")
+        for part in (self.scorer, self.allocator):  # one rule for every count the method makes
+            if part is not None:
+                part.budget_rule = self.budget_rule
 
     @property
     def compresses(self) -> bool:

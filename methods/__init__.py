@@ -12,12 +12,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from harness.compress import ALLOCATORS, SCORERS, Method
+from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method
 from harness.errors import KvbenchError
 from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
 
 # Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
-COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset"}
+COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset", "budget_rule"}
 # Allocator parameters every method config carries (so any method takes any allocator); unused ones are fine.
 SHARED_KEYS = {"alpha", "beta", "profile"}
 _loaded = False
@@ -48,6 +48,8 @@ class MethodKeys(BaseModel):
     n_sink: NonNegative | None = 0
     n_recent: NonNegative | None = 0
     recent_share: Fraction | None = 0.0
+    # how ratios become counts (harness.compress.BudgetRule): null = floor; every kvpress preset sets kvpress
+    budget_rule: BudgetRule | None = None
 
 
 def _construct(kind: str, registry: dict, name: str, params: dict[str, Any]):
@@ -71,7 +73,7 @@ def build_method(cfg) -> Method:
     if scorer_name and scorer_name not in SCORERS:
         raise KvbenchError(f"method.scorer={scorer_name!r} is not known; allowed: {', '.join(sorted(SCORERS))}")
     preset = cfg.get("preset")
-    if preset:  # a preset sets its parameters (scorer's and selector's) over the yaml's
+    if preset:  # a preset sets its parameters (scorer's, selector's, budget_rule) over the yaml's
         presets = SCORERS[scorer_name].PRESETS if scorer_name else {}
         if preset not in presets:
             allowed = ", ".join(sorted(presets)) or "none for this method"
@@ -98,6 +100,7 @@ def build_method(cfg) -> Method:
         n_sink=int(cfg.get("n_sink") or 0),
         n_recent=int(cfg.get("n_recent") or 0),
         recent_share=float(cfg.get("recent_share") or 0.0),
+        budget_rule=cfg.get("budget_rule") or "floor",
     )
 
 

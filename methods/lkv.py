@@ -273,10 +273,11 @@ def share_out(shares: Tensor, total: int, lo: int, hi: int) -> Tensor:
     return out.long()
 
 
-def hard_budgets(budget_logits: Tensor, n_tokens: int, keep_ratio: float, min_budget: int = 1) -> Tensor:
-    """``[L, H]`` integer budgets: softmax share of ``L * H * n_keep(T, ratio)``, capped at ``T``."""
+def hard_budgets(budget_logits: Tensor, n_tokens: int, keep_ratio: float, min_budget: int = 1,
+                 rule: str = "floor") -> Tensor:
+    """``[L, H]`` integer budgets: softmax share of ``L * H * n_keep(T, ratio, rule)``, capped at ``T``."""
     L, H = budget_logits.shape
-    total = L * H * n_keep(n_tokens, keep_ratio)
+    total = L * H * n_keep(n_tokens, keep_ratio, rule)
     shares = torch.softmax(budget_logits.detach().double().flatten(), dim=0)
     return share_out(shares, total, max(1, min(min_budget, n_tokens)), n_tokens).view(L, H)
 
@@ -378,7 +379,7 @@ class LKVAllocator(Allocator):
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
         check_shape(self.config, len(scores), scores[0].shape[-2], f"method.checkpoint={self.checkpoint!r}")
-        return hard_budgets(self.budget_logits, scores[0].shape[-1], keep_ratio, self.min_budget)
+        return hard_budgets(self.budget_logits, scores[0].shape[-1], keep_ratio, self.min_budget, self.budget_rule)
 
 
 # --------------------------------------------------------------------------------------------------------
