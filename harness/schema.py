@@ -70,6 +70,17 @@ def _keep_ratio_range(value: float) -> float:
 
 KeepRatio = Annotated[float, AfterValidator(_keep_ratio_range)]
 
+
+def _compression_ratio_range(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise PydanticCustomError("out_of_range", "out of range", {"allowed": "[0, 1) (0 = full cache)"})
+    return value
+
+
+# kvpress's spelling: the fraction removed (keep_ratio = 1 - compression_ratio)
+CompressionRatio = Annotated[float, AfterValidator(_compression_ratio_range)]
+DEFAULT_KEEP_RATIO = 0.5  # when neither keep_ratio nor compression_ratio is given
+
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
@@ -95,7 +106,10 @@ class TaskSettings(BaseModel):
 class RunSettings(BaseModel):
     """The top-level keys of ``conf/config.yaml`` (the method node is checked by ``methods.build_method``)."""
     model_config = STRICT
-    keep_ratio: Annotated[list[KeepRatio], BeforeValidator(_as_list), Field(min_length=1)]
+    # After ``validate``: the keep ratios to run (from keep_ratio, or 1 - compression_ratio; the two exclude each
+    # other; neither = DEFAULT_KEEP_RATIO); compression_ratio stays as typed, or None.
+    keep_ratio: Annotated[list[KeepRatio], BeforeValidator(_as_list), Field(min_length=1)] | None = None
+    compression_ratio: Annotated[list[CompressionRatio], BeforeValidator(_as_list), Field(min_length=1)] | None = None
     context_length: Count
     n_samples: Count | None  # None: every sample of a task with a fixed set of records (LongBench)
     seed: NonNegative
@@ -192,7 +206,15 @@ def validate(cfg: Any) -> RunSettings:
         settings = RunSettings.model_validate(values)
     except ValidationError as err:
         raise to_error(err, values, known=RunSettings.model_fields) from None
-    settings.keep_ratio = _unique(settings.keep_ratio)
+    if settings.compression_ratio is not None:
+        if settings.keep_ratio is not None:
+            raise KvbenchError(f"keep_ratio={_shown(values.get('keep_ratio'))} and compression_ratio="
+                               f"{_shown(values.get('compression_ratio'))} exclude each other; give one "
+                               "(keep_ratio = 1 - compression_ratio)")
+        settings.compression_ratio = _unique(settings.compression_ratio)
+        # computed in float as kvpress does, so the kvpress budget rule counts exactly int(T * (1 - cr))
+        settings.keep_ratio = [1.0 - cr for cr in settings.compression_ratio]
+    settings.keep_ratio = _unique(settings.keep_ratio or [DEFAULT_KEEP_RATIO])
     return settings
 
 

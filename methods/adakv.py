@@ -2,7 +2,8 @@
 
 As kvpress's ``AdaKVPress`` (0.5.5), per layer with ``T`` tokens and ``H`` KV heads:
 
-1. ``n_kept = n_keep(T, keep_ratio)`` is the average per-head budget; the layer keeps ``H * n_kept`` entries.
+1. ``n_kept = n_keep(T, keep_ratio, rule)`` is the average per-head budget (the method's budget rule:
+   kvpress's ``int(T * (1 - cr))`` under ``preset=kvpress``); the layer keeps ``H * n_kept`` entries.
 2. Floor: ``n_safe = max(1, int(n_kept * alpha))``; the top-``n_safe`` entries of every head (by that head's
    scores) are kept whatever their global rank (kvpress sets their score to ``finfo.max``).
 3. The other entries compete globally: the ``H * (T - n_kept)`` lowest scores of the layer (floors excluded,
@@ -27,7 +28,8 @@ from harness.errors import KvbenchError
 from harness.schema import Fraction, NonNegative
 
 
-def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n_forced_recent: int = 0) -> torch.Tensor:
+def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n_forced_recent: int = 0,
+                        rule: str = "floor") -> torch.Tensor:
     """Per-head budgets ``[H]`` of one layer from its scores ``[H, T]`` (higher = keep)."""
     s = scores.detach().float().clone()
     n_heads, n_tokens = s.shape
@@ -39,7 +41,7 @@ def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n
     s[s == float("inf")] = top + 1.0
     s[s == float("-inf")] = torch.finfo(s.dtype).min
     s = torch.nan_to_num(s, nan=torch.finfo(s.dtype).min)
-    kept_per_head = n_keep(n_tokens, keep_ratio)
+    kept_per_head = n_keep(n_tokens, keep_ratio, rule)
     if kept_per_head >= n_tokens:
         return torch.full((n_heads,), n_tokens, dtype=torch.long)
     n_safe = min(kept_per_head, max(1, int(kept_per_head * alpha)))
@@ -59,4 +61,5 @@ class AdaKVAllocator(Allocator):
             raise KvbenchError(f"method.alpha={alpha} must be in [0, 1] (AdaKV's per-head floor share)")
 
     def budgets(self, scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
-        return torch.stack([adakv_layer_budgets(s, keep_ratio, self.alpha, self.window) for s in scores])
+        return torch.stack([adakv_layer_budgets(s, keep_ratio, self.alpha, self.window, self.budget_rule)
+                            for s in scores])

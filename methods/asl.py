@@ -173,7 +173,7 @@ class ASLScorer(Scorer):
         self.n_layers = inputs.n_layers
         n_tokens = inputs.keys.shape[2]
         if self.budget == 0:
-            self.n_tokens, self.budget = n_tokens, n_keep(n_tokens, self.keep_ratio)
+            self.n_tokens, self.budget = n_tokens, n_keep(n_tokens, self.keep_ratio, self.budget_rule)
             self.rank_history = [None] * inputs.n_layers
         start, lookback = self.resolved(inputs.n_layers)
         k, n_window = self.split(n_tokens)

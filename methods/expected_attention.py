@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from harness.compress import LayerInputs, Scorer, register_scorer
+from harness.compress import KVPRESS_COUNTS_ONLY, LayerInputs, Scorer, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative, NonNegativeFloat
 
@@ -80,6 +80,8 @@ def expected_scores(keys: Tensor, values: Tensor, mu: Tensor, cov: Tensor | None
 
 @register_scorer("expected_attention")
 class ExpectedAttentionScorer(Scorer):
+    PRESETS = KVPRESS_COUNTS_ONLY  # defaults are kvpress 0.5.5's: preset=kvpress only sets its counts
+
     def __init__(self, n_future_positions: Count = 512, n_sink: NonNegative = 4, use_covariance: bool = True,
                  use_vnorm: bool = True, epsilon: NonNegativeFloat = 0.0,
                  query_window: Count | None = None):

@@ -9,14 +9,14 @@ tokens are not favoured only for being seen more often.
 """
 import torch
 
-from harness.compress import LayerInputs, Scorer, register_scorer
+from harness.compress import KVPRESS_BUDGET, LayerInputs, Scorer, register_scorer
 from methods._attention import attention_column_sums, per_kv_head
 
 
 @register_scorer("h2o")
 class H2OScorer(Scorer):
     # kvpress's ObservedAttentionPress: normalised sums, no recent window.
-    PRESETS = {"kvpress": {"normalize": True, "recent_share": 0.0}}
+    PRESETS = {"kvpress": {"normalize": True, "recent_share": 0.0, **KVPRESS_BUDGET}}
 
     def __init__(self, normalize: bool = False):
         self.normalize = normalize

@@ -35,13 +35,14 @@ def resolve_profile(path: str) -> Path:
     return find_input(path) or Path(path).expanduser()
 
 
-def lukv_budgets(profile: Profile, n_tokens: list[int], n_heads: int, keep_ratio: float) -> torch.Tensor:
-    """Integer budgets ``[L, H]`` for layers of ``n_tokens[l]`` tokens from a profile."""
+def lukv_budgets(profile: Profile, n_tokens: list[int], n_heads: int, keep_ratio: float,
+                 rule: str = "floor") -> torch.Tensor:
+    """Integer budgets ``[L, H]`` for layers of ``n_tokens[l]`` tokens from a profile (totals by the budget rule)."""
     shares = profile.shares(keep_ratio).clamp(min=0.0)  # [L, H]
     sizes = torch.tensor(n_tokens, dtype=torch.float64)[:, None]
     ideal = shares * sizes
     hi = sizes.long().expand(-1, n_heads)
-    targets = [n_heads * n_keep(t, keep_ratio) for t in n_tokens]
+    targets = [n_heads * n_keep(t, keep_ratio, rule) for t in n_tokens]
     if profile.meta.get("scope", "global") == "layer":
         rows = []
         for l, target in enumerate(targets):
@@ -80,4 +81,4 @@ class LUKVAllocator(Allocator):
                 f"{self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; this run scores "
                 f"{len(scores)} layers x {n_heads} KV heads: run kvbench-profile for this model"
             )
-        return lukv_budgets(self.profile, [int(s.shape[-1]) for s in scores], n_heads, keep_ratio)
+        return lukv_budgets(self.profile, [int(s.shape[-1]) for s in scores], n_heads, keep_ratio, self.budget_rule)

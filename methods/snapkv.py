@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from typing import Literal
 
-from harness.compress import LayerInputs, Scorer, register_scorer
+from harness.compress import KVPRESS_BUDGET, LayerInputs, Scorer, register_scorer
 from harness.schema import Count
 from methods._attention import attention_probs, per_kv_head
 
@@ -44,7 +44,7 @@ def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs:
 
 @register_scorer("snapkv")
 class SnapKVScorer(Scorer):
-    PRESETS = {"kvpress": {"window": 64, "kernel": 5, "pool": "avg", "n_recent": 64}}
+    PRESETS = {"kvpress": {"window": 64, "kernel": 5, "pool": "avg", "n_recent": 64, **KVPRESS_BUDGET}}
 
     def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "max"):
         self.window, self.kernel, self.pool = int(window), int(kernel), pool

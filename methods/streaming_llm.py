@@ -5,11 +5,13 @@ paper and kvpress) protects the sinks inside the budget.
 """
 import torch
 
-from harness.compress import LayerInputs, Scorer, register_scorer
+from harness.compress import KVPRESS_COUNTS_ONLY, LayerInputs, Scorer, register_scorer
 
 
 @register_scorer("streaming_llm")
 class StreamingLLMScorer(Scorer):
+    PRESETS = KVPRESS_COUNTS_ONLY  # defaults are kvpress 0.5.5's: preset=kvpress only sets its counts
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         batch, n_kv, n_tokens, _ = inputs.keys.shape
         positions = torch.arange(n_tokens, device=inputs.keys.device, dtype=torch.float32)

@@ -1,18 +1,24 @@
 """Dump which KV entries NVIDIA kvpress keeps, as conformance fixtures for kvbench's methods.
 
 Run with the *kvpress* environment's python (kvpress 0.5.5 pins transformers<5.3, so it cannot share
-kvbench's .venv), from the repository root:
+kvbench's .venv: make it with the kvpress environment script, a venv with kvpress 0.5.5 and transformers<5.3,
+under the git-ignored .peers/kvpress-venv), from the repository root:
 
-    bash /work/shared/peers/kvpress-env.sh .peers/kvpress-venv
+    bash tools/peers/kvpress-env.sh .peers/kvpress-venv
     .peers/kvpress-venv/bin/python tools/conformance/dump_kvpress.py
 
-Writes, for each model family (llama, qwen3):
-    tests/fixtures/kvpress/models/<family>/   tiny random model (config.json, model.safetensors, ...)
-    tests/fixtures/kvpress/<family>.json      kept KV indices per press x ratio x mode x layer x KV head
+Writes, under tests/fixtures/kvpress/:
+    models/<family>/     tiny random models of the first fixtures (llama, qwen3; config.json, model.safetensors)
+    <family>.json        kept KV indices per press x ratio x mode x layer x KV head
+    models/<shape>/      8 more tiny models (SHAPES: Llama g = 1, 3, 4, 8, Mistral, Mistral MQA, Qwen2, Qwen2
+                         + YaRN; 2 layers, weights stored in float16), each with a byte-level tokenizer
+    shapes.json          kept KV entries (bitmaps) on those shapes, 90 .. 5000 tokens, cr 0.1 .. 0.9
+    generations.json     greedy tokens of kvpress's own KVPressTextGenerationPipeline on 4 of the shapes
 
-The output is deterministic: re-running reproduces every file byte for byte (single CPU thread, fixed seeds,
-models re-initialised from our own generator, JSON with sorted keys). `--out DIR` writes the same tree under
-DIR instead of the repository (for the reproducibility check in tools/conformance/README.md).
+The output is deterministic: re-running on the same machine reproduces every file byte for byte (single CPU
+thread, fixed seeds, models re-initialised from our own generator, JSON with sorted keys); on another CPU the
+last digits of `cut_gap` can differ, the kept sets and generated tokens do not. `--out DIR` writes the same tree
+under DIR instead of the repository (for the reproducibility check in tools/conformance/README.md).
 
 How the kept set is obtained: each case prefills the saved model under `with press(model):` exactly as
 kvpress's pipeline does (`model.model(input_ids=ids, past_key_values=DynamicCache())`), then matches every row
@@ -26,6 +32,7 @@ See tools/conformance/KVPRESS_NOTES.md for what each press does.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import os
@@ -40,9 +47,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    AutoTokenizer,
     DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -128,10 +140,17 @@ def press_params(press) -> dict:
 def build_model(family: str, model_dir: Path) -> None:
     config_cls, model_cls, extra = FAMILIES[family]
     config = config_cls(**COMMON_CONFIG, **extra)
+    _save_random_model(model_cls, config, SEED + (0 if family == "llama" else 1), model_dir, zero_bias=True)
+
+
+def _save_random_model(model_cls, config, seed: int, model_dir: Path, zero_bias: bool,
+                       stored: torch.dtype = torch.float32) -> None:
+    """A ``model_cls(config)`` with every weight re-drawn from ``Generator(seed)`` (see the README's "Inputs"),
+    saved to ``model_dir`` in ``stored`` (both sides load it as float32)."""
     torch.manual_seed(SEED)
     model = model_cls(config).to(torch.float32)
-    # Re-initialise from our own generator in sorted-name order, so the weights depend on nothing but SEED.
-    gen = torch.Generator().manual_seed(SEED + (0 if family == "llama" else 1))
+    # Re-initialise from our own generator in sorted-name order, so the weights depend on nothing but the seed.
+    gen = torch.Generator().manual_seed(seed)
     state = model.state_dict()
     with torch.no_grad():
         for name in sorted(state):
@@ -141,14 +160,14 @@ def build_model(family: str, model_dir: Path) -> None:
                 t.copy_(torch.exp(0.5 * torch.randn(t.shape, generator=gen)))
             elif name.endswith("norm.weight"):  # RMSNorm weights (input/post-attn/final)
                 t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=gen))
-            elif name.endswith("bias"):
+            elif name.endswith("bias") and zero_bias:
                 t.zero_()
             else:
                 t.copy_(WEIGHT_STD * torch.randn(t.shape, generator=gen))
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
-    model.save_pretrained(str(model_dir))
+    model.to(stored).save_pretrained(str(model_dir))
 
 
 def load_model(model_dir: Path, attn: str):
@@ -358,10 +377,7 @@ def dump_family(family: str, root: Path, ctx: list[int], q: list[int]) -> dict:
                 )
     cfg = json.loads((model_dir / "config.json").read_text())
     meta = {
-        "kvpress_version": _kvpress_version(),
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "command": COMMAND,
+        **_provenance(),
         "seed": SEED,
         "model_dir": model_dir_rel.as_posix(),
         "model_class": cfg["architectures"][0],
@@ -384,6 +400,320 @@ def dump_family(family: str, root: Path, ctx: list[int], q: list[int]) -> dict:
         "cut); 0.0 with ties, null if nothing is dropped",
     }
     return {"meta": meta, "cases": cases}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# more model shapes (shapes.json): families, GQA ratios, MQA, YaRN, non-round lengths, cr 0.1 .. 0.9
+
+SHAPES_FILE = "shapes.json"
+GENERATIONS_FILE = "generations.json"
+SHAPE_VOCAB = 260  # <pad> <s> </s> + 256 bytes (the byte-level tokenizer saved with each model) + 1 unused
+SHAPE_QUESTION_LEN = 20
+SHAPE_COMMON = {
+    **{k: COMMON_CONFIG[k] for k in ("rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")},
+    **dict(vocab_size=SHAPE_VOCAB, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=8192,
+           tie_word_embeddings=True),
+}
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 10000.0}
+# name: (config class, model class, shape); g = num_attention_heads / num_key_value_heads
+SHAPES = {
+    "llama_g1": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                                                     head_dim=8, rope_parameters=ROPE)),
+    "llama_g3": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                                     head_dim=8, rope_parameters=ROPE)),
+    "llama_g4": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                                     head_dim=8, rope_parameters=ROPE)),
+    "llama_g8": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, num_attention_heads=16, num_key_value_heads=2,
+                                                     head_dim=8, rope_parameters=ROPE)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                        head_dim=16, sliding_window=None, rope_parameters=ROPE)),
+    "mistral_mqa": (MistralConfig, MistralForCausalLM, dict(hidden_size=64, num_attention_heads=8,
+                                                            num_key_value_heads=1, head_dim=8, sliding_window=None,
+                                                            rope_parameters=ROPE)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=16, rope_parameters=ROPE)),
+    "qwen2_yarn": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                       head_dim=16, rope_parameters=YARN)),
+}
+# Prefill lengths (tokens under the press). Query-aware: context (L - 20) + question (20) = L.
+AGNOSTIC_LENGTHS = (100, 333, 1000)
+AWARE_LENGTHS = (90, 330, 1000)  # 90 and 330: kvpress keeps one token fewer than floor at cr 0.3
+# Each (shape, press, length, mode) runs one set, in rotation: every cr 0.1 .. 0.9 on every shape and press.
+RATIO_SETS = ((0.1, 0.3, 0.6, 0.9), (0.2, 0.4, 0.7, 0.9), (0.3, 0.5, 0.8, 0.9))
+# Long prefills, query-agnostic, every press but ObservedAttention (eager L x L weights): length -> ratios
+LONG_LENGTHS = {2500: (0.3, 0.9), 5000: (0.8,)}
+LONG_SHAPES = ("mistral_mqa", "qwen2_yarn")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def save_byte_tokenizer(model_dir: Path) -> None:
+    """A byte-level tokenizer (id = 3 + byte, no merges; <pad> 0, <s> 1, </s> 2), saved with the model so both
+    environments tokenise identically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: 3 + b for b, ch in sorted(bytes_to_unicode().items())})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=1_000_000)
+    fast.save_pretrained(str(model_dir))
+
+
+def build_shape(name: str, model_dir: Path) -> None:
+    config_cls, model_cls, shape = SHAPES[name]
+    config = config_cls(**SHAPE_COMMON, **shape)
+    seed = SEED + 100 + sorted(SHAPES).index(name)
+    # Qwen2: random q/k/v biases; stored in float16 (half the bytes), run in float32
+    _save_random_model(model_cls, config, seed, model_dir, zero_bias=False, stored=torch.float16)
+    save_byte_tokenizer(model_dir)
+
+
+def make_stream() -> tuple[list[int], list[int]]:
+    """bos + 4999 ids uniform over the 256 byte ids, and a 20-id question; every case takes a prefix."""
+    gen = torch.Generator().manual_seed(SEED + 7)
+    n = max(max(AGNOSTIC_LENGTHS), max(AWARE_LENGTHS), max(LONG_LENGTHS))
+    stream = [SHAPE_COMMON["bos_token_id"]] + torch.randint(3, 259, (n - 1,), generator=gen).tolist()
+    question = torch.randint(3, 259, (SHAPE_QUESTION_LEN,), generator=gen).tolist()
+    return stream, question
+
+
+def shape_ids(stream: list[int], question: list[int], length: int, query_aware: bool) -> list[int]:
+    return stream[: length - len(question)] + question if query_aware else stream[:length]
+
+
+def mask_b64(positions: list[int], n: int) -> str:
+    """Kept positions of ``n`` as base64 of a bitmap: byte i // 8, bit i % 8 (least significant first) set =
+    position i kept (decode: ``numpy.unpackbits(..., bitorder="little")[:n]``)."""
+    if not positions:
+        return ""
+    bits = bytearray((n + 7) // 8)
+    for i in positions:
+        bits[i // 8] |= 1 << (i % 8)
+    return base64.b64encode(bytes(bits)).decode("ascii")
+
+
+def shape_groups(name: str):
+    """(query_aware, length, press index, ratios) of one shape, in fixture order."""
+    si = sorted(SHAPES).index(name)
+    n_press = len(press_factories())
+    for query_aware, lengths in ((False, AGNOSTIC_LENGTHS), (True, AWARE_LENGTHS)):
+        for li, length in enumerate(lengths):
+            for pi in range(n_press):
+                yield query_aware, length, pi, RATIO_SETS[(si + pi + li + 2 * int(query_aware)) % len(RATIO_SETS)]
+    if name in LONG_SHAPES:
+        for length, ratios in LONG_LENGTHS.items():
+            for pi, (press, _, _) in enumerate(press_factories()):
+                if press != "ObservedAttentionPress":
+                    yield False, length, pi, ratios
+
+
+def dump_shapes(root: Path, names: list[str]) -> dict:
+    stream, question = make_stream()
+    factories = press_factories()
+    cases, shapes_meta = [], {}
+    for name in names:
+        model_dir_rel = FIXTURE_DIR / "models" / name
+        build_shape(name, root / model_dir_rel)
+        models = {attn: load_model(root / model_dir_rel, attn) for attn in ("sdpa", "eager")}
+        cfg = json.loads((root / model_dir_rel / "config.json").read_text())
+        shapes_meta[name] = {
+            "model_dir": model_dir_rel.as_posix(),
+            "model_class": cfg["architectures"][0],
+            "g": cfg["num_attention_heads"] // cfg["num_key_value_heads"],
+            "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim", "rope_parameters", "vocab_size")},
+        }
+        full: dict = {}
+        for query_aware, length, pi, ratios in shape_groups(name):
+            press_name, attn, factory = factories[pi]
+            ids = shape_ids(stream, question, length, query_aware)
+            if (query_aware, length, attn) not in full:
+                c = prefill(models[attn], ids)
+                full[(query_aware, length, attn)] = [c.layers[i].keys.clone() for i in range(len(c.layers))]
+            for cr in ratios:
+                press, kept, ties, near_ties, gaps = run_case(models[attn], full[(query_aware, length, attn)], ids,
+                                                              press_name, factory, cr, attn)
+                cases.append({
+                    "shape": name,
+                    "press": press_name,
+                    "params": press_params(press),
+                    "compression_ratio": cr,
+                    "query_aware": query_aware,
+                    "attn_implementation": attn,
+                    "k_len": len(ids),
+                    "n_kept": [[len(h) for h in layer] for layer in kept],
+                    "kept_mask": [[mask_b64(h, len(ids)) for h in layer] for layer in kept],
+                    "ties_mask": [[mask_b64(h, len(ids)) for h in layer] for layer in ties],
+                    "near_ties_mask": [[mask_b64(h, len(ids)) for h in layer] for layer in near_ties],
+                    "cut_gap": gaps,
+                })
+            print(f"{name:11s} {press_name:24s} L={length:<5} aware={int(query_aware)} crs={list(ratios)} "
+                  f"n_kept(layer 0, head 0)={[c['n_kept'][0][0] for c in cases[-len(ratios):]]}", file=sys.stderr)
+        full.clear()
+    meta = {
+        **_provenance(),
+        "seed": SEED,
+        "shapes": shapes_meta,
+        "common_config": {k: v for k, v in SHAPE_COMMON.items()},
+        "dtype": "float32",
+        "input_ids": {"stream": stream, "question": question},
+        "lengths": {"query_aware=false": list(AGNOSTIC_LENGTHS), "query_aware=true": list(AWARE_LENGTHS),
+                    "long (query_aware=false, shapes " + ", ".join(LONG_SHAPES) + ")":
+                        {str(k): list(v) for k, v in LONG_LENGTHS.items()}},
+        "ratio_sets": [list(r) for r in RATIO_SETS],
+        "modes": {
+            "query_aware=false": "press over stream[:k_len]",
+            "query_aware=true": "press over stream[:k_len - 20] + question (20 ids)",
+        },
+        "n_kept": "n_kept[layer][kv_head] = number of entries kvpress left in the cache",
+        "kept_mask": "kept_mask[layer][kv_head] = base64 of a bitmap of k_len bits, byte i // 8, bit i % 8 "
+        "(least significant first) set = position i (0-based, into the prefilled ids) kept",
+        "ties_mask": "the same bitmap of llama.json's ties: positions tied at the cut (torch.topk chose); '' if "
+        "unambiguous",
+        "near_ties_mask": "the same bitmap of llama.json's near_ties: superset of ties, positions whose side of the "
+        "cut float rounding can flip; '' if none",
+        "cut_gap": "as in llama.json",
+    }
+    return {"meta": meta, "cases": cases}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end-to-end greedy generations with kvpress's own pipeline (generations.json)
+
+GEN_SHAPES = ("llama_g1", "llama_g4", "mistral_mqa", "qwen2_yarn")
+GEN_MAX_NEW_TOKENS = 12
+GEN_CONTEXT_TOKENS = 1000  # bos + context bytes: a round length, where kvpress's int() and floor differ
+# (press or None, compression ratio, query_aware)
+GEN_CASES = (
+    (None, 0.0, False),
+    ("StreamingLLMPress", 0.9, False),
+    ("SnapKVPress", 0.8, False),
+    ("TOVAPress", 0.6, False),
+    ("KnormPress", 0.3, False),
+    ("ExpectedAttentionPress", 0.9, False),
+    ("ObservedAttentionPress", 0.5, False),
+    ("PyramidKVPress", 0.7, False),
+    # AdaKV masks keys by a fake key that must have a negative dot product with every query of the step
+    # (search_hyperplane); the 41 question queries of a group in head_dim 8 or 16 have none, so AdaKV runs
+    # query-aware here, where the step after the press is one token.
+    ("AdaKVPress(SnapKVPress)", 0.9, True),
+    ("SnapKVPress", 0.9, True),
+    ("KnormPress", 0.8, True),
+)
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def gen_texts() -> dict[str, str]:
+    """Fixed strings: a pseudo-text context of 999 bytes (+ bos = 1000 tokens), a question, and the query-aware
+    context (shorter, so that bos + context + question is again 1000 tokens)."""
+    gen = torch.Generator().manual_seed(SEED + 11)
+    words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (400,), generator=gen)]
+    text = " ".join(words)
+    question = "What is the word after mike? The word is"
+    n = GEN_CONTEXT_TOKENS - 1
+    return {"context": text[:n], "question": question, "context_aware": text[: n - len(question)] + question}
+
+
+def dump_generations(root: Path, names: list[str]) -> dict:
+    from kvpress import KVPressTextGenerationPipeline
+
+    factories = {name: (attn, factory) for name, attn, factory in press_factories()}
+    texts = gen_texts()
+    cases = []
+    ids_seen: dict[str, list[int]] = {}
+    for shape in names:
+        model_dir = root / FIXTURE_DIR / "models" / shape
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        models = {attn: load_model(model_dir, attn) for attn in ("sdpa", "eager")}
+        for press_name, cr, query_aware in GEN_CASES:
+            attn, factory = factories[press_name] if press_name else ("sdpa", None)
+            model = models[attn]
+            pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
+            captured: dict = {}
+            forward, decode = pipe._forward, tokenizer.decode
+
+            def spy_forward(input_tensors, **kwargs):
+                captured["context_ids"] = input_tensors["context_ids"][0].tolist()
+                captured["question_ids"] = input_tensors["questions_ids"][0][0].tolist()
+                return forward(input_tensors, **kwargs)
+
+            def spy_decode(ids, **kwargs):
+                captured["generated_ids"] = [int(i) for i in ids]
+                return decode(ids, **kwargs)
+
+            margins: list[float] = []
+
+            def on_logits(module, args, out):
+                top = out.logits[0, -1].topk(2).values
+                margins.append(float(f"{float(top[0] - top[1]):.4e}"))
+
+            pipe._forward, tokenizer.decode = spy_forward, spy_decode
+            hook = model.register_forward_hook(on_logits)
+            try:
+                press = factory(cr) if factory else None
+                context = texts["context_aware"] if query_aware else texts["context"]
+                question = "" if query_aware else texts["question"]  # kvpress evaluation's compress_questions
+                out = pipe(context, question=question, press=press, max_new_tokens=GEN_MAX_NEW_TOKENS)
+            finally:
+                hook.remove()
+                del tokenizer.decode
+            mode = "aware" if query_aware else "agnostic"
+            for key in ("context_ids", "question_ids"):
+                ids_seen.setdefault(f"{mode}_{key}", captured[key])
+                assert ids_seen[f"{mode}_{key}"] == captured[key], "the tokenizers of the shapes differ"
+            cases.append({
+                "shape": shape,
+                "press": press_name,
+                "params": press_params(press) if press is not None else {},
+                "compression_ratio": cr,
+                "query_aware": query_aware,
+                "attn_implementation": attn,
+                "k_len": len(captured["context_ids"]),
+                "generated_ids": captured["generated_ids"],
+                "answer": out["answer"],
+                "margins": margins,
+            })
+            print(f"{shape:11s} {str(press_name):24s} cr={cr:<4} aware={int(query_aware)} "
+                  f"ids={captured['generated_ids']} min margin={min(margins):.3g}", file=sys.stderr)
+    assert len(ids_seen["agnostic_context_ids"]) == GEN_CONTEXT_TOKENS
+    assert len(ids_seen["aware_context_ids"]) == GEN_CONTEXT_TOKENS
+    meta = {
+        **_provenance(),
+        "shapes": list(names),
+        "texts": texts,
+        "input_ids": ids_seen,
+        "max_new_tokens": GEN_MAX_NEW_TOKENS,
+        "pipeline": "KVPressTextGenerationPipeline(model, tokenizer)(context, question=question, press=press, "
+        "max_new_tokens=max_new_tokens); no chat template: context ids = bos + context, question ids = question "
+        "+ '\\n'. query_aware=true: kvpress evaluation's compress_questions (context = context + question, "
+        "question = '', so the ids after the press are just '\\n')",
+        "generated_ids": "kvpress's greedy tokens (an eos, if generated, is the last one: kvpress keeps it)",
+        "margins": "top-1 minus top-2 logit at each generated token (small = a near-tie, fragile)",
+    }
+    return {"meta": meta, "cases": cases}
+
+
+def _provenance() -> dict:
+    """What made a fixture: the versions and the command."""
+    return {"kvpress_version": _kvpress_version(), "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__, "command": COMMAND}
 
 
 def _kvpress_version() -> str:
@@ -410,7 +740,10 @@ def write_json(path: Path, obj: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".", help="root to write tests/fixtures/kvpress/ under (default: repo root)")
-    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of llama,qwen3")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of llama,qwen3 ('' = none)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)} "
+                    f"for {SHAPES_FILE} ('' = none)")
+    ap.add_argument("--no-generations", action="store_true", help=f"do not write {GENERATIONS_FILE}")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -421,10 +754,23 @@ def main() -> None:
     root = Path(args.out)
     (root / FIXTURE_DIR).mkdir(parents=True, exist_ok=True)
     ctx, q = make_inputs()
-    for family in args.families.split(","):
+    for family in filter(None, args.families.split(",")):
         obj = dump_family(family, root, ctx, q)
         write_json(root / FIXTURE_DIR / f"{family}.json", obj)
         print(f"wrote {root / FIXTURE_DIR / f'{family}.json'}", file=sys.stderr)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        ap.error(f"unknown shapes {unknown}; allowed: {', '.join(SHAPES)}")
+    if shapes:
+        write_json(root / FIXTURE_DIR / SHAPES_FILE, dump_shapes(root, shapes))
+        print(f"wrote {root / FIXTURE_DIR / SHAPES_FILE}", file=sys.stderr)
+    if not args.no_generations:
+        missing = [s for s in GEN_SHAPES if not (root / FIXTURE_DIR / "models" / s / "config.json").exists()]
+        if missing:
+            ap.error(f"{GENERATIONS_FILE} needs the models of {', '.join(missing)} (run with those --shapes)")
+        write_json(root / FIXTURE_DIR / GENERATIONS_FILE, dump_generations(root, list(GEN_SHAPES)))
+        print(f"wrote {root / FIXTURE_DIR / GENERATIONS_FILE}", file=sys.stderr)
 
 
 if __name__ == "__main__":
