@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 import torch
@@ -200,6 +200,8 @@ class Method:
     recent_share: float = 0.0  # fraction of each head's budget reserved for the most recent tokens (H2O)
     # How a ratio becomes a count (``BudgetRule``): "floor" (default) or "kvpress" (``method.preset=kvpress``).
     budget_rule: BudgetRule = "floor"
+    # The method config as validated (booleans as true/false, ...): what the run dir's config.yaml records.
+    config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.budget_rule not in BUDGET_RULES:

@@ -10,7 +10,9 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, Field, ValidationError
 
 from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method
 from harness.errors import KvbenchError
@@ -40,10 +42,10 @@ def _accepted(cls) -> set[str]:
 class MethodKeys(BaseModel):
     """The keys of a method config that the harness reads itself (the selector's and the composition's)."""
     model_config = {**STRICT, "extra": "ignore"}
-    name: str
-    label: str | None = None
-    scorer: str | None = None
-    allocator: str | None = None
+    name: Annotated[str, Field(min_length=1)]
+    label: Annotated[str, Field(min_length=1)] | None = None
+    scorer: Annotated[str, Field(min_length=1)] | None = None
+    allocator: Annotated[str, Field(min_length=1)] | None = None
     preset: str | None = None
     n_sink: NonNegative | None = 0
     n_recent: NonNegative | None = 0
@@ -52,12 +54,15 @@ class MethodKeys(BaseModel):
     budget_rule: BudgetRule | None = None
 
 
-def _construct(kind: str, registry: dict, name: str, params: dict[str, Any]):
+def _construct(kind: str, registry: dict, name: str, params: dict[str, Any], checked: dict[str, Any]):
+    """The part ``name`` built from its own keys of ``params``; their checked values are added to ``checked``."""
     if not isinstance(name, str) or name not in registry:
         raise KvbenchError(f"method.{kind}={name!r} is not known; allowed: {', '.join(sorted(registry))}")
     cls = registry[name]
     # Each value is checked (type and range) against the class's annotated signature before it is built.
-    return cls(**check_params("method", cls, {k: v for k, v in params.items() if k in _accepted(cls)}))
+    own = check_params("method", cls, {k: v for k, v in params.items() if k in _accepted(cls)})
+    checked.update(own)
+    return cls(**own)
 
 
 def build_method(cfg) -> Method:
@@ -82,14 +87,18 @@ def build_method(cfg) -> Method:
     params = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
     # A scorer that protects sinks itself (ExpectedAttention's statistics skip them) gets the selector's n_sink.
     scorer_params = {**params, "n_sink": int(cfg.get("n_sink") or 0)} if "n_sink" in cfg else params
-    scorer = _construct("scorer", SCORERS, scorer_name, scorer_params) if scorer_name else None
-    allocator = _construct("allocator", ALLOCATORS, allocator_name, params)
+    checked: dict[str, Any] = {}
+    scorer = _construct("scorer", SCORERS, scorer_name, scorer_params, checked) if scorer_name else None
+    allocator = _construct("allocator", ALLOCATORS, allocator_name, params, checked)
     used = set().union(*(_accepted(type(obj)) for obj in (scorer, allocator) if obj is not None))
     unknown = sorted(set(params) - used - SHARED_KEYS)
     if unknown:
         raise KvbenchError(
             f"method.{unknown[0]} is not a parameter of scorer {scorer_name!r} or allocator {allocator_name!r}"
         )
+    for key in sorted((set(params) & SHARED_KEYS) - used):  # unused here, but a bad value is still refused
+        owner = next(cls for cls in ALLOCATORS.values() if key in _accepted(cls))
+        checked.update(check_params("method", owner, {key: params[key]}))
     label = cfg.get("label") or cfg["name"]
     if not cfg.get("label") and allocator_name != "uniform" and scorer is not None:
         label = f"{cfg['name']}+{allocator_name}"
@@ -101,6 +110,7 @@ def build_method(cfg) -> Method:
         n_recent=int(cfg.get("n_recent") or 0),
         recent_share=float(cfg.get("recent_share") or 0.0),
         budget_rule=cfg.get("budget_rule") or "floor",
+        config={**cfg, **checked},
     )
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from harness.compat import with_cache
 from harness.compress import Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer
 from harness.errors import KvbenchError
-from harness.schema import NonNegative
+from harness.schema import Count
 from harness.paths import check_tensors, find_input, read_json_object, read_safetensors
 
 log = logging.getLogger("kvbench")
@@ -361,7 +361,7 @@ class LKVScorer(Scorer):
 class LKVAllocator(Allocator):
     """LKV-H: learned budget shares of a checkpoint (any scorer may use them)."""
 
-    def __init__(self, checkpoint: str | None = None, min_budget: NonNegative = 1):
+    def __init__(self, checkpoint: str | None = None, min_budget: Count = 1):
         self.checkpoint = checkpoint
         self.config, tensors = load_checkpoint(checkpoint, "lkv")
         # only the budget logits are read here (the other tensors are the scorer's, checked by LKVParams)
