@@ -164,7 +164,7 @@ def _load_config(path: str):
                            f"{text[:300]}); {RECOPY}") from None
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
     """The tokenizer of a model dir; missing or corrupt tokenizer files are named before transformers sees them."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -233,7 +233,7 @@ def load_model(cfg) -> tuple[Any, Any]:
         return model.to(device=device, dtype=DTYPES[dtype_name]), tok
     path = inspect_model(cfg)["path"]  # refuses a bad config.json or another architecture before any loading
     config = _load_config(path)
-    tok = _load_tokenizer(path)
+    tok = load_tokenizer(path)
     model = _load_weights(path, config, DTYPES[dtype_name])
     return model.to(device).eval(), tok
 

@@ -517,7 +517,8 @@ def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     for arg in argv:
         key = arg.split("=", 1)[0]
         if "=" in arg and key in OWN_KEYS:
-            own[key] = arg.split("=", 1)[1]
+            value = arg.split("=", 1)[1]
+            own[key] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
         elif arg == "task=random":  # the profile's own calibration set, not a registered task
             own["task"] = "random"
         else:

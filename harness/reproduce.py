@@ -234,14 +234,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{bad[0]!r} is not an override (key=value)", prog="kvbench-reproduce")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from harness.cli import check_group_overrides
+    from harness.cli import check_group_overrides, check_output_dir
 
     try:
         check_group_overrides(args.overrides)
         paper, jobs = plan(args.paper, args.overrides, split(args.methods), split(args.models), split(args.tasks),
                            args.out)
+        preflight(jobs)  # a dry run checks every job too: it prints only commands that would run
         if not args.dry_run:
-            preflight(jobs)
+            check_output_dir([f"hydra.sweep.dir={args.out}"])
     except KvbenchError as err:
         fail(str(err), prog="kvbench-reproduce")
     failed = []

@@ -191,7 +191,7 @@ def to_error(err: ValidationError, values: dict, prefix: str = "", known: typing
             value = value[part]
         elif isinstance(value, list) and isinstance(part, int) and part < len(value):
             value = value[part]
-    if first["type"] == "too_short":
+    if first["type"] in ("too_short", "string_too_short"):
         return KvbenchError(f"{key}={_shown(value)} is empty; allowed: {_allowed(first)}")
     problem = "is out of range" if first["type"] in RANGE_ERRORS else "has the wrong type"
     return KvbenchError(f"{key}={_shown(value)} {problem}; allowed: {_allowed(first)}")

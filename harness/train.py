@@ -144,6 +144,25 @@ class TextCorpus:
         return Example(window[:n_tokens], window[n_tokens : n_tokens + 1], window[n_tokens + 1 :], "text")
 
 
+def read_history(path: Path) -> list[dict]:
+    """The training log of a checkpoint dir (one JSON object per line); a corrupt line is a one-line error."""
+    from harness.paths import read_text
+
+    hint = "delete it (the log restarts) or pass overwrite=true"
+    out = []
+    for lineno, line in enumerate(read_text(path, hint).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise KvbenchError(f"{path}: line {lineno} is not a JSON object; {hint}")
+        out.append(entry)
+    return out
+
+
 class DataStream:
     """The example of step k (deterministic in ``data.seed + k``)."""
 
@@ -404,7 +423,7 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
         learner.load_state(tensors)
         start = int(prev.get("step", 0))
         if (out / HISTORY_FILE).exists():
-            history = [json.loads(x) for x in (out / HISTORY_FILE).read_text().splitlines() if x.strip()][:start]
+            history = read_history(out / HISTORY_FILE)[:start]
         if (out / STATE_FILE).exists():
             saved = load_train_state(out / STATE_FILE, opt).get("step")
             if saved != start:  # stopped between the checkpoint's save and the state's: moments of another step

@@ -303,9 +303,9 @@ def train(args: argparse.Namespace) -> None:
 
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
+        from harness.models import load_tokenizer
 
-        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+        tok = load_tokenizer(str(tok_dir))
     else:
         tok = build_tokenizer(corpus_for_tokenizer(), vocab_size=args.vocab_size)
         save_pretrained_atomic(tok_dir, tok)
@@ -315,7 +315,10 @@ def train(args: argparse.Namespace) -> None:
     config = reference_config(tok, TINY_ARCH if args.tiny else REFERENCE_ARCH)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(device)
     if args.init:
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).state_dict())
+        from harness.models import load_model
+
+        init, _ = load_model({"name": "hf", "path": args.init, "dtype": "float32", "device": "cpu"})
+        model.load_state_dict(init.state_dict())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
