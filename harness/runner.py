@@ -162,6 +162,10 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, Any, list[str]]:
     The model is checked from its config.json alone (architecture, maximum context), before any weight loads.
     The CLI calls it for each job before Hydra makes a dir; ``run`` calls it again first."""
     settings = validate(cfg)
+    known = methods.config_names()
+    if known and str(cfg.method.get("name")) not in known:  # a renamed method would label rows with another name
+        raise KvbenchError(f"method.name={cfg.method.get('name')!r} is not a method config; allowed: "
+                           f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
     limit = inspect_model(cfg.model)["max_position_embeddings"]

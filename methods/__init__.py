@@ -126,6 +126,11 @@ def _plain(cfg) -> dict:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
 
 
+def config_names() -> list[str]:
+    """The method configs of ``conf/method/`` (``method=<name>``)."""
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
 def config(name: str, **overrides: Any) -> dict:
     """A method's config as kvbench composes it: ``conf/method/_common.yaml``, then ``<name>.yaml``, then the
     overrides (``methods.config("snapkv", allocator="adakv")``)."""
