@@ -188,7 +188,7 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
     return paper, jobs
 
 
-def preflight(jobs: list[dict]) -> None:
+def preflight(jobs: list[dict], dry_run: bool = False) -> None:
     """Compose every job's config with Hydra and build its method: unknown methods, allocators, parameters and
     tasks fail here, before any run, with one line. Adds ``method.label=<label>`` where the method's own label
     differs from the grid's, so our rows carry the label the published cells use."""
@@ -200,7 +200,7 @@ def preflight(jobs: list[dict]) -> None:
             labels = set()
             try:  # every combination of the job's comma lists (tasks, ...), checked as kvbench will run it
                 for combination in expand_jobs(job["overrides"], multirun=True):
-                    labels.add(check_config(composer.compose(combination))[1].name)
+                    labels.add(check_config(composer.compose(combination), model_files=not dry_run)[1].name)
             except KvbenchError as err:
                 raise KvbenchError(f"{job['label']} on {job['model']}: {err}") from None
             if labels != {job["label"]}:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         check_group_overrides(args.overrides)
         paper, jobs = plan(args.paper, args.overrides, split(args.methods), split(args.models), split(args.tasks),
                            args.out)
-        preflight(jobs)  # a dry run checks every job too: it prints only commands that would run
+        preflight(jobs, args.dry_run)  # a dry run checks every job too (not the model files, often elsewhere)
         if not args.dry_run:
             check_output_dir([f"hydra.sweep.dir={args.out}"])
     except KvbenchError as err:

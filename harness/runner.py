@@ -157,7 +157,7 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
 
 
-def check_config(cfg: DictConfig) -> tuple[RunSettings, Any, list[str]]:
+def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings, Any, list[str]]:
     """Every value of a run config checked, nothing loaded or written: the settings, the method, the task names.
     The model is checked from its config.json alone (architecture, maximum context), before any weight loads.
     The CLI calls it for each job before Hydra makes a dir; ``run`` calls it again first."""
@@ -168,7 +168,7 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, Any, list[str]]:
                            f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
-    limit = inspect_model(cfg.model)["max_position_embeddings"]
+    limit = inspect_model(cfg.model)["max_position_embeddings"] if model_files else None
     if limit and settings.context_length > limit:
         raise KvbenchError(
             f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"

@@ -91,12 +91,17 @@ def build_method(cfg) -> Method:
     scorer = _construct("scorer", SCORERS, scorer_name, scorer_params, checked) if scorer_name else None
     allocator = _construct("allocator", ALLOCATORS, allocator_name, params, checked)
     used = set().union(*(_accepted(type(obj)) for obj in (scorer, allocator) if obj is not None))
-    unknown = sorted(set(params) - used - SHARED_KEYS)
+    # A parameter of an allocator this method does not use (AdaKV's alpha, LKV's min_budget with uniform budgets)
+    # may sit in its config: it is checked against its owner, not refused.
+    scorer_keys = set().union(*(_accepted(cls) for cls in SCORERS.values()))
+    spare = (set(params) - used) & (SHARED_KEYS | set().union(*(_accepted(cls) for cls in ALLOCATORS.values())))
+    spare -= scorer_keys - SHARED_KEYS  # a scorer's key (window, ...) given to another scorer is still an error
+    unknown = sorted(set(params) - used - spare)
     if unknown:
         raise KvbenchError(
             f"method.{unknown[0]} is not a parameter of scorer {scorer_name!r} or allocator {allocator_name!r}"
         )
-    for key in sorted((set(params) & SHARED_KEYS) - used):  # unused here, but a bad value is still refused
+    for key in sorted(spare):  # unused here, but a bad value is still refused
         owner = next(cls for cls in ALLOCATORS.values() if key in _accepted(cls))
         checked.update(check_params("method", owner, {key: params[key]}))
     label = cfg.get("label") or cfg["name"]
