@@ -10,13 +10,7 @@ python=${PYTHON:-python3}
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip >/dev/null
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" install -q torch
-  elif compgen -G "${PIP_FIND_LINKS:-/nonexistent}/torch-2.13.0*cpu*.whl" >/dev/null; then
-    "${pip[@]}" install -q "torch==2.13.0"
-  else
-    "${pip[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-  fi
+  bash "$(dirname "$0")/install_torch.sh" "$venv/bin/python"
 fi
 "${pip[@]}" install -q -e ".[dev]"
 touch "$venv/.installed"

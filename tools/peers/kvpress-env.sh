@@ -14,12 +14,6 @@ python=${PYTHON:-python3}
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  "${pip[@]}" install -q torch
-elif compgen -G "${PIP_FIND_LINKS:-/nonexistent}/torch-2.13.0*cpu*.whl" >/dev/null; then
-  "${pip[@]}" install -q "torch==2.13.0"
-else
-  "${pip[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-fi
+bash "$(dirname "$0")/../../scripts/install_torch.sh" "$venv/bin/python"
 "${pip[@]}" install -q "kvpress==0.5.5"
 "$venv/bin/python" -c "import kvpress, torch, transformers; print('kvpress environment ready:', '$venv', '| torch', torch.__version__, '| transformers', transformers.__version__)"
