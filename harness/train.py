@@ -420,7 +420,12 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
             raise KvbenchError(f"{out} holds a checkpoint for model {prev['model'].get('name')} ({', '.join(diff)} differ); "
                                "use another out=<dir> or overwrite=true")
         _, tensors = load_checkpoint(out, name)
-        learner.load_state(tensors)
+        try:
+            learner.load_state(tensors)
+        except (RuntimeError, KeyError) as err:  # tensors of another learner, or of another shape
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise KvbenchError(f"{out}: its checkpoint tensors do not fit this {name} learner ({first[:200]}); "
+                               "use another out=<dir> or overwrite=true") from None
         start = int(prev.get("step", 0))
         if (out / HISTORY_FILE).exists():
             history = read_history(out / HISTORY_FILE)[:start]
