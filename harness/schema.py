@@ -199,7 +199,7 @@ def to_error(err: ValidationError, values: dict, prefix: str = "", known: typing
 
 def validate(cfg: Any) -> RunSettings:
     """``RunSettings`` from a composed run config, or a one-line ``KvbenchError``."""
-    values = _plain(cfg)
+    values = plain(cfg)
     if not isinstance(values, dict):
         raise KvbenchError("the run config is not a mapping of keys to values")
     try:
@@ -218,7 +218,8 @@ def validate(cfg: Any) -> RunSettings:
     return settings
 
 
-def _plain(cfg: Any) -> Any:
+def plain(cfg: Any) -> Any:
+    """An OmegaConf node as plain Python values (interpolations resolved); anything else as it is."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(cfg, (DictConfig, ListConfig)):
@@ -316,7 +317,7 @@ class TrainSettings(BaseModel):
 
 def validate_train(cfg: Any) -> TrainSettings:
     """``TrainSettings`` from a composed kvbench-train config, or a one-line ``KvbenchError``."""
-    values = _plain(cfg)
+    values = plain(cfg)
     try:
         return TrainSettings.model_validate(values)
     except ValidationError as err:

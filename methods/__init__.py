@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method
 from harness.errors import KvbenchError
-from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
+from harness.schema import STRICT, Fraction, NonNegative, check_params, plain, to_error
 
 # Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
 COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset", "budget_rule"}
@@ -68,7 +68,10 @@ def _construct(kind: str, registry: dict, name: str, params: dict[str, Any], che
 def build_method(cfg) -> Method:
     """A ``Method`` from a method config (a dict or an OmegaConf node)."""
     load_all()
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
+    if not isinstance(cfg, dict):
+        raise KvbenchError("method= must be a config node (key: value)")
+    cfg = dict(cfg)  # presets update it: never the caller's dict
     try:
         MethodKeys.model_validate(cfg)
     except ValidationError as err:
@@ -117,15 +120,6 @@ def build_method(cfg) -> Method:
         budget_rule=cfg.get("budget_rule") or "floor",
         config={**cfg, **checked},
     )
-
-
-def _plain(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    if not isinstance(cfg, dict):
-        raise KvbenchError("method= must be a config node (key: value)")
-    return cfg
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
