@@ -1,10 +1,13 @@
 """Task registry, lm-evaluation-harness style: ``get_task("ruler/niah_single_1", data_dir=...)``.
 
-Suites register a factory per task name; ``expand("ruler")`` lists a suite's task names.
+Suites register a factory per task name; ``expand("ruler")`` lists a suite's task names. Every package or
+module of this package (``tasks/<name>/`` or ``tasks/<name>.py``, names not starting with ``_``) is imported on
+first use, as ``methods.load_all`` does for methods: adding a task = adding its module with its ``register`` calls.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Callable
 
 from harness.errors import KvbenchError
@@ -13,7 +16,8 @@ from tasks.base import PromptEncoder, Sample, Task
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 _REPORT_HOOKS: list[Callable] = []
 _SUITES: dict[str, list[str]] = {}
-_SUITE_MODULES = ("tasks.ruler", "tasks.longbench", "tasks.kvpress_ruler")
+_NOT_TASKS = {"base"}  # modules of this package that register nothing (the protocol)
+_loaded = False
 
 
 def register(name: str, suite: str | None = None):
@@ -33,32 +37,40 @@ def register_report_hook(fn: Callable) -> Callable:
 
 
 def report_hooks() -> list[Callable]:
-    _load_all()
+    load_all()
     return list(_REPORT_HOOKS)
 
 
-def _load_all() -> None:
-    for mod in _SUITE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:  # a suite not written yet must not break the others
-            if err.name != mod:
-                raise
+def task_modules() -> list[str]:
+    """The names of the modules that register tasks: every package or module of ``tasks`` but ``base``
+    and those starting with ``_``."""
+    return [f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)
+            if not info.name.startswith("_") and info.name not in _NOT_TASKS]
+
+
+def load_all() -> None:
+    """Import every task module (once), so that their ``register`` calls have run."""
+    global _loaded
+    if _loaded:
+        return
+    for mod in task_modules():
+        importlib.import_module(mod)
+    _loaded = True
 
 
 def available() -> list[str]:
-    _load_all()
+    load_all()
     return sorted(_REGISTRY)
 
 
 def suites() -> dict[str, list[str]]:
-    _load_all()
+    load_all()
     return {k: list(v) for k, v in _SUITES.items()}
 
 
 def expand(name: str) -> list[str]:
     """A task name, or a suite name, to the list of task names."""
-    _load_all()
+    load_all()
     if name in _SUITES:
         return list(_SUITES[name])
     if name in _REGISTRY:
@@ -71,7 +83,7 @@ def get_task(name: str, suite: str | None = None, **kwargs) -> Task:
 
     Run alone, a task that reads no data files (``Task.reads_data`` false) refuses a ``data_dir``. As a member
     of ``suite`` (``task=ruler``: one data_dir for all members) it is built without it instead."""
-    _load_all()
+    load_all()
     if name not in _REGISTRY:
         raise KeyError(name)
     task = _REGISTRY[name](**kwargs)
@@ -83,4 +95,5 @@ def get_task(name: str, suite: str | None = None, **kwargs) -> Task:
     return task
 
 
-__all__ = ["PromptEncoder", "Sample", "Task", "register", "register_report_hook", "report_hooks", "available", "suites", "expand", "get_task"]
+__all__ = ["PromptEncoder", "Sample", "Task", "register", "register_report_hook", "report_hooks", "load_all", "task_modules",
+           "available", "suites", "expand", "get_task"]
