@@ -15,7 +15,7 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.errors import KvbenchError
 
@@ -174,3 +174,180 @@ def _checked_count(samples):
 
     checked._kvbench_checked = True
     return checked
+
+
+# ------------------------------------------------------------------------------------------ length-fitted tasks
+ACCEPT_HINT = 0.95  # fill rule: a sample keeps the calibrated haystack size if it fills at least this much
+CALIBRATION = "calibration"  # first part of the calibration sample's key (the one sample a search measures)
+
+
+class TooShort(KvbenchError):
+    """A budget that not even the smallest haystack fits (``tokens``: that smallest prompt's length)."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
+
+
+def fit_length(measure: Callable[[int], int], limit: int, n_min: int, n_start: int,
+               known: dict[int, int] | None = None, max_probes: int = 48,
+               good: float = 0.99) -> tuple[int | None, int]:
+    """Largest ``n >= n_min`` with ``measure(n) <= limit``: the fill rule's search (``LengthFittedTask.fit_fill``).
+
+    The search stops early at a size that fills at least ``good`` x ``limit`` (saves encodes at long
+    lengths, where one unit is a tiny fraction of the budget).
+    ``measure`` is (nearly) increasing in ``n``. The bracket is narrowed by linear interpolation toward
+    ``limit`` with a bisection every other step, so a search costs a handful of full encodes. Returns
+    ``(n, tokens)``; ``n`` is None when even ``n_min`` is too long (``tokens`` is then its length).
+    """
+    seen: dict[int, int] = dict(known or {})
+    lo: tuple[int, int] | None = None
+    hi: tuple[int, int] | None = None
+
+    def probe(n: int) -> int:
+        nonlocal lo, hi
+        if n not in seen:
+            seen[n] = measure(n)
+        t = seen[n]
+        if t <= limit:
+            if lo is None or n > lo[0]:
+                lo = (n, t)
+        elif hi is None or n < hi[0]:
+            hi = (n, t)
+        return t
+
+    for n in list(seen):
+        probe(n)
+    n = max(n_min, n_start)
+    for step in range(max_probes):
+        probe(n)
+        if hi is not None and hi[0] <= n_min:
+            return None, hi[1]
+        if lo is not None and (lo[1] >= good * limit or (hi is not None and hi[0] - lo[0] <= 1)):
+            break
+        if lo is None:  # everything tried is too long: shrink proportionally (the fixed part makes it safe)
+            n0, t0 = hi
+            n = max(n_min, min(n0 - 1, int(n0 * limit / t0 * 0.992)))
+        elif hi is None:  # everything tried fits: grow along the measured slope
+            pts = sorted(seen.items())
+            fit_pts = [p for p in pts if p[1] <= limit]
+            slope = lo[1] / max(lo[0], 1)  # overestimates the slope (fixed part included): stays below
+            if len(fit_pts) >= 2 and fit_pts[-1][0] > fit_pts[0][0]:
+                (a, ta), (b, tb) = fit_pts[0], fit_pts[-1]
+                if tb > ta:
+                    slope = (tb - ta) / (b - a)
+            slope = max(slope, 0.25)  # a haystack unit (word, line, document) is never under ~1/4 token
+            n = lo[0] + max(1, int((limit - lo[1]) / slope))
+        else:
+            (n0, t0), (n1, t1) = lo, hi
+            if step % 2 == 0 and t1 > t0:
+                guess = n0 + int((limit - t0) * (n1 - n0) / (t1 - t0))
+            else:
+                guess = (n0 + n1) // 2
+            n = min(max(guess, n0 + 1), n1 - 1)
+    if lo is None:
+        return None, hi[1] if hi else 0
+    return lo[0], lo[1]
+
+
+class LengthFittedTask(Task):
+    """A task that generates every sample at a token length (RULER's tasks; any synthetic task).
+
+    A subclass implements ``build(encoder, context_length, key, n)``: the sample of random stream ``key`` (a tuple,
+    ``sample_key(seed, index)``) with a haystack of ``n`` units (words, lines, documents), every field filled but
+    ``sample_id``, and ``score``. ``fit`` picks ``n`` for each sample: by default kvbench's fill rule (``fit_fill``:
+    the prompt fits ``context_length`` and fills 95-100% of it where the haystack's granularity allows, the
+    generation coming on top); a subclass may add its own rule (RULER's official one: ``tasks.ruler.RulerTask``).
+    ``sample`` records in the sample's meta the size, the prompt tokens and the rule (``length_rule``).
+
+    Names are ``<suite>/<short_name>``; ``short_name`` also keys the random streams (``sample_key``) and the
+    calibration sample (the one sample a size search measures, once per tokenizer and length).
+    """
+
+    suite: str = ""
+    short_name: str = ""
+    max_new_tokens: int = 32
+    n_min: int = 1  # smallest haystack size the fill rule tries
+    length_rule: str = "kvbench"  # the rule ``fit`` applies, recorded in every sample's meta
+
+    def __init__(self, data_dir: str | None = None, **params: Any):
+        super().__init__(data_dir=data_dir, **params)
+        self._hints: dict[tuple, Any] = {}  # searches' results, per (tokenizer, length, ...)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.suite}/{self.short_name}"
+
+    # -- to implement ---------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
+        """The sample of random stream ``key`` with haystack size ``n`` (fields filled except sample_id)."""
+
+    def sample_key(self, seed: int, index: int) -> tuple:
+        return (self.short_name, seed, index)
+
+    # -- shared by every rule ------------------------------------------------------------------------------
+    def _encoder_key(self, encoder: PromptEncoder, context_length: int) -> tuple:
+        tok = encoder.tokenizer
+        return (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), encoder.chat,
+                encoder.system_prompt, context_length)
+
+    @staticmethod
+    def count(encoder: PromptEncoder, s: Sample) -> int:
+        return encoder.count_sample(s)
+
+    def _too_short(self, context_length: int, tokens: int) -> TooShort:
+        return TooShort(f"{self.name}: context_length={context_length} is too short; its smallest prompt "
+                        f"has {tokens} tokens", tokens)
+
+    def calibration_count(self, encoder: PromptEncoder, context_length: int) -> Callable[[int], int]:
+        """Prompt tokens of the calibration sample as a function of the haystack size."""
+        key = (CALIBRATION, self.short_name)
+        return lambda n: self.count(encoder, self.build(encoder, context_length, key, n))
+
+    # -- the fill rule (length_rule=kvbench; a subclass's own rule may fall back on it) -----------------------
+    def size_hint(self, encoder: PromptEncoder, context_length: int, limit: int | None = None) -> int:
+        """The largest haystack size of the calibration sample whose prompt fits ``limit`` (default
+        ``context_length``); TooShort when not even ``n_min`` does."""
+        limit = context_length if limit is None else limit
+        k = (*self._encoder_key(encoder, context_length), limit)
+        if k not in self._hints:
+            n, t = fit_length(self.calibration_count(encoder, context_length), limit, self.n_min, self.n_min)
+            if n is None:
+                raise self._too_short(context_length, t)
+            self._hints[k] = n
+        return self._hints[k]
+
+    def fit_fill(self, encoder: PromptEncoder, context_length: int, key: tuple, limit: int) -> tuple[Sample, int, int]:
+        """kvbench's fill rule: (sample, size, prompt tokens) whose prompt fits ``limit`` and fills 95-100% of it
+        where the haystack's granularity allows; TooShort when not even ``n_min`` fits."""
+        n = self.size_hint(encoder, context_length, limit)
+        built: dict[int, Sample] = {}
+
+        def measure(m: int) -> int:
+            built[m] = self.build(encoder, context_length, key, m)
+            return self.count(encoder, built[m])
+
+        t = measure(n)
+        if not (ACCEPT_HINT * limit <= t <= limit):
+            n, t = fit_length(measure, limit, self.n_min, n, known={n: t})
+            if n is None:
+                raise self._too_short(context_length, t)
+        return built[n], n, t
+
+    def fit(self, encoder: PromptEncoder, context_length: int, key: tuple) -> tuple[Sample, int, int, str | None]:
+        """(sample, haystack size, prompt tokens, fallback) of stream ``key``: the fill rule on the whole
+        ``context_length`` (no fallback)."""
+        return (*self.fit_fill(encoder, context_length, key, context_length), None)
+
+    def sample(self, encoder: PromptEncoder, context_length: int, seed: int, index: int) -> Sample:
+        key = self.sample_key(seed, index)
+        s, n, t, fallback = self.fit(encoder, context_length, key)
+        s.sample_id = f"{self.name}/L{context_length}/s{seed}/{index}"
+        s.meta.update({"seed": seed, "index": index, "n_haystack": n, "prompt_tokens": t,
+                       "context_length": context_length, "tokens_to_generate": self.max_new_tokens,
+                       "length_rule": self.length_rule, "length_fallback": fallback})
+        return s
+
+    def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
+        return [self.sample(encoder, context_length, seed, i) for i in range(n_samples)]

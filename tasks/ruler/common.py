@@ -17,7 +17,8 @@ below 4096: 5). Each sample starts from that size and, while it overflows, steps
 freq_words_extraction.py). Where the official generator would produce nothing (its smallest size overflows),
 the sample is fitted below the official range instead and ``meta["length_fallback"]`` says so.
 
-``kvbench``: the rule of the first kvbench releases. The budget is the prompt alone (``context_length``; the
+``kvbench``: the rule of the first kvbench releases, the fill rule of ``tasks.base.LengthFittedTask`` (the generic
+base of every task fitted to a token length, which ``RulerTask`` subclasses with RULER's own rule). The budget is the prompt alone (``context_length``; the
 generation comes on top). The search runs once per (tokenizer, length) on a calibration sample (a bracketed
 binary search steered by linear interpolation: a few full encodes instead of ~20); each sample then starts
 from that size and is searched again (largest size that fits) only if it does not land within [0.95, 1.0] x
@@ -41,15 +42,14 @@ from typing import Any, Callable
 
 from harness.errors import KvbenchError
 from harness.paths import read_json_object, read_text
-from tasks.base import PromptEncoder, Sample, Task
+from tasks.base import (ACCEPT_HINT, CALIBRATION, LengthFittedTask, PromptEncoder, Sample, TooShort,  # noqa: F401
+                        fit_length)
 from tasks.ruler.metrics import postprocess_pred, string_match_all, string_match_part
 
 DATA = Path(__file__).parent / "data"
 MIN_FILL = 0.9  # kvbench rule: a prompt must use at least this fraction of context_length
-ACCEPT_HINT = 0.95  # kvbench rule: a sample keeps the calibrated haystack size if it fills at least this much
 LENGTH_RULES = ("ruler", "kvbench")  # task parameter length_rule: official RULER's rule, or kvbench's fill rule
 RULER_SEED = 42  # prepare.py's --random_seed default: the fixed-seed draws of the calibration sample
-CALIBRATION = "calibration"  # first part of the calibration sample's key (the one sample a search measures)
 # meta["length_fallback"] of a length_rule=ruler sample the official generator cannot make (its smallest size
 # overflows prompt + generation; RULER's sample loop then retries forever): fitted below the official range
 BELOW_RANGE = "below official range"  # prompt + generation <= context_length still holds
@@ -228,67 +228,6 @@ class TextBuilder:
         return "".join(self.parts)
 
 
-def fit_length(measure: Callable[[int], int], limit: int, n_min: int, n_start: int,
-               known: dict[int, int] | None = None, max_probes: int = 48,
-               good: float = 0.99) -> tuple[int | None, int]:
-    """Largest ``n >= n_min`` with ``measure(n) <= limit``: the kvbench rule's search (``ruler_search`` is RULER's).
-
-    The search stops early at a size that fills at least ``good`` x ``limit`` (saves encodes at long
-    lengths, where one unit is a tiny fraction of the budget).
-    ``measure`` is (nearly) increasing in ``n``. The bracket is narrowed by linear interpolation toward
-    ``limit`` with a bisection every other step, so a search costs a handful of full encodes. Returns
-    ``(n, tokens)``; ``n`` is None when even ``n_min`` is too long (``tokens`` is then its length).
-    """
-    seen: dict[int, int] = dict(known or {})
-    lo: tuple[int, int] | None = None
-    hi: tuple[int, int] | None = None
-
-    def probe(n: int) -> int:
-        nonlocal lo, hi
-        if n not in seen:
-            seen[n] = measure(n)
-        t = seen[n]
-        if t <= limit:
-            if lo is None or n > lo[0]:
-                lo = (n, t)
-        elif hi is None or n < hi[0]:
-            hi = (n, t)
-        return t
-
-    for n in list(seen):
-        probe(n)
-    n = max(n_min, n_start)
-    for step in range(max_probes):
-        probe(n)
-        if hi is not None and hi[0] <= n_min:
-            return None, hi[1]
-        if lo is not None and (lo[1] >= good * limit or (hi is not None and hi[0] - lo[0] <= 1)):
-            break
-        if lo is None:  # everything tried is too long: shrink proportionally (the fixed part makes it safe)
-            n0, t0 = hi
-            n = max(n_min, min(n0 - 1, int(n0 * limit / t0 * 0.992)))
-        elif hi is None:  # everything tried fits: grow along the measured slope
-            pts = sorted(seen.items())
-            fit_pts = [p for p in pts if p[1] <= limit]
-            slope = lo[1] / max(lo[0], 1)  # overestimates the slope (fixed part included): stays below
-            if len(fit_pts) >= 2 and fit_pts[-1][0] > fit_pts[0][0]:
-                (a, ta), (b, tb) = fit_pts[0], fit_pts[-1]
-                if tb > ta:
-                    slope = (tb - ta) / (b - a)
-            slope = max(slope, 0.25)  # a haystack unit (word, line, document) is never under ~1/4 token
-            n = lo[0] + max(1, int((limit - lo[1]) / slope))
-        else:
-            (n0, t0), (n1, t1) = lo, hi
-            if step % 2 == 0 and t1 > t0:
-                guess = n0 + int((limit - t0) * (n1 - n0) / (t1 - t0))
-            else:
-                guess = (n0 + n1) // 2
-            n = min(max(guess, n0 + 1), n1 - 1)
-    if lo is None:
-        return None, hi[1] if hi else 0
-    return lo[0], lo[1]
-
-
 def ruler_search(count: Callable[[int], int], max_seq_length: int, tokens_to_generate: int, incremental: int,
                  upper: int) -> int | None:
     """Official RULER's haystack search (niah.py ``generate_samples``, qa.py ``generate_samples``,
@@ -315,24 +254,17 @@ def ruler_upper(probe_tokens: int, probe: int, max_seq_length: int, incremental:
     return max(int((max_seq_length / (probe_tokens / probe)) * 3), incremental * 2)
 
 
-class TooShort(KvbenchError):
-    """A budget that not even the smallest haystack fits (``tokens``: that smallest prompt's length)."""
-
-    def __init__(self, message: str, tokens: int):
-        super().__init__(message)
-        self.tokens = tokens
-
-
 # ----------------------------------------------------------------------------------------------- base task
-class RulerTask(Task):
-    """One RULER task. ``sample(encoder, context_length, seed, index)`` builds one prompt (pure function)."""
+class RulerTask(LengthFittedTask):
+    """One RULER task (``ruler/<ruler_name>``): a ``LengthFittedTask`` with official RULER's length rule
+    (``fit_ruler``, ``length_rule=ruler``) besides kvbench's fill rule, RULER's metric and no stop strings.
+    ``sample(encoder, context_length, seed, index)`` builds one prompt (pure function)."""
 
+    suite = "ruler"
     ruler_name: str = ""
     metric: str = "string_match_all"
-    max_new_tokens: int = 32
     category: str = ""
     haystack: str = ""
-    n_min: int = 1  # smallest haystack size (kvbench rule, and a ruler sample below the official range)
 
     def __init__(self, data_dir: str | None = None, depth: float | None = None, length_rule: str = "ruler",
                  **params: Any):
@@ -354,80 +286,28 @@ class RulerTask(Task):
                 depth = int(depth)
         self.depth = depth
         self.length_rule = length_rule
-        self.info = {"suite": "ruler", "category": self.category, "metric": self.metric}
-        self._hints: dict[tuple, Any] = {}
+        self.info = {"suite": self.suite, "category": self.category, "metric": self.metric}
 
     supports_depth = False
 
     @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"ruler/{self.ruler_name}"
+    def short_name(self) -> str:  # type: ignore[override]
+        return self.ruler_name
 
     @property
     def official(self) -> bool:
         """Whether the official RULER length rule applies (``length_rule=ruler``)."""
         return self.length_rule == "ruler"
 
-    # -- to implement ---------------------------------------------------------------------------------
-    def build(self, encoder: PromptEncoder, context_length: int, key: tuple, n: int) -> Sample:
-        """The sample of random stream ``key`` with haystack size ``n`` (fields filled except sample_id)."""
-        raise NotImplementedError
-
-    def sample_key(self, seed: int, index: int) -> tuple:
-        return (self.ruler_name, seed, index)
-
     def ruler_incremental(self, context_length: int) -> int:
         """Official RULER's ``incremental``: the binary search's smallest size and the per-sample step down."""
         raise NotImplementedError
 
-    # -- generic ----------------------------------------------------------------------------------------
-    def _encoder_key(self, encoder: PromptEncoder, context_length: int) -> tuple:
-        tok = encoder.tokenizer
-        return (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), encoder.chat,
-                encoder.system_prompt, context_length)
-
-    @staticmethod
-    def count(encoder: PromptEncoder, s: Sample) -> int:
-        return encoder.count_sample(s)
-
-    def _too_short(self, context_length: int, tokens: int) -> TooShort:
-        return TooShort(f"{self.name}: context_length={context_length} is too short; its smallest prompt "
-                        f"has {tokens} tokens", tokens)
-
-    def calibration_count(self, encoder: PromptEncoder, context_length: int) -> Callable[[int], int]:
-        """Prompt tokens of the calibration sample as a function of the haystack size."""
-        key = (CALIBRATION, self.ruler_name)
-        return lambda n: self.count(encoder, self.build(encoder, context_length, key, n))
-
-    # -- length_rule=kvbench (also a ruler sample's fit below the official range) --------------------------
-    def size_hint(self, encoder: PromptEncoder, context_length: int, limit: int | None = None) -> int:
-        """The largest haystack size of the calibration sample whose prompt fits ``limit`` (default
-        ``context_length``); TooShort when not even ``n_min`` does."""
-        limit = context_length if limit is None else limit
-        k = (*self._encoder_key(encoder, context_length), limit)
-        if k not in self._hints:
-            n, t = fit_length(self.calibration_count(encoder, context_length), limit, self.n_min, self.n_min)
-            if n is None:
-                raise self._too_short(context_length, t)
-            self._hints[k] = n
-        return self._hints[k]
-
-    def fit_fill(self, encoder: PromptEncoder, context_length: int, key: tuple, limit: int) -> tuple[Sample, int, int]:
-        """kvbench's fill rule: (sample, size, prompt tokens) whose prompt fits ``limit`` and fills 95-100% of it
-        where the haystack's granularity allows; TooShort when not even ``n_min`` fits."""
-        n = self.size_hint(encoder, context_length, limit)
-        built: dict[int, Sample] = {}
-
-        def measure(m: int) -> int:
-            built[m] = self.build(encoder, context_length, key, m)
-            return self.count(encoder, built[m])
-
-        t = measure(n)
-        if not (ACCEPT_HINT * limit <= t <= limit):
-            n, t = fit_length(measure, limit, self.n_min, n, known={n: t})
-            if n is None:
-                raise self._too_short(context_length, t)
-        return built[n], n, t
+    def fit(self, encoder: PromptEncoder, context_length: int, key: tuple) -> tuple[Sample, int, int, str | None]:
+        """``length_rule=ruler``: official RULER's rule (``fit_ruler``); ``kvbench``: the base's fill rule."""
+        if self.official:
+            return self.fit_ruler(encoder, context_length, key)
+        return super().fit(encoder, context_length, key)
 
     # -- length_rule=ruler ------------------------------------------------------------------------------
     def ruler_upper(self, encoder: PromptEncoder, context_length: int, incremental: int) -> int:
@@ -475,21 +355,6 @@ class RulerTask(Task):
                         "(it would retry forever); samples fitted %s (meta length_fallback)", self.name,
                         context_length, fallback)
         return (*fit, fallback)
-
-    def sample(self, encoder: PromptEncoder, context_length: int, seed: int, index: int) -> Sample:
-        key = self.sample_key(seed, index)
-        if self.official:
-            s, n, t, fallback = self.fit_ruler(encoder, context_length, key)
-        else:
-            (s, n, t), fallback = self.fit_fill(encoder, context_length, key, context_length), None
-        s.sample_id = f"{self.name}/L{context_length}/s{seed}/{index}"
-        s.meta.update({"seed": seed, "index": index, "n_haystack": n, "prompt_tokens": t,
-                       "context_length": context_length, "tokens_to_generate": self.max_new_tokens,
-                       "length_rule": self.length_rule, "length_fallback": fallback})
-        return s
-
-    def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
-        return [self.sample(encoder, context_length, seed, i) for i in range(n_samples)]
 
     def score(self, prediction: str, sample: Sample) -> float:
         pred = postprocess_pred(prediction)
