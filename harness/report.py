@@ -21,6 +21,7 @@ corrupt ``predictions.jsonl`` or ``config.yaml``, an ``out`` that cannot be writ
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -220,7 +221,9 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
     atomic_write_text(p, table.to_csv(index=False))
     written.append(p)
 
-    parts = [f"# kvbench report\n\nRuns below `{root}`: {len(df)} rows, {int(df['failed'].sum())} failed "
+    # the runs' dir relative to the report's (never a machine path): "." when the report sits beside them
+    where = os.path.relpath(Path(root).resolve(), out.resolve())
+    parts = [f"# kvbench report\n\nRuns below `{where}`: {len(df)} rows, {int(df['failed'].sum())} failed "
              "(failed samples are excluded from scores and counted here).\n"]
     evidence = evidence_table(df)
     for model, wide in pivot_scores(table).items():
