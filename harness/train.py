@@ -84,23 +84,22 @@ def _fill(tok, parts: list[tuple[str, bool]], n_tokens: int, rng: random.Random)
 
 def synthetic_example(tok, n_tokens: int, seed: int) -> Example:
     """A needle-in-a-haystack, multi-key or variable-tracking prompt of about ``n_tokens`` tokens."""
+    from tasks.ruler.templates import needle_sentence, niah_prompt, vt_prompt, vt_statements  # RULER's text
+
     rng = random.Random(seed)
     kind = ("niah_single", "niah_multikey", "vt")[seed % 3]
     if kind == "vt":
         value = str(rng.randrange(10000, 99999))
         names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
-        lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 4)]
-        question = f"\nFind all variables that are assigned the value {value} in the text above."
-        prefix = f" Answer: According to the chain(s) of variables assigned the value {value}, 4 variable names are:"
-        answer = " " + " ".join(names)
-        needles = lines
+        needles = [line.rstrip() + "." for line in vt_statements(names, value)]  # sentences in the filler
+        _, question, prefix = vt_prompt(value, len(names))
+        answer = " ".join(names)  # RULER's answer prefix ends with a space
     else:
         keys = rng.sample(WORDS, 4 if kind == "niah_multikey" else 1)
         values = [str(rng.randrange(1000000, 9999999)) for _ in keys]
-        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        needles = [needle_sentence("numbers", k, v) for k, v in zip(keys, values)]
         key, answer = keys[0], " " + values[0]
-        question = f"\nWhat is the special magic number for {key} mentioned in the provided text?"
-        prefix = f" The special magic number for {key} mentioned in the provided text is"
+        _, question, prefix = niah_prompt("numbers", [key], singular=True)
     reserve = len(tok(question + prefix, add_special_tokens=False).input_ids) + 8 * len(needles) + 24
     context = _fill(tok, [(n, True) for n in needles], max(16, n_tokens - reserve), rng)
     ctx = tok(context, add_special_tokens=True).input_ids

@@ -2,8 +2,8 @@
 
 Every generator returns an ``Example``: a context (prefilled with BOS, like the harness does), a question
 (question text + answer prefix) and one or more supervised ``(prompt_continuation, target)`` turns. The
-templates are RULER's (scripts/data/synthetic/constants.py, niah.py, variable_tracking.py), so that the
-harness's ``tasks/ruler`` prompts are in-distribution; extra tasks (dense key-value lookups, multi-needle,
+prompt text is RULER's, built by the harness's own builders (tasks/ruler/templates.py), so that the harness's
+``tasks/ruler`` prompts are in-distribution; extra tasks (dense key-value lookups, multi-needle,
 word haystacks, longer/shorter variable chains) make the retrieval skill robust rather than template-bound.
 
 Randomness comes only from the ``random.Random`` passed in, so a seed fixes the data. Training uses seeds
@@ -20,24 +20,8 @@ import string
 import uuid
 from dataclasses import dataclass, field
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-
-NIAH_TEMPLATE = (
-    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
-    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
-)
-NIAH_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-
-VT_TEMPLATE = (
-    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-    "Question: Find all variables that are assigned the value {query} in the text above."
-)
-VT_PREFIX = (
-    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-    "assigned the value {query}, they are: "
-)
+# RULER's prompt text is built once, in tasks/ruler; the draws are this module's own.
+from tasks.ruler.templates import NOISE, join_items, needle_sentence, niah_prompt, vt_prompt, vt_statements
 
 ADJECTIVES = """able absent acid active adorable afraid agreeable alert alive amused angry annoyed anxious
 aquatic arrogant ashamed awful bad beautiful better bewildered big billowy bitter black blue blushing bored
@@ -235,8 +219,7 @@ def _haystack_units(kind: str, n: int, rng: random.Random, type_k: str, type_v: 
     if kind == "noise":
         return [NOISE] * n
     if kind == "needle":
-        return [NEEDLE.format(type_needle_v=type_v, key=rand_of(type_k, rng), value=rand_of(type_v, rng))
-                for _ in range(n)]
+        return [needle_sentence(type_v, rand_of(type_k, rng), rand_of(type_v, rng)) for _ in range(n)]
     if kind == "essay":
         return essay_sentences(rng, n)
     if kind == "words":  # a haystack of random words, a few per line
@@ -261,7 +244,7 @@ def niah(rng: random.Random, n_tokens: int, haystack: str = "noise", type_k: str
         vals = []
         for _ in range(num_v):
             vals.append(rand_of(type_v, rng))
-            needles.append(NEEDLE.format(type_needle_v=type_v, key=keys[-1], value=vals[-1]))
+            needles.append(needle_sentence(type_v, keys[-1], vals[-1]))
         values.append(vals)
     rng.shuffle(needles)
     units = _haystack_units(haystack, n, rng, type_k, type_v)
@@ -285,16 +268,9 @@ def niah(rng: random.Random, n_tokens: int, haystack: str = "noise", type_k: str
     qi = rng.sample(range(num_k), num_q)
     queries = [keys[i] for i in qi]
     answers = [a for i in qi for a in values[i]]
-    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-    template, prefix, tv = NIAH_TEMPLATE, NIAH_PREFIX, type_v
-    if num_q * num_v == 1:
-        template = template.replace("Some", "A").replace("are all", "is").replace("are", "is")
-        prefix = prefix.replace("are", "is")
-        tv = type_v[:-1]
-    full = template.format(type_needle_v=tv, context=context, query=query)
-    head, q = full.rsplit("\n", 1)  # context | question (the harness splits where the question starts)
-    target = " " + (", ".join(answers[:-1]) + ", and " + answers[-1] if len(answers) > 1 else answers[0]) + "."
-    return Example(head, [("\n" + q + prefix.format(type_needle_v=tv, query=query), target)], "niah")
+    head, question, prefix = niah_prompt(type_v, queries, singular=num_q * num_v == 1)
+    # context | question: the harness splits where the question starts
+    return Example(head + context, [(question + prefix, " " + join_items(answers) + ".")], "niah")
 
 
 def _vt_chain(rng: random.Random, num_hops: int, used: set[str], k: int = 5) -> tuple[list[str], list[str]]:
@@ -305,8 +281,7 @@ def _vt_chain(rng: random.Random, num_hops: int, used: set[str], k: int = 5) -> 
             used.add(v)
             names.append(v)
     value = str(rng.randint(10000, 99999))
-    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
-    return names, chain
+    return names, vt_statements(names, value)
 
 
 def _vt_context(rng, chains, n_noise, haystack):
@@ -346,17 +321,16 @@ def vt(rng: random.Random, n_tokens: int, num_chains: int = 1, num_hops: int = 4
         names, chain = _vt_chain(rng, num_hops, used, k=3 if rng.random() < 0.8 else 5)
         value = chain[0].split("=")[-1].strip()
         ctx = _vt_context(rng, [chain], rng.randint(*icl_lines), "noise")
-        prefix_text = (VT_TEMPLATE.format(context=ctx, query=value)
-                       + VT_PREFIX.format(num_v=num_hops + 1, query=value) + " " + " ".join(names) + "\n\n")
+        head, question, prefix = vt_prompt(value, num_hops + 1)
+        prefix_text = head + ctx + question + prefix + " " + " ".join(names) + "\n\n"
     chains_names = [_vt_chain(rng, num_hops, used) for _ in range(num_chains)]
     budget = n_tokens - 90 - len(prefix_text) // 3 - 12 * num_chains * (num_hops + 1)
     n_noise = max(2, budget // (UNIT_TOKENS["noise"] if haystack == "noise" else UNIT_TOKENS["essay"]))
     ctx = _vt_context(rng, [c for _, c in chains_names], n_noise, haystack)
     names, chain = chains_names[0]
     value = chain[0].split("=")[-1].strip()
-    full = prefix_text + VT_TEMPLATE.format(context=ctx, query=value)
-    head, q = full.rsplit("\n", 1)
-    return Example(head, [("\n" + q + VT_PREFIX.format(num_v=num_hops + 1, query=value), " ".join(names))], "vt")
+    head, question, prefix = vt_prompt(value, num_hops + 1)
+    return Example(prefix_text + head + ctx, [(question + prefix, " ".join(names))], "vt")
 
 
 def dense_kv(rng: random.Random, n_tokens: int) -> Example:
@@ -376,16 +350,13 @@ def dense_kv(rng: random.Random, n_tokens: int) -> Example:
     vals = [rand_of(type_v, rng) for _ in keys]
     units = _haystack_units(haystack, n, rng, type_k, type_v)
     for k, v in zip(keys, vals):
-        units.insert(rng.randint(0, len(units)), NEEDLE.format(type_needle_v=type_v, key=k, value=v))
+        units.insert(rng.randint(0, len(units)), needle_sentence(type_v, k, v))
     sep = " " if haystack == "essay" else "\n"
-    head = (f"Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {type_v} afterwards.\n" + sep.join(units))
+    head = niah_prompt(type_v, keys, singular=False)[0] + sep.join(units)
     turns = []
     for i in rng.sample(range(n_needles), n_q):
-        tv = type_v[:-1]
-        q = (f"\nWhat is the special magic {tv} for {keys[i]} mentioned in the provided text?"
-             f" The special magic {tv} for {keys[i]} mentioned in the provided text is")
-        turns.append((q, f" {vals[i]}."))
+        _, question, prefix = niah_prompt(type_v, [keys[i]], singular=True)  # one key asked at a time
+        turns.append((question + prefix, f" {vals[i]}."))
     return Example(head, turns, "dense_kv")
 
 

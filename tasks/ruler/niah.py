@@ -16,7 +16,7 @@ from __future__ import annotations
 from tasks.base import PromptEncoder, Sample
 from tasks.ruler.common import (RulerTask, TextBuilder, depth_percent, load_essays, make_sample, random_needle,
                                 rng_for)
-from tasks.ruler.templates import CONFIGS, DEPTHS, NEEDLE, NOISE, singularize, split_template
+from tasks.ruler.templates import CONFIGS, DEPTHS, NOISE, needle_sentence, niah_prompt
 
 
 class NiahTask(RulerTask):
@@ -56,7 +56,7 @@ class NiahTask(RulerTask):
             for _ in range(cfg["num_needle_v"]):
                 v = random_needle(rng, type_v)
                 values[-1].append(v)
-                needles.append((NEEDLE.format(type_needle_v=type_v, key=keys[-1], value=v), ki, v))
+                needles.append((needle_sentence(type_v, keys[-1], v), ki, v))
         rng.shuffle(needles)
         query_idx = rng.sample(range(self.num_k), cfg["num_needle_q"])
         queries = [keys[i] for i in query_idx]
@@ -96,8 +96,7 @@ class NiahTask(RulerTask):
             if self.haystack == "noise":
                 lines: list = [NOISE] * n
             else:  # "needle": distractor needles with random keys and values
-                lines = [NEEDLE.format(type_needle_v=type_v, key=random_needle(h, type_k),
-                                       value=random_needle(h, type_v)) for _ in range(n)]
+                lines = [needle_sentence(type_v, random_needle(h, type_k), random_needle(h, type_v)) for _ in range(n)]
             if self.depth is None:
                 indexes = sorted(h.sample(range(n), len(needles)), reverse=True)
             else:
@@ -117,17 +116,10 @@ class NiahTask(RulerTask):
             where = {id(nd): ix for ix, nd in placed}
             depths = [self.depth if self.depth is not None else depth_percent(where[id(nd)], n) for nd in order]
 
-        head, tail, prefix = split_template("niah")
-        shown_type = type_v
-        if cfg["num_needle_q"] * cfg["num_needle_v"] == 1:
-            head, tail, prefix = singularize(head), singularize(tail), singularize(prefix)
-            shown_type = type_v[:-1]
-        query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+        head, question, prefix = niah_prompt(type_v, queries, singular=cfg["num_needle_q"] * cfg["num_needle_v"] == 1)
         first_q = next(i for i, nd in enumerate(order) if nd[1] in queried)
         meta.update({"depth": depths[first_q], "depths": depths, "queries": queries})
-        return make_sample(head.format(type_needle_v=shown_type), body,
-                           tail.format(type_needle_v=shown_type, query=query),
-                           prefix.format(type_needle_v=shown_type, query=query), answers, self.max_new_tokens, meta)
+        return make_sample(head, body, question, prefix, answers, self.max_new_tokens, meta)
 
 
 NIAH_TASKS = [name for name, cfg in CONFIGS.items() if cfg["task"] == "niah"]

@@ -111,3 +111,45 @@ def split_template(task: str) -> tuple[str, str, str]:
 def singularize(text: str) -> str:
     """niah.py's rewrite when exactly one value is asked for (applied to template and answer prefix)."""
     return (text.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer"))
+
+
+# ----------------------------------------------------------------------------------------------- prompt text
+# RULER's niah and variable-tracking prompt text is built here only: by tasks/ruler's generators, by the reference
+# model's training data (harness/reference/data.py, its own randomness) and by kvbench-train's synthetic prompts
+# (harness/train.py, data.source=synthetic).
+def needle_sentence(type_needle_v: str, key: str, value: str) -> str:
+    """niah.py's needle sentence: ``One of the special magic numbers for <key> is: <value>.``"""
+    return NEEDLE.format(type_needle_v=type_needle_v, key=key, value=value)
+
+
+def join_items(items: list[str]) -> str:
+    """niah.py's list of queried keys: ``a``, ``a, and b``, ``a, b, and c``."""
+    return ", ".join(items[:-1]) + ", and " + items[-1] if len(items) > 1 else items[0]
+
+
+def niah_prompt(type_needle_v: str, queries: list[str], singular: bool) -> tuple[str, str, str]:
+    """niah.py's prompt around the haystack, formatted: (head before it, question after it, answer prefix).
+
+    ``singular``: exactly one value is asked for (num_needle_q x num_needle_v == 1); niah.py then rewrites the
+    template and the prefix in the singular and drops the type's final s (``number``)."""
+    head, tail, prefix = split_template("niah")
+    shown = type_needle_v
+    if singular:
+        head, tail, prefix = singularize(head), singularize(tail), singularize(prefix)
+        shown = type_needle_v[:-1]
+    query = join_items(queries)
+    return (head.format(type_needle_v=shown), tail.format(type_needle_v=shown, query=query),
+            prefix.format(type_needle_v=shown, query=query))
+
+
+def vt_statements(names: list[str], value: str | int) -> list[str]:
+    """variable_tracking.py's chain, one statement per name: ``VAR A = 12345``, ``VAR B = VAR A `` (RULER's
+    trailing space), ..."""
+    return [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(len(names) - 1)]
+
+
+def vt_prompt(value: str, num_v: int) -> tuple[str, str, str]:
+    """variable_tracking.py's prompt around the haystack, formatted: (head, question, answer prefix) for the
+    chain of ``num_v`` variables assigned ``value``."""
+    head, tail, prefix = split_template("variable_tracking")
+    return head, tail.format(query=value), prefix.format(query=value, num_v=num_v)

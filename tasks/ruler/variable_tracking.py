@@ -16,7 +16,7 @@ import string
 from tasks.base import PromptEncoder, Sample
 from tasks.ruler.common import (CALIBRATION, RulerTask, TextBuilder, depth_percent, fit_length, make_sample, rng_for,
                                 ruler_search, ruler_upper)
-from tasks.ruler.templates import CONFIGS, NOISE, split_template
+from tasks.ruler.templates import CONFIGS, NOISE, vt_prompt, vt_statements
 
 ICL_MAX_TOKENS = 500  # variable_tracking.py main(): the example is fitted to max_seq_length=500
 
@@ -36,7 +36,7 @@ def _chains(rng: random.Random, num_chains: int, num_hops: int, k: int) -> tuple
     for c in range(num_chains):
         v = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
         value = rng.randint(10000, 99998)  # np.random.randint(10000, 99999): upper bound exclusive
-        chain = [f"VAR {v[0]} = {value}"] + [f"VAR {v[j + 1]} = VAR {v[j]} " for j in range(num_hops)]
+        chain = vt_statements(v, value)
         all_vars.append(v)
         chains.append(chain)
     return all_vars, chains
@@ -72,10 +72,6 @@ class VariableTrackingTask(RulerTask):
         self.n_min = 0
         self._icl_sizes: dict[tuple, int] = {}
 
-    def _prompt_parts(self, value: str, num_v: int) -> tuple[str, str, str]:
-        head, tail, prefix = split_template("variable_tracking")
-        return head, tail.format(query=value), prefix.format(query=value, num_v=num_v)
-
     def ruler_incremental(self, context_length: int) -> int:
         """variable_tracking.py sys_vartrack_w_noise_random: 10 noise lines (5 below max_seq_length 4096)."""
         return 5 if context_length < 4096 else 10
@@ -93,7 +89,7 @@ class VariableTrackingTask(RulerTask):
         lines = _haystack(rng_for("vt-icl-layout", n_icl), chains, n_icl)
         body = "\n".join(x if isinstance(x, str) else x[2] for x in lines)
         value = chains[0][0].split("=")[-1].strip()
-        head, tail, prefix = self._prompt_parts(value, hops + 1)
+        head, tail, prefix = vt_prompt(value, hops + 1)
         return head + body + tail + prefix, " " + " ".join(all_vars[0]) + "\n"
 
     def _icl(self, rng: random.Random, n_icl: int) -> str:
@@ -148,7 +144,7 @@ class VariableTrackingTask(RulerTask):
                     depths.append(depth_percent(i, len(lines)))
                 else:
                     body.add(text)
-        head, tail, prefix = self._prompt_parts(value, self.num_hops + 1)
+        head, tail, prefix = vt_prompt(value, self.num_hops + 1)
         meta = {"haystack": self.haystack, "depth": depths[0], "depths": depths, "query": value}
         head = (icl + "\n" if with_icl else "") + head
         return make_sample(head, body, tail, prefix, all_vars[0], self.max_new_tokens, meta)
