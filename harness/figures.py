@@ -38,25 +38,16 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return save_figure(fig, out, stem, dpi=120, bbox_inches="tight")  # rotated tick labels stay inside
 
 
-# LongBench's six categories (Bai et al., 2023), by dataset name; LongBench-E names end in "_e".
-LONGBENCH_CATEGORIES = {
-    "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
-    "multi-doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
-    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
-    "few-shot": ("trec", "triviaqa", "samsum", "lsht"),
-    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
-    "code": ("lcc", "repobench-p"),
-}
-_LB_CATEGORY = {d: c for c, ds in LONGBENCH_CATEGORIES.items() for d in ds}
-
-
 def task_group(task: str) -> str:
-    """The panel a task is drawn in: RULER NIAH, RULER other, LongBench <category>, else its prefix."""
+    """The panel a task is drawn in: RULER NIAH, RULER other, LongBench <category> (the README category the
+    longbench task module declares, ``tasks.longbench.category_of``), else its prefix."""
     suite, _, name = task.partition("/")
     if suite == "ruler":
         return "RULER NIAH" if name.startswith("niah") else "RULER other"
     if suite.startswith("longbench"):
-        cat = _LB_CATEGORY.get(name.removesuffix("_e"))
+        from tasks.longbench import category_of
+
+        cat = category_of(name)
         return f"LongBench {cat}" if cat else "LongBench other"
     return suite if name else task
 

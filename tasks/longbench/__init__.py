@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tasks import register, register_report_hook
 from tasks.longbench.aggregate import category_table, dataset_scores, e_bucket_table, e_category_buckets, report_section
-from tasks.longbench.config import DATASETS, E_DATASETS
+from tasks.longbench.config import CATEGORIES, DATASETS, E_DATASETS, category_of
 from tasks.longbench.metrics import score
 from tasks.longbench.prompt import build_prompt, middle_halves, truncate_middle
 from tasks.longbench.task import LongBenchTask, task_class
@@ -47,6 +47,6 @@ for _d in E_DATASETS:
 
 register_report_hook(report_section)
 
-__all__ = ["make_task", "LongBenchTask", "task_class", "DATASETS", "E_DATASETS", "score", "build_prompt",
-           "middle_halves", "truncate_middle", "dataset_scores", "category_table", "e_bucket_table",
+__all__ = ["make_task", "LongBenchTask", "task_class", "DATASETS", "E_DATASETS", "CATEGORIES", "category_of", "score",
+           "build_prompt", "middle_halves", "truncate_middle", "dataset_scores", "category_table", "e_bucket_table",
            "e_category_buckets", "report_section"]

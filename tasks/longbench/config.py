@@ -68,6 +68,13 @@ CATEGORY: dict[str, str] = {
     "passage_retrieval_zh": "Synthetic Tasks",
     "lcc": "Code Completion", "repobench-p": "Code Completion",
 }
+
+
+def category_of(dataset: str) -> str | None:
+    """The README category of a dataset (``qasper``; LongBench-E's file stem ``qasper_e`` too); None for another name."""
+    return CATEGORY.get(dataset, CATEGORY.get(dataset.removesuffix("_e")))
+
+
 # "en" / "zh" as in task.md; code datasets count in both README leaderboards (English and Chinese).
 LANGUAGE: dict[str, str] = {
     "narrativeqa": "en", "qasper": "en", "multifieldqa_en": "en", "multifieldqa_zh": "zh", "hotpotqa": "en",
