@@ -80,7 +80,7 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
         "|---|---|---|---|---|",
         *(scores or ["| (not evaluated yet) | | | | |"]),
         "",
-        "Eviction methods on this model: see the README's \"Reference model\" section.",
+        "Eviction methods on this model: see docs/reference-model.md in the kvbench repository.",
         "",
         "## Training log (held-out teacher-forced exact answers, 8 prompts per cell)",
         "",
