@@ -93,7 +93,7 @@ def _resolve_path(path: str | None, name: str) -> str:
     except Exception:
         raise KvbenchError(
             f"model.path={path!r} is a hub id that is not in the local Hugging Face cache and downloads are off "
-            f"(HF_HUB_OFFLINE=1); download it where a network exists and pass model.path=/path/to/checkpoint"
+            f"(HF_HUB_OFFLINE=1); download it where a network exists and pass model.path=<the checkpoint dir>"
         ) from None
 
 

@@ -2,7 +2,7 @@
 
     kvbench-train method=lkv model=reference out=harness/reference/lkv
     kvbench-train method=spkv model=tiny-random data.source=random steps=20
-    kvbench-train method=lkv model=hf model.path=/ckpt data.path=corpus.jsonl
+    kvbench-train method=lkv model=hf model.path=models/my-llama data.path=corpus.jsonl
 
 Each step takes one sample: the context is prefilled with the full cache (no gradient), the full-cache model's
 continuation after the question is the target (``data.target=teacher``; ``answer`` uses the sample's answer,

@@ -118,11 +118,11 @@ def test_report_refuses_a_run_config_with_an_unsourced_cell(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "paper").glob("*.yaml")))
 def test_presets_cite_no_machine_path(name):
     """Sources are primary (a repository file at a commit, a paper, a URL), never a local file: no absolute
-    path, no ../shared, no /work/ in any preset or its per-model file."""
+    path, no parent-relative path, no /work/ in any preset or its per-model file."""
     texts = [(CONF / "paper" / f"{name}.yaml").read_text()]
     texts += [p.read_text() for p in (CONF / "paper_model").glob(f"{name}_*.yaml")]
     for text in texts:
-        assert "../shared" not in text and "/work/" not in text and "METHODS.md" not in text
+        assert "../" not in text and "/work/" not in text and "METHODS.md" not in text
         assert not re.search(r"(?<![\w.:/])/(home|tmp|mnt|ssd\d*|root|data)/", text.replace("/data/kvpress", ""))
 
 
