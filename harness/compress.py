@@ -251,7 +251,7 @@ def evidence_retention(kept: list[Tensor | list[Tensor] | None], evidence: list[
     """Fraction of evidence tokens kept: overall (mean over layers) and per layer (mean over KV heads).
 
     A layer kept whole retains everything. Used for the diagnostic of "When does value-aware eviction help?"
-    (seed 004): did the method keep the tokens the answer needs?
+    (a probe among the papers citing ASL, arXiv:2601.07667): did the method keep the tokens the answer needs?
     """
     if not evidence:
         return 1.0, [1.0] * len(kept)

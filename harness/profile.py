@@ -1,6 +1,7 @@
 """``kvbench-profile``: offline LU-KV budget profiles (per keep ratio, per layer and KV head).
 
-LU-KV (seed 002) allocates budgets to maximise the *future utility* kept in the cache. Here:
+LU-KV ("Predicting Future Utility: Global Combinatorial Optimization for Task-Agnostic KV Cache Eviction",
+arXiv:2602.08585) allocates budgets to maximise the *future utility* kept in the cache. Here:
 
 * **Utility of a cached entry** ``j`` of KV head ``h`` (layer ``l``): what it contributes to future outputs,
   ``u_j = sum over future queries t and the query heads g of h of  a_{g,t,j} * ||W_o^(g) v_j||``, with ``a`` the

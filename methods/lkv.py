@@ -1,4 +1,5 @@
-"""LKV (seed 001): learned KV eviction on a frozen model, LKV-T (token importance) + LKV-H (head budgets).
+"""LKV ("LKV: End-to-End Learning of Head-wise Budgets and Token Selection for LLM KV Cache Eviction",
+arXiv:2605.06676): learned KV eviction on a frozen model, LKV-T (token importance) + LKV-H (head budgets).
 
 * **LKV-T** (scorer ``lkv``): per (layer, KV head), a 2-layer MLP maps each cached token's post-RoPE key and
   value (optionally also the layer's input hidden state, ``use_hidden``) to an importance logit. No attention

@@ -1,4 +1,5 @@
-"""LU-KV (seed 002): per-(layer, KV head) budgets from an offline utility profile (allocator ``lukv``).
+"""LU-KV ("Predicting Future Utility: Global Combinatorial Optimization for Task-Agnostic KV Cache Eviction",
+arXiv:2602.08585): per-(layer, KV head) budgets from an offline utility profile (allocator ``lukv``).
 
 The profile (``kvbench-profile``, harness/profile.py: future-utility curves per head, concave envelope,
 greedy marginal allocation) stores, for a grid of keep ratios, the share of the context each (layer, KV head)

@@ -1,4 +1,5 @@
-"""SP-KV, Self-Pruned Key-Value attention (seed 003): a learned gate decides, when a KV entry is written,
+"""SP-KV, Self-Pruned Key-Value attention ("Self-Pruned Key-Value Attention: Learning When to Write by Predicting
+Future Utility", arXiv:2605.14037): a learned gate decides, when a KV entry is written,
 whether it will be worth keeping once it leaves the local window.
 
 * Predictor: per (layer, KV head), ``u = sigmoid(w . x + b)`` of each entry, ``x`` the layer's input hidden
