@@ -28,8 +28,7 @@ import pandas as pd
 
 from harness.errors import KvbenchError
 from harness.io import atomic_write_text, os_error, read_rows
-
-SCORE_COLS = ["model", "method", "keep_ratio", "task"]
+from harness.metrics import SCORE_COLS, mark_failed, mean_over_tasks, score_table  # noqa: F401 (report API)
 
 
 def load_rows(root: str | Path) -> pd.DataFrame:
@@ -66,8 +65,7 @@ def load_rows(root: str | Path) -> pd.DataFrame:
         raise KvbenchError(f"{r['run_dir']}/predictions.jsonl: the row of {r['task']} sample {r['sample_id']} has "
                            f"score {r['score']!r}, not a number; fix or remove that line")
     df["score"] = score
-    df["keep_ratio"] = df["keep_ratio"].astype(float).round(6)
-    df["failed"] = df["error"].notna() | df["score"].isna()
+    mark_failed(df)
     df["paper"] = df["run_dir"].map(_paper_names(df["run_dir"].unique()))
     return df
 
@@ -81,19 +79,6 @@ def _paper_names(run_dirs) -> dict[str, str | None]:
         node = read_run_config(d).get("paper")
         out[d] = str(node["name"]) if isinstance(node, dict) and node.get("name") else None
     return out
-
-
-def score_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Long table: one row per (model, method, keep_ratio, task) with score x100, n and n_errors."""
-    ok = df[~df["failed"]]
-    scores = ok.groupby(SCORE_COLS)["score"].agg(["mean", "count"]).reset_index()
-    scores["score"] = 100.0 * scores.pop("mean")
-    scores = scores.rename(columns={"count": "n"})
-    errors = df[df["failed"]].groupby(SCORE_COLS).size().rename("n_errors").reset_index()
-    out = scores.merge(errors, on=SCORE_COLS, how="outer")
-    out["n"] = out["n"].fillna(0).astype(int)
-    out["n_errors"] = out["n_errors"].fillna(0).astype(int)
-    return out.sort_values(SCORE_COLS).reset_index(drop=True)
 
 
 def _fmt(x) -> str:
@@ -117,7 +102,7 @@ def pivot_scores(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for model, sub in table.groupby("model"):
         wide = sub.pivot_table(index=["method", "keep_ratio"], columns="task", values="score", aggfunc="mean")
-        wide["mean"] = wide.mean(axis=1)
+        wide["mean"] = mean_over_tasks(sub, ["method", "keep_ratio"])  # as the run's metrics.json
         out[model] = wide
     return out
 
