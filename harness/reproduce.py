@@ -134,13 +134,15 @@ def load_preset(name: str, methods: list[str] | None = None, tasks: list[str] | 
     return paper
 
 
-def model_label(overrides: list[str]) -> str:
-    """The model name our rows will carry for these model overrides (harness.runner.model_label's rule)."""
-    kv = dict(o.split("=", 1) for o in overrides if "=" in o)
-    name = kv.get("model", "tiny-random")
-    if name == "hf" and kv.get("model.path"):
-        return Path(kv["model.path"].rstrip("/")).name
-    return name
+def model_label(overrides: list[str], paper: str | None = None) -> str:
+    """The model name our rows will carry for these model overrides: ``harness.runner.model_label`` of the model
+    config kvbench composes from them (with ``paper=<paper>``), so the config's default model when none is named."""
+    from harness.overrides import Composer
+    from harness.runner import model_label as run_label
+
+    with Composer(CONF_DIR, "config") as composer:
+        cfg = composer.compose(([f"paper={paper}"] if paper else []) + list(overrides))
+    return run_label(cfg.model)
 
 
 def _key(override: str) -> str:
@@ -164,7 +166,7 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
     grid = paper["grid"]
     rest = [o for o in overrides if o not in user_model]
     if user_model:
-        model_entries = [{"label": model_label(user_model), "overrides": user_model}]
+        model_entries = [{"label": model_label(user_model, name), "overrides": user_model}]
     else:
         model_entries = list(grid["models"])
         if models:

@@ -271,3 +271,16 @@ def test_reproduce_plan_stand_in_and_overrides():
     _, jobs = plan("kvpress_ruler4k", [], methods=["snapkv"])  # the grid's own models
     assert [j["model"] for j in jobs] == ["Llama-3.1-8B-Instruct", "Qwen3-8B"]
     assert "model.path=Qwen/Qwen3-8B" in jobs[1]["overrides"]
+
+
+def test_reproduce_labels_rows_as_the_runner_does():
+    """kvbench-reproduce's sweep dir and job model are the label kvbench's rows carry (runner.model_label of the
+    composed model config): the config's default model when no model= is given, the checkpoint dir's name for hf."""
+    from harness.reproduce import model_label, plan
+
+    assert model_label(["model=tiny-random"]) == "tiny-random"
+    assert model_label(["model=hf", "model.path=/ckpt/Qwen3-8B/"]) == "Qwen3-8B"
+    assert model_label(["model.dtype=float32"]) == "reference"  # conf/config.yaml's default model, not tiny-random
+    _, jobs = plan("kvpress_ruler4k", ["model.dtype=float32"], methods=["snapkv"])
+    assert {j["model"] for j in jobs} == {"reference"}
+    assert all(j["sweep_dir"].endswith("/kvpress_ruler4k/reference") for j in jobs)
