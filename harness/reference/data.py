@@ -227,6 +227,17 @@ def _haystack_units(kind: str, n: int, rng: random.Random, type_k: str, type_v: 
     raise ValueError(kind)
 
 
+def _insert_before(units: list[str], positions: list[int], items: list[str]) -> list[str]:
+    """``units`` with ``items[i]`` inserted before ``units[positions[i]]`` (positions sorted, in units' indices)."""
+    out, last = [], 0
+    for pos, item in zip(positions, items):
+        out.extend(units[last:pos])
+        out.append(item)
+        last = pos
+    out.extend(units[last:])
+    return out
+
+
 # rough tokens per haystack unit (used only to size training haystacks)
 UNIT_TOKENS = {"noise": 35, "needle": 27, "essay": 19, "words": 18}
 NEEDLE_TOKENS = 27
@@ -250,13 +261,7 @@ def niah(rng: random.Random, n_tokens: int, haystack: str = "noise", type_k: str
     units = _haystack_units(haystack, n, rng, type_k, type_v)
     if haystack == "essay":
         depths = sorted(int(len(units) * d / 100) for d in rng.sample(range(0, 101), len(needles)))
-        out, last = [], 0
-        for pos, nd in zip(depths, needles):
-            out.extend(units[last:pos])
-            out.append(nd)
-            last = pos
-        out.extend(units[last:])
-        context = " ".join(out)
+        context = " ".join(_insert_before(units, depths, needles))
     else:
         if len(units) >= len(needles):
             idx = sorted(rng.sample(range(len(units)), len(needles)), reverse=True)
@@ -303,13 +308,7 @@ def _vt_context(rng, chains, n_noise, haystack):
         c = rng.choice([h for h in heads if h])
         flat.append(c.pop(0).strip() + ".")
     depths = sorted(int(len(units) * d / 100) for d in rng.choices(range(0, 101), k=len(flat)))
-    out, last = [], 0
-    for pos, line in zip(depths, flat):
-        out.extend(units[last:pos])
-        out.append(line)
-        last = pos
-    out.extend(units[last:])
-    return " ".join(out)
+    return " ".join(_insert_before(units, depths, flat))
 
 
 def vt(rng: random.Random, n_tokens: int, num_chains: int = 1, num_hops: int = 4, haystack: str = "noise",
