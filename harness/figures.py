@@ -130,15 +130,24 @@ def task_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
         f = full[full["model"] == model]
         if len(f):
             grid.loc["full"] = f.groupby("task")["score"].mean().reindex(grid.columns)
-        im = ax.imshow(grid.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        im = _score_image(ax, grid)
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(grid.shape[0]), [str(m) for m in grid.index], fontsize=8)
         for (y, x), v in np.ndenumerate(grid.values):
             if not np.isnan(v):
                 ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=6)
         ax.set_title(f"{model} @ keep ratio {ratio:g}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
+    _score_colorbar(fig, axes, im)
     return _save(fig, out, "task_heatmap")
+
+
+def _score_image(ax, grid: pd.DataFrame):
+    """A grid of scores (x100) drawn on ``ax`` on the scale every score heatmap shares (0-100, red to green)."""
+    return ax.imshow(grid.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+
+
+def _score_colorbar(fig, axes, im) -> None:
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
 
 
 def niah_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -155,13 +164,13 @@ def niah_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
     for ax, ((method, ratio), g) in zip(axes[0], groups):
         grid = g.pivot_table(index="depth", columns="context_length", values="score", aggfunc="mean") * 100
-        im = ax.imshow(grid.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        im = _score_image(ax, grid)
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=45)
         ax.set_yticks(range(grid.shape[0]), [f"{d:g}" for d in grid.index])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth (%)")
         ax.set_title(f"{method} @ {ratio:g}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
+    _score_colorbar(fig, axes, im)
     return _save(fig, out, "niah_heatmap")
 
 
