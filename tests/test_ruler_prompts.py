@@ -89,3 +89,29 @@ def test_kvbench_train_synthetic_prompts_use_them():
             key = question.split(" for ")[1].split(" mentioned")[0]
             assert question == "".join(niah_prompt("numbers", [key], singular=True)[1:])
             assert needle_sentence("numbers", key, answer.strip()) in context
+
+
+def test_reference_evaluate_reads_the_task_configs():
+    """harness.reference.evaluate's own generator takes each task's haystack, needles and generation budget from
+    tasks/ruler's configuration, not from a copy."""
+    import pytest
+
+    from harness.errors import KvbenchError
+    from harness.reference.evaluate import own_generator
+
+    class Recorder:
+        def niah(self, rng, n, *args, **kwargs):
+            return ("niah", args, kwargs)
+
+        def vt(self, rng, n, *args, **kwargs):
+            return ("vt", args, kwargs)
+
+    build, max_new = own_generator("niah_multikey_3")
+    assert max_new == 128 and build(Recorder(), None, 100) == (
+        "niah", ("needle", "uuids", "uuids"), {"num_k": 1, "num_v": 1, "num_q": 1})
+    build, max_new = own_generator("niah_multiquery")
+    assert build(Recorder(), None, 100)[2] == {"num_k": 1, "num_v": 1, "num_q": 4}
+    build, max_new = own_generator("vt")
+    assert max_new == 30 and build(Recorder(), None, 100) == ("vt", (1, 4, "noise"), {"icl": True})
+    with pytest.raises(KvbenchError, match="niah and vt tasks only"):
+        own_generator("cwe")

@@ -18,25 +18,32 @@ import torch
 from harness.compat import cache_of, with_cache
 from harness.errors import KvbenchError
 from harness.io import atomic_write_text
+from tasks.ruler.metrics import string_match_all
+from tasks.ruler.templates import BASE, CONFIGS
 
-GEN = {  # task -> (builder(rng, n_tokens), max_new_tokens)
-    "niah_single_1": (lambda d, r, n: d.niah(r, n, "noise", "words", "numbers"), 128),
-    "niah_single_2": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers"), 128),
-    "niah_single_3": (lambda d, r, n: d.niah(r, n, "essay", "words", "uuids"), 128),
-    "niah_multikey_1": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_k=4), 128),
-    "niah_multikey_2": (lambda d, r, n: d.niah(r, n, "needle", "words", "numbers"), 128),
-    "niah_multikey_3": (lambda d, r, n: d.niah(r, n, "needle", "uuids", "uuids"), 128),
-    "niah_multivalue": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_v=4), 128),
-    "niah_multiquery": (lambda d, r, n: d.niah(r, n, "essay", "words", "numbers", num_q=4), 128),
-    "vt": (lambda d, r, n: d.vt(r, n, 1, 4, "noise", icl=True), 30),
-}
+
+def own_generator(task: str):
+    """(builder(data_module, rng, n_tokens), max_new_tokens) of a RULER niah / vt task, from the task's own
+    configuration (tasks/ruler/templates.py: RULER's synthetic.yaml and tokens_to_generate)."""
+    cfg = CONFIGS.get(task, {})
+    if cfg.get("task") == "niah":
+        def build(d, r, n):
+            return d.niah(r, n, cfg["type_haystack"], cfg["type_needle_k"], cfg["type_needle_v"],
+                          num_k=cfg["num_needle_k"], num_v=cfg["num_needle_v"], num_q=cfg["num_needle_q"])
+    elif cfg.get("task") == "variable_tracking":
+        def build(d, r, n):
+            return d.vt(r, n, cfg["num_chains"], cfg["num_hops"], cfg["type_haystack"], icl=True)
+    else:
+        raise KvbenchError(f"--source own generates the niah and vt tasks only, not {task!r}; allowed: "
+                           + ", ".join(t for t, c in CONFIGS.items() if c["task"] in ("niah", "variable_tracking")))
+    return build, BASE[cfg["task"]]["tokens_to_generate"]
 
 
 def own_samples(task: str, tok, length: int, n: int, seed: int):
     """(context, question, answers, max_new) fitted so that prompt + max_new <= length (RULER's rule)."""
     from harness.reference import data
 
-    build, max_new = GEN[task]
+    build, max_new = own_generator(task)
     out = []
     for i in range(n):
         base = random.Random(seed * 100_003 + i)
@@ -84,10 +91,6 @@ def greedy(model, tok, context: str, question: str, max_new: int) -> tuple[str, 
         past = cache_of(out)
         nxt = int(out.logits[0, -1].argmax())
     return tok.decode(gen, skip_special_tokens=True), len(ids)
-
-
-def string_match_all(pred: str, refs: list[str]) -> float:
-    return sum(r.lower() in pred.lower() for r in refs) / len(refs)
 
 
 def evaluate(model_dir: str, tasks: list[str], lengths: list[int], n: int, seed: int = 0, source: str = "auto",
