@@ -10,7 +10,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -111,10 +111,11 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         elapsed = time.perf_counter() - start
         score_s = hooks.score_seconds
         scores = list(hooks.scores)
-    extras = method.scorer.row_extras() if method.scorer is not None else {}
-    cut = getattr(method.scorer, "prefill_kept", None)
-    return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s, extras,
-                   cut() if cut is not None else None)
+    if method.scorer is None:
+        return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s)
+    scores = method.scorer.finish_prefill(scores)
+    return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s,
+                   method.scorer.row_extras(), method.scorer.prefill_kept())
 
 
 def full_cache_bytes(cache: DynamicCache, n_tokens: int) -> int:
@@ -145,32 +146,51 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
                     **with_cache(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         pos += len(tail)
-    eos = set(_eos_ids(model, tokenizer))
-    generated: list[int] = []
+    def stopped(tokens: list[int]) -> bool:
+        return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
+
+    generated = greedy(model, cache, logits, pos, max_new_tokens, eos_ids(model, tokenizer),
+                       stopped if stop_strings else None)
+    _sync(device)
+    return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def greedy(model, cache, logits: Tensor, pos: int, max_new_tokens: int, eos: set[int],
+           stop: Callable[[list[int]], bool] | None = None, keep_eos: bool = False,
+           chosen_from: list[Tensor] | None = None) -> list[int]:
+    """The greedy loop of every generation (kvbench's decoding, kvbench-train's teacher, the reference model's
+    evaluation): the argmax of ``logits`` (the last position's, ``[1, V]`` or ``[V]``) is the next token, fed one at
+    a time on ``cache`` at explicit positions from ``pos``. Up to ``max_new_tokens`` tokens; an EOS token ends it
+    (not returned, or returned as the last token with ``keep_eos``), and so does ``stop(tokens)`` after a token.
+    ``chosen_from`` receives the logits each returned token was the argmax of."""
+    device = model.device
+    tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax(dim=-1))
-        if token in eos:
+        if token in eos and not keep_eos:
             break
-        generated.append(token)
-        if stop_strings and any(s in tokenizer.decode(generated, skip_special_tokens=True) for s in stop_strings):
-            break
-        if len(generated) == max_new_tokens:
+        tokens.append(token)
+        if chosen_from is not None:
+            chosen_from.append(logits)
+        if token in eos or (stop is not None and stop(tokens)) or len(tokens) == max_new_tokens:
             break
         out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     **with_cache(cache), use_cache=True)
         logits = out.logits[:, -1]
         pos += 1
-    _sync(device)
-    return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), time.perf_counter() - start)
+    return tokens
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a generation: the model's generation config's ``eos_token_id`` (one or a list), else
+    the tokenizer's."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None:
-        return []
-    return list(ids) if isinstance(ids, (list, tuple)) else [int(ids)]
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
 
 
 def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int], q_ids: list[int],

@@ -53,13 +53,17 @@ def test_full_cache_matches_generate_all_families(family):
 
 def test_hooks_removed_after_run(tiny_llama):
     model, tok = tiny_llama
+    from harness.attention import _HOOKS, _MASKS, attention_masks, attention_modules
+
     with install(model) as hooks:
         assert model.config._attn_implementation == ATTN_NAME
-        with hooks.scoring(method("snapkv").scorer, 0):
-            pass
+        assert set(_HOOKS) >= set(attention_modules(model))
+        with hooks.scoring(method("snapkv").scorer, 0), attention_masks(hooks.modules, lambda *a: None):
+            assert set(_MASKS) >= set(hooks.modules)
     assert model.config._attn_implementation == "sdpa"
     for m in model.modules():
-        assert not hasattr(m, "_kvbench_hooks")
+        assert m not in _HOOKS and m not in _MASKS
+        assert not any(name.startswith("_kvbench") for name in vars(m))  # nothing written onto the modules
         assert not m._forward_pre_hooks and not m._forward_hooks
 
 
@@ -157,3 +161,54 @@ def test_shared_prefill_gives_same_rows_as_separate(tiny_llama):
     for a, b in zip(together, alone):
         assert (a.prediction, a.kept_tokens, a.kv_bytes, a.budgets) == (b.prediction, b.kept_tokens, b.kv_bytes, b.budgets)
     assert together[1].prefill_s == 0.0  # the second ratio reused the first one's prefill
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose next token is scripted by position: the logits at ``pos`` peak at ``script[pos]``."""
+
+    def __init__(self, script: dict[int, int], vocab: int = 16):
+        super().__init__()
+        self.script, self.vocab, self.fed = script, vocab, []
+        self.register_buffer("anchor", torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, input_ids, position_ids, **kwargs):
+        self.fed.append((input_ids[0].tolist(), position_ids[0].tolist()))
+        logits = torch.zeros(1, 1, self.vocab)
+        logits[0, 0, self.script[int(position_ids[0, -1]) + 1]] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def _peak(token: int, vocab: int = 16) -> torch.Tensor:
+    logits = torch.zeros(1, vocab)
+    logits[0, token] = 1.0
+    return logits
+
+
+def test_greedy_loop_stops_on_eos_stop_or_length():
+    from harness.pipeline import greedy
+
+    script = {11: 5, 12: 6, 13: 1, 14: 7}  # token 1 is the EOS at position 13
+    model = _Scripted(script)
+    assert greedy(model, None, _peak(4), 10, 8, {1}) == [4, 5, 6]  # EOS not returned
+    assert model.fed == [([4], [10]), ([5], [11]), ([6], [12])]  # one token a step, explicit positions
+    chosen = []
+    assert greedy(_Scripted(script), None, _peak(4), 10, 8, {1}, keep_eos=True, chosen_from=chosen) == [4, 5, 6, 1]
+    assert [int(c.argmax()) for c in chosen] == [4, 5, 6, 1]  # the logits each token was the argmax of
+    assert greedy(_Scripted(script), None, _peak(4), 10, 2, {1}) == [4, 5]  # max_new_tokens
+    assert greedy(_Scripted(script), None, _peak(4), 10, 8, {1}, stop=lambda t: t[-1] == 5) == [4, 5]
+    assert greedy(_Scripted(script), None, _peak(1), 10, 8, {1}) == []  # EOS first: nothing, no forward
+
+
+def test_eos_ids_from_the_generation_config_else_the_tokenizer():
+    from types import SimpleNamespace as NS
+
+    from harness.pipeline import eos_ids
+
+    assert eos_ids(NS(generation_config=NS(eos_token_id=[3, 4])), NS(eos_token_id=2)) == {3, 4}
+    assert eos_ids(NS(generation_config=NS(eos_token_id=5)), NS(eos_token_id=2)) == {5}
+    assert eos_ids(NS(generation_config=None), NS(eos_token_id=2)) == {2}
+    assert eos_ids(NS(generation_config=NS(eos_token_id=None)), NS(eos_token_id=None)) == set()

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from harness.compat import cache_of, with_cache
+from harness.compat import cache_of
 from harness.errors import KvbenchError
 from harness.io import atomic_write_text
 from tasks.ruler.metrics import string_match_all
@@ -78,18 +78,12 @@ def harness_samples(task: str, tok, length: int, n: int, seed: int):
 
 @torch.no_grad()
 def greedy(model, tok, context: str, question: str, max_new: int) -> tuple[str, int]:
+    from harness.pipeline import greedy as greedy_tokens
+
     ids = tok(context).input_ids + tok(question, add_special_tokens=False).input_ids
-    x = torch.tensor([ids])
-    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-    past, gen = cache_of(out), []
-    nxt = int(out.logits[0, -1].argmax())
-    for _ in range(max_new):
-        if nxt == tok.eos_token_id:
-            break
-        gen.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), **with_cache(past), use_cache=True)
-        past = cache_of(out)
-        nxt = int(out.logits[0, -1].argmax())
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+    eos = set() if tok.eos_token_id is None else {tok.eos_token_id}
+    gen = greedy_tokens(model, cache_of(out), out.logits[:, -1], len(ids), max_new, eos)
     return tok.decode(gen, skip_special_tokens=True), len(ids)
 
 
