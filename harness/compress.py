@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, get_args
 
 import torch
@@ -64,26 +65,58 @@ class LayerInputs:
         return float(getattr(self.module, "scaling", self.keys.shape[-1] ** -0.5))
 
 
-class Scorer:
-    """Importance of every cached token per KV head. Subclasses set what they need from the harness."""
+class Part:
+    """What scorers and allocators share: a registered name, the budget rule, and the model-facing hooks.
+
+    Every extension point a part may implement is declared here or on ``Scorer`` / ``Allocator`` with a default
+    that does nothing, so the harness calls them unconditionally (it never probes a part with ``getattr``).
+    """
 
     registered_name = ""
-    needs_hidden_states = False
+    budget_rule: str = "floor"  # set by ``Method``: how a ratio becomes a count (``BudgetRule``)
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Called once before the run with the loaded model: refuse (one-line ``KvbenchError``) a learned
+        checkpoint or profile made for another model, or prepare model-dependent state."""
+
+    def input_files(self) -> dict[str, Path]:
+        """The files this part read, by config key (``{"method.allocator.profile": path}``): the runner
+        fingerprints them, so a run dir cannot mix rows made with two different files."""
+        return {}
+
+
+class Scorer(Part):
+    """Importance of every cached token per KV head. Subclasses set what they need from the harness."""
+
+    needs_hidden_states = False  # True: ``LayerInputs.hidden_states`` is captured for this scorer
     # False where the scores depend on the keep ratio or the prefill itself changes (then one prefill per ratio).
     shares_across_ratios = True
-    # Parameter presets, e.g. {"kvpress": {"window": 64, "kernel": 5, "pool": "avg"}}; a preset may also set the
-    # method's ``budget_rule`` (every kvpress preset does: ``KVPRESS_BUDGET``).
+    # Parameter presets, ``{"kvpress": {"scorer": {...}, "selector": {...}, "budget_rule": "kvpress"}}``: values
+    # of this method's parts and method-level keys that ``method.preset=<name>`` sets over the config's.
     PRESETS: dict[str, dict[str, Any]] = {}
-    budget_rule: str = "floor"  # set by ``Method``; for scorers that size a budget themselves (ASL)
 
     def score(self, inputs: LayerInputs) -> Tensor | None:  # pragma: no cover - interface
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
 
+    def bind_selector(self, selector: "Selector") -> None:
+        """Called once when the method is built, for a scorer whose statistics depend on the tokens the selector
+        protects (ExpectedAttention leaves the sinks out of its query statistics)."""
+
     def query_rows(self, layer_idx: int) -> Tensor | None:
         """Prompt positions whose attention output this prefill layer must still compute (sorted), or None for
         all. Asked right after ``score`` on the same layer: a method that drops the other tokens' hidden states
         from this layer on (ASL at its selection layer) saves their attention, whose outputs nothing reads."""
+        return None
+
+    def finish_prefill(self, scores: list[Tensor | None]) -> list[Tensor | None]:
+        """The per-layer scores of the prefill that just ended, as the allocator should see them. A scorer that
+        decides late that earlier layers stay whole (ASL with ``early_layers=full``) returns None for them."""
+        return scores
+
+    def prefill_kept(self) -> list[Tensor | None] | None:
+        """Per layer, the original token indices the last prefill already cut the cache to (a scorer whose
+        ``prefill_patch`` shortens the prefill, ASL), or None when the prefill kept every token everywhere."""
         return None
 
     def row_extras(self) -> dict[str, Any]:
@@ -100,12 +133,9 @@ class Scorer:
         return nullcontext()
 
 
-class Allocator:
+class Allocator(Part):
     """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer. Counts come from
     ``self.n_keep`` (the method's budget rule, which ``Method`` sets on its allocator)."""
-
-    registered_name = ""
-    budget_rule: str = "floor"
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -154,6 +184,32 @@ def n_keep(n_tokens: int, keep_ratio: float, rule: BudgetRule = "floor") -> int:
     return max(1, min(n_tokens, int(exact)))
 
 
+def round_to_total(ideal: Tensor, total: int, lo: Tensor | int, hi: Tensor | int) -> Tensor:
+    """Integers within ``[lo, hi]`` summing to ``total`` (clipped to what the bounds allow), close to ``ideal``:
+    floor, then +1 to the largest fractional parts (or -1 to the smallest) until the sum is exact; ties go to
+    the lower index. The one rounding of budgets that must sum exactly (LU-KV's profile shares, LKV's learned
+    shares)."""
+    ideal = ideal.double().flatten()
+    lo_t = torch.as_tensor(lo, dtype=torch.long).flatten().expand_as(ideal).clone()
+    hi_t = torch.as_tensor(hi, dtype=torch.long).flatten().expand_as(ideal).clone()
+    total = int(min(max(total, int(lo_t.sum())), int(hi_t.sum())))
+    out = torch.minimum(torch.maximum(ideal.floor().long(), lo_t), hi_t)
+    frac = ideal - ideal.floor()
+    while int(out.sum()) != total:
+        diff = total - int(out.sum())
+        if diff > 0:
+            room = out < hi_t
+            key = torch.where(room, frac + (ideal - out.double()).clamp(min=0), torch.full_like(frac, -1e18))
+            order = key.argsort(descending=True, stable=True)[: min(diff, int(room.sum()))]
+            out[order] += 1
+        else:
+            room = out > lo_t
+            key = torch.where(room, frac - (out.double() - ideal).clamp(min=0), torch.full_like(frac, 1e18))
+            order = key.argsort(stable=True)[: min(-diff, int(room.sum()))]
+            out[order] -= 1
+    return out
+
+
 @register_allocator("uniform")
 class UniformAllocator(Allocator):
     """Every layer and head keeps the same number of entries."""
@@ -188,16 +244,39 @@ def select(scores: Tensor, budgets: Tensor, n_sink: int = 0, n_recent: int = 0) 
     return [s.topk(int(b)).indices.sort().values for s, b in zip(scores, budgets)]
 
 
+@dataclass(frozen=True)
+class Selector:
+    """Per head, the top-``budget`` entries, with the first ``n_sink`` and the most recent ``n_recent`` tokens
+    always inside the budget; ``recent_share`` reserves at least that fraction of the smallest head budget of a
+    layer for recent tokens (H2O's half of the budget)."""
+
+    n_sink: int = 0
+    n_recent: int = 0
+    recent_share: float = 0.0
+
+    def protect(self, scores: Tensor) -> Tensor:
+        return protect(scores, self.n_sink, self.n_recent)
+
+    def select(self, scores: Tensor, budgets: Tensor) -> Tensor | list[Tensor]:
+        n_recent = self.n_recent
+        if self.recent_share > 0:
+            n_recent = max(n_recent, int(self.recent_share * int(budgets.min())))
+        return select(scores, budgets, self.n_sink, n_recent)
+
+    @property
+    def protected(self) -> int:
+        """Tokens every head keeps whatever its scores (a budget must exceed this to select anything)."""
+        return self.n_sink + self.n_recent
+
+
 @dataclass
 class Method:
-    """A configured eviction method: scorer + allocator + the selector's protected tokens."""
+    """A configured eviction method: scorer + allocator + selector."""
 
     name: str  # label in rows and reports, e.g. "snapkv" or "snapkv+adakv"
     scorer: Scorer | None  # None = full cache, nothing evicted
     allocator: Allocator
-    n_sink: int = 0
-    n_recent: int = 0
-    recent_share: float = 0.0  # fraction of each head's budget reserved for the most recent tokens (H2O)
+    selector: Selector = field(default_factory=Selector)
     # How a ratio becomes a count (``BudgetRule``): "floor" (default) or "kvpress" (``method.preset=kvpress``).
     budget_rule: BudgetRule = "floor"
     # The method config as validated (booleans as true/false, ...): what the run dir's config.yaml records.
@@ -206,9 +285,14 @@ class Method:
     def __post_init__(self) -> None:
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule {self.budget_rule!r} is not one of {', '.join(BUDGET_RULES)}")
-        for part in (self.scorer, self.allocator):  # one rule for every count the method makes
-            if part is not None:
-                part.budget_rule = self.budget_rule
+        for part in self.parts:  # one rule for every count the method makes
+            part.budget_rule = self.budget_rule
+        if self.scorer is not None:
+            self.scorer.bind_selector(self.selector)
+
+    @property
+    def parts(self) -> list[Part]:
+        return [p for p in (self.scorer, self.allocator) if p is not None]
 
     @property
     def compresses(self) -> bool:
@@ -217,6 +301,13 @@ class Method:
     @property
     def shares_across_ratios(self) -> bool:
         return self.scorer is None or self.scorer.shares_across_ratios
+
+    def bind_model(self, model: nn.Module) -> None:
+        for part in self.parts:
+            part.bind_model(model)
+
+    def input_files(self) -> dict[str, Path]:
+        return {key: path for part in self.parts for key, path in part.input_files().items()}
 
     def plan(self, scores: list[Tensor | None], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
         """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole).
@@ -230,7 +321,7 @@ class Method:
         budgets = torch.zeros(len(squeezed), n_heads, dtype=torch.long)
         if scored:
             # The allocator sees sinks and recent tokens at +inf, as kvpress's padding does before AdaKV's cut.
-            protected = [protect(squeezed[i], self.n_sink, self.n_recent) for i in scored]
+            protected = [self.selector.protect(squeezed[i]) for i in scored]
             sub = self.allocator.budgets(protected, keep_ratio)
             if sub.shape != (len(scored), n_heads):
                 raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(sub.shape)}")
@@ -240,10 +331,7 @@ class Method:
             if layer_scores is None or bool((layer_budgets >= layer_scores.shape[-1]).all()):
                 kept.append(None)
                 continue
-            n_recent = self.n_recent
-            if self.recent_share > 0:
-                n_recent = max(n_recent, int(self.recent_share * int(layer_budgets.min())))
-            kept.append(select(layer_scores, layer_budgets, self.n_sink, n_recent))
+            kept.append(self.selector.select(layer_scores, layer_budgets))
         return budgets, kept
 
 

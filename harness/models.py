@@ -5,6 +5,9 @@ local Hugging Face cache fails at once with a one-line error saying how to pass 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -237,3 +240,61 @@ def load_model(cfg) -> tuple[Any, Any]:
     model = _load_weights(path, config, DTYPES[dtype_name])
     return model.to(device).eval(), tok
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model identity: what a file made for one model (a learned checkpoint, a budget profile) records of it
+# ------------------------------------------------------------------------------------------------------------
+# Architecture facts; ``config_hash`` is a short hash of exactly these (profiles of earlier versions carry it).
+IDENTITY_KEYS = ("model_type", "n_layers", "n_kv_heads", "n_heads", "head_dim", "hidden_size", "vocab_size")
+
+
+def model_identity(model) -> dict[str, Any]:
+    """The facts a file made for ``model`` records and must match when it is used: the architecture
+    (``IDENTITY_KEYS``), ``config_hash`` (a hash of those) and ``fingerprint``, the absolute sum of the first 64
+    rows of the input embeddings (the same architecture with other weights differs here)."""
+    text = getattr(model.config, "text_config", model.config)
+    n_heads = int(getattr(text, "num_attention_heads", 0))
+    facts: dict[str, Any] = {
+        "model_type": getattr(text, "model_type", "?"),
+        "n_layers": int(getattr(text, "num_hidden_layers", 0)),
+        "n_kv_heads": int(getattr(text, "num_key_value_heads", None) or n_heads),
+        "n_heads": n_heads,
+        "hidden_size": int(getattr(text, "hidden_size", 0)),
+        "head_dim": int(getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // max(1, n_heads)),
+        "vocab_size": int(getattr(text, "vocab_size", 0)),
+    }
+    facts["config_hash"] = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+    emb = model.get_input_embeddings().weight
+    facts["fingerprint"] = float(emb[: min(64, emb.shape[0])].detach().float().abs().sum())
+    return facts
+
+
+def model_name(model, fallback: str = "") -> str:
+    """The last part of the path or hub id the model was loaded from (``fallback`` for a model built in memory)."""
+    name = str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "") or "")
+    return name.rstrip("/").split("/")[-1] if name else fallback
+
+
+def check_model_identity(recorded: dict, model, claim: str, remedy: str, name: str | None = None) -> None:
+    """Refuse a file made for another model: a one-line ``KvbenchError`` ``"<claim>[ with L layers x H KV heads;
+    this model has l x h] (another model: <fact> <recorded> vs <this model's>, ... in this model); <remedy>"``
+    when a fact ``recorded`` carries differs from ``model_identity(model)`` (the fingerprint by more than 1%:
+    dtype and device round it), or when ``name`` (the ``model_name`` the file recorded) is not this model's.
+    Facts a file does not carry (files of earlier versions) are not compared."""
+    have = model_identity(model)
+    diff = [f"{k} {recorded[k]} vs {have[k]}" for k in IDENTITY_KEYS if k in recorded and recorded[k] != have[k]]
+    if not diff and recorded.get("config_hash") and str(recorded["config_hash"]) != have["config_hash"]:
+        diff.append(f"config_hash {recorded['config_hash']} vs {have['config_hash']}")
+    fp = recorded.get("fingerprint")
+    if type(fp) in (int, float) and not math.isclose(fp, have["fingerprint"], rel_tol=1e-2):
+        diff.append(f"weights fingerprint {fp:.6g} vs {have['fingerprint']:.6g}")
+    mine = model_name(model)
+    if name and mine and name != mine:
+        diff.append(f"name {name!r} vs {mine!r}")
+    if diff:
+        shape, dims = "", ("n_layers", "n_kv_heads")
+        if set(dims) <= set(recorded) and any(recorded[k] != have[k] for k in dims):
+            shape = (f" with {recorded['n_layers']} layers x {recorded['n_kv_heads']} KV heads; this model has "
+                     f"{have['n_layers']} x {have['n_kv_heads']}")
+        raise KvbenchError(f"{claim}{shape} (another model: {', '.join(diff)} in this model); {remedy}")

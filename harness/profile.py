@@ -17,13 +17,13 @@ arXiv:2602.08585) allocates budgets to maximise the *future utility* kept in the
   the hull segments (the optimum of the relaxed problem, where the last segment is taken fractionally).
   ``scope=global`` (LU-KV, default): one budget for all layers and heads, ``total = L * H * keep_ratio * T``;
   ``scope=layer``: each layer's heads share ``H * keep_ratio * T``.
-* **Profile file** (safetensors): ``budgets [n_ratios, n_layers, n_kv_heads]`` = the share of the context each
-  head keeps (fraction of T), ``ratios [n_ratios]``, ``curves [n_layers, n_kv_heads, K + 1]`` and ``grid``;
-  metadata: model name, config fingerprint, n_layers, n_kv_heads, method, task, samples, context length, date.
-  The ``lukv`` allocator (methods/lukv.py) reads it, interpolates between ratios and rescales to the current
-  T with exact integer sums.
+* **Profile file** (safetensors; the format, its reader and writer: harness/profiles.py): ``budgets [n_ratios,
+  n_layers, n_kv_heads]`` = the share of the context each head keeps (fraction of T), ``ratios [n_ratios]``,
+  ``curves [n_layers, n_kv_heads, K + 1]`` and ``grid``; metadata: model name and identity (architecture,
+  config hash, weights fingerprint), method, task, samples, context length, date. The ``lukv`` allocator
+  (methods/lukv.py) reads it, interpolates between ratios and rescales to the current T with exact integer sums.
 * **LU-KV's own budget table** (``.npy``, the file of github.com/baidu-baige/LU-KV that kvpress's ``LUKVPress``
-  loads, e.g. ``evaluation/curve_data/llama-3.1-8b/ea_0.02_sink4_win1_llama_avg_ratio.npy``): ``method.profile``
+  loads, e.g. ``evaluation/curve_data/llama-3.1-8b/ea_0.02_sink4_win1_llama_avg_ratio.npy``): ``method.allocator.profile``
   may name it directly; ``load_profile`` recognises it by content (see ``load_lukv_table``).
 
 Usage (Hydra-style overrides as ``kvbench``, plus the profile's own keys)::
@@ -37,12 +37,9 @@ The method's scorer is the within-head order (the method's allocator is ignored)
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,12 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from harness.compat import with_cache
+from harness.compress import Scorer
 from harness.errors import KvbenchError
+from harness.models import model_identity, model_name
+from harness.profiles import Profile, load_profile, save_profile
 from harness.schema import Count
+from methods._attention import attention_probs
 
-FORMAT = "kvbench-lukv-profile/1"
-LUKV_TABLE_FORMAT = "lukv-npy"  # meta["format"] of a profile read from LU-KV's own .npy budget table
-NPY_MAGIC = b"\x93NUMPY"
 DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
@@ -107,242 +105,6 @@ def greedy_allocate(x: list[float], curves: Tensor, total: float) -> Tensor:
     return out
 
 
-def round_to_total(ideal: Tensor, total: int, lo: Tensor | int, hi: Tensor | int) -> Tensor:
-    """Integers within ``[lo, hi]`` summing to ``total`` (clipped to what the bounds allow), close to ``ideal``:
-    floor, then +1 to the largest fractional parts (or -1 to the smallest) until the sum is exact."""
-    ideal = ideal.double().flatten()
-    lo_t = torch.as_tensor(lo, dtype=torch.long).flatten().expand_as(ideal).clone()
-    hi_t = torch.as_tensor(hi, dtype=torch.long).flatten().expand_as(ideal).clone()
-    total = int(min(max(total, int(lo_t.sum())), int(hi_t.sum())))
-    out = torch.minimum(torch.maximum(ideal.floor().long(), lo_t), hi_t)
-    frac = ideal - ideal.floor()
-    while int(out.sum()) != total:
-        diff = total - int(out.sum())
-        if diff > 0:
-            room = out < hi_t
-            key = torch.where(room, frac + (ideal - out.double()).clamp(min=0), torch.full_like(frac, -1e18))
-            order = key.argsort(descending=True, stable=True)[: min(diff, int(room.sum()))]
-            out[order] += 1
-        else:
-            room = out > lo_t
-            key = torch.where(room, frac - (out.double() - ideal).clamp(min=0), torch.full_like(frac, 1e18))
-            order = key.argsort(stable=True)[: min(-diff, int(room.sum()))]
-            out[order] -= 1
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Profile files
-
-
-@dataclass
-class Profile:
-    budgets: Tensor  # [n_ratios, n_layers, n_kv_heads]: share of the context each head keeps
-    ratios: Tensor  # [n_ratios], ascending
-    meta: dict[str, Any]
-    curves: Tensor | None = None  # [n_layers, n_kv_heads, K + 1]
-    grid: Tensor | None = None  # [K + 1]
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.budgets.shape[1])
-
-    @property
-    def n_kv_heads(self) -> int:
-        return int(self.budgets.shape[2])
-
-    def shares(self, keep_ratio: float) -> Tensor:
-        """``[L, H]`` shares for a keep ratio, linear between the profiled ratios (and toward share 1 at ratio
-        1, share proportional below the smallest ratio); the caller rescales to its exact total."""
-        ratios = self.ratios.double().tolist()
-        table = self.budgets.double()
-        if ratios[-1] < 1.0:
-            ratios.append(1.0)
-            table = torch.cat([table, torch.ones_like(table[:1])])
-        r = float(keep_ratio)
-        if r <= ratios[0]:
-            return table[0] * (r / ratios[0])
-        if r >= ratios[-1]:
-            return table[-1]
-        k = max(i for i, v in enumerate(ratios) if v <= r)
-        w = (r - ratios[k]) / (ratios[k + 1] - ratios[k])
-        return table[k] * (1 - w) + table[k + 1] * w
-
-
-def model_fingerprint(config) -> dict[str, Any]:
-    """Architecture facts a profile must match (and a short hash of them)."""
-    text = getattr(config, "text_config", config)
-    facts = {
-        "model_type": getattr(text, "model_type", "?"),
-        "n_layers": int(getattr(text, "num_hidden_layers", 0)),
-        "n_kv_heads": int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0)),
-        "n_heads": int(getattr(text, "num_attention_heads", 0)),
-        "hidden_size": int(getattr(text, "hidden_size", 0)),
-        "head_dim": int(getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // max(1, getattr(text, "num_attention_heads", 1))),
-        "vocab_size": int(getattr(text, "vocab_size", 0)),
-    }
-    facts["config_hash"] = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
-    return facts
-
-
-def model_name(model, fallback: str = "") -> str:
-    name = str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "") or "")
-    return name.rstrip("/").split("/")[-1] if name else fallback
-
-
-def save_profile(path: str | Path, profile: Profile) -> Path:
-    from safetensors.torch import save_file
-
-    from harness.io import atomic_save
-
-    path = Path(path)
-    tensors = {"budgets": profile.budgets.float().contiguous(), "ratios": profile.ratios.float().contiguous()}
-    if profile.curves is not None:
-        tensors["curves"] = profile.curves.float().contiguous()
-    if profile.grid is not None:
-        tensors["grid"] = profile.grid.float().contiguous()
-    meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in profile.meta.items()}}
-    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # fsync'd, the user's umask
-    return path
-
-
-def _file_kind(path: Path) -> str:
-    """``npy`` (numpy's magic), ``pickle`` (a torch.save / pickle file: a zip archive or a pickle stream) or
-    ``safetensors`` (anything else: the safetensors reader judges it)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(NPY_MAGIC):
-        return "npy"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pickle"
-    return "safetensors"
-
-
-def load_lukv_table(path: str | Path) -> Profile:
-    """LU-KV's official budget table (a ``.npy`` file, read without pickle) as a ``Profile``.
-
-    The format, as kvpress's ``LUKVPress`` (kvpress/presses/lukv_press.py, NVIDIA/kvpress commit 520d418, 2026-07-02)
-    and LU-KV's ``evaluation/curve_data/step2_compute_curve.py`` (``np.save`` of the mean allocation over the
-    calibration questions) read and write it: one float array ``[99, n_layers, n_kv_heads]``; row ``i`` is the
-    global compression ratio ``(i + 1) / 100`` (kvpress picks row ``round(100 * compression_ratio) - 1``), and entry
-    ``[i, l, h]`` the fraction of layer ``l``'s tokens that KV head ``h`` *prunes* (each row's mean is the row's
-    compression ratio; the protected sinks and window are counted inside the kept share). No metadata: the
-    model is only checked by its number of layers and KV heads.
-
-    As a profile: keep ratios ``1 - (i + 1) / 100`` (0.01 .. 0.99), shares ``1 - table[i]``, ``scope=global``
-    (the table's layers trade budget). At those ratios the shares are the table's rows; between them the
-    ``lukv`` allocator interpolates linearly where kvpress takes the nearest row (kvpress runs compression
-    0.875 with the 0.88 row), and its total is the harness's exact count, where kvpress rounds each layer's
-    table total (at most a token per head apart).
-
-    ``np.load(..., allow_pickle=False)``: an object array (which needs pickle) is refused, never unpickled."""
-    import numpy as np
-
-    path = Path(path)
-    where = f"method.profile={str(path)!r}"
-    fmt = ("LU-KV's budget table: a .npy float array [99, n_layers, n_kv_heads] of per-head prune ratios, row i "
-           "for compression (i + 1) / 100")
-    try:
-        table = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise KvbenchError(f"{where} holds Python objects (it needs pickle, which kvbench never loads); give "
-                               f"{fmt}") from None
-        raise KvbenchError(f"{where} is not a readable .npy file ({err}); give {fmt}") from None
-    except (OSError, EOFError) as err:
-        raise KvbenchError(f"{where} is damaged or truncated ({err}); give {fmt}") from None
-    if not isinstance(table, np.ndarray) or table.ndim != 3 or table.shape[0] != 99 or 0 in table.shape:
-        shape = getattr(table, "shape", "?")
-        raise KvbenchError(f"{where} has shape {tuple(shape) if shape != '?' else shape}; {fmt}")
-    if not (np.issubdtype(table.dtype, np.floating) or np.issubdtype(table.dtype, np.integer)):
-        raise KvbenchError(f"{where} holds {table.dtype} values, not numbers; {fmt}")
-    prune = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
-    if not torch.isfinite(prune).all() or (prune < 0).any() or (prune > 1).any():
-        raise KvbenchError(f"{where} holds prune ratios outside [0, 1] (or non-finite); {fmt}")
-    n_layers, n_heads = int(prune.shape[1]), int(prune.shape[2])
-    keep = torch.tensor([1.0 - (i + 1) / 100 for i in range(99)], dtype=torch.float64)
-    order = keep.argsort()
-    meta = {"format": LUKV_TABLE_FORMAT, "table": path.name, "scope": "global", "n_layers": n_layers,
-            "n_kv_heads": n_heads, "ratios": "1 - (i + 1) / 100, i = 0 .. 98"}
-    return Profile((1.0 - prune)[order].float(), keep[order].float(), meta)
-
-
-def load_profile(path: str | Path) -> Profile:
-    """A profile file, checked: a missing, truncated or foreign file, missing or extra tensors, and tensors that
-    disagree in shape with each other or with the metadata are one-line ``KvbenchError``s naming the file.
-
-    Two formats, told apart by content: kvbench-profile's safetensors file, and LU-KV's own ``.npy`` budget
-    table (``load_lukv_table``). A pickle-based file (``torch.save``'s ``.pt``, a pickle) is refused: it is never
-    unpickled."""
-    from harness.paths import check_tensors, read_safetensors
-
-    path = Path(path)
-    where = f"method.profile={str(path)!r}"
-    remake = "make one with kvbench-profile model=<model> out=<file>"
-    if not path.is_file():
-        raise KvbenchError(f"{where} does not exist or is not a file; {remake}")
-    try:
-        kind = _file_kind(path)
-    except OSError as err:
-        raise KvbenchError(f"{where} cannot be read: {err.strerror or err}") from None
-    if kind == "npy":
-        return load_lukv_table(path)
-    if kind == "pickle":
-        raise KvbenchError(
-            f"{where} is a pickle-based file (torch.save / pickle), which kvbench never loads; give a kvbench-profile "
-            "safetensors file or LU-KV's .npy table (convert a tensor file yourself: read it with torch's "
-            "weights_only=True loader, then numpy.save the array as .npy)")
-    tensors, raw = read_safetensors(path, f"{where} is not a kvbench-profile file; {remake}")
-    if raw.get("format") != FORMAT:
-        raise KvbenchError(f"{where} is not a kvbench-profile file (format {raw.get('format')!r}); {remake}")
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            meta[k] = v
-    budgets, ratios, curves, grid = (tensors.get(k) for k in ("budgets", "ratios", "curves", "grid"))
-    if budgets is None or budgets.dim() != 3:
-        shape = "none" if budgets is None else str(tuple(budgets.shape))
-        raise KvbenchError(f"{where}: needs budgets [n_ratios, n_layers, n_kv_heads], has {shape}; {remake}")
-    n_layers, n_heads = budgets.shape[1:]
-    n_ratios = ratios.numel() if ratios is not None else budgets.shape[0]
-    n_grid = grid.numel() if grid is not None else curves.shape[-1] if curves is not None else None
-    check_tensors(tensors, {"budgets": (n_ratios, n_layers, n_heads), "ratios": (n_ratios,),
-                            "curves": (n_layers, n_heads, n_grid), "grid": (n_grid,)},
-                  where, f"the file is damaged; {remake}", optional=("curves", "grid"))
-    facts = {"n_layers": n_layers, "n_kv_heads": n_heads}
-    wrong = [f"{k}={meta[k]!r}" for k in facts if k in meta and meta[k] != facts[k]]
-    if wrong:
-        raise KvbenchError(f"{where}: its metadata says {', '.join(wrong)} but the budgets are for {n_layers} layers "
-                           f"x {n_heads} KV heads; the file is damaged, {remake}")
-    if not (torch.isfinite(ratios).all() and ((ratios > 0) & (ratios <= 1)).all()):
-        raise KvbenchError(f"{where}: ratios {ratios.tolist()} are not keep ratios in (0, 1]; {remake}")
-    if not (torch.isfinite(budgets).all() and (budgets >= 0).all()):
-        raise KvbenchError(f"{where}: budgets hold negative or non-finite shares; {remake}")
-    order = ratios.argsort()
-    return Profile(budgets[order], ratios[order], meta, curves, grid)
-
-
-def check_profile_model(profile: Profile, model, source: str = "method.profile") -> None:
-    """One-line ``KvbenchError`` when a profile was made for another model (architecture or name)."""
-    facts = model_fingerprint(model.config)
-    if (profile.n_layers, profile.n_kv_heads) != (facts["n_layers"], facts["n_kv_heads"]):
-        raise KvbenchError(
-            f"{source} was profiled for {profile.meta.get('model', '?')!r} with {profile.n_layers} layers x "
-            f"{profile.n_kv_heads} KV heads; this model has {facts['n_layers']} x {facts['n_kv_heads']}: run kvbench-profile for it"
-        )
-    want = profile.meta.get("config_hash")
-    if want and want != facts["config_hash"]:
-        raise KvbenchError(
-            f"{source} was profiled for another model ({profile.meta.get('model', '?')!r}, config {want}; this model's "
-            f"config is {facts['config_hash']}): run kvbench-profile for it"
-        )
-    name, theirs = model_name(model), profile.meta.get("model") or ""
-    if name and theirs and name != theirs:
-        raise KvbenchError(f"{source} was profiled for model {theirs!r}, not {name!r}: run kvbench-profile for it")
-
-
 def allocate_table(curves: Tensor, grid: list[float], ratios: list[float], scope: str) -> Tensor:
     """``[n_ratios, L, H]`` shares from averaged curves ``[L, H, K+1]``."""
     n_layers, n_heads = curves.shape[:2]
@@ -360,12 +122,9 @@ def allocate_table(curves: Tensor, grid: list[float], ratios: list[float], scope
 # Measuring the curves
 
 
-class _FutureCapture:
-    """A Scorer-like object for harness.attention.Hooks: during the forward of the future tokens on the full
+class _FutureCapture(Scorer):
+    """A scorer for harness.attention.Hooks that keeps nothing itself: during the forward of the future tokens on the full
     cache, turns each layer's future queries into per-entry utilities ``u [H_kv, T_ctx]``."""
-
-    shares_across_ratios = True
-    needs_hidden_states = False
 
     def __init__(self, n_ctx: int):
         self.n_ctx = n_ctx
@@ -376,10 +135,8 @@ class _FutureCapture:
         batch, n_q, q_len, d = q.shape
         n_kv, n_all = k.shape[1], k.shape[2]
         group = n_q // n_kv
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q.reshape(batch, n_kv, group, q_len, d), k) * inputs.scaling
-        q_pos = torch.arange(n_all - q_len, n_all, device=k.device)[:, None]
-        logits = logits.masked_fill(torch.arange(n_all, device=k.device)[None, :] > q_pos, float("-inf"))
-        mass = logits.softmax(dim=-1)[..., : self.n_ctx].sum(dim=3)  # [B, H_kv, G, T_ctx]
+        probs = attention_probs(q, k, inputs.scaling, n_all - q_len)  # [B, H_q, q_len, T], causal
+        mass = probs.reshape(batch, n_kv, group, q_len, n_all)[..., : self.n_ctx].sum(dim=3)  # [B, H_kv, G, T_ctx]
         w_o = inputs.module.o_proj.weight.float()  # [hidden, H_q * d]
         w_o = w_o.reshape(w_o.shape[0], n_kv, group, d)
         gram = torch.einsum("ohgd,ohge->hgde", w_o, w_o)  # W_o^(g)^T W_o^(g), [H_kv, G, d, d]
@@ -396,15 +153,13 @@ def grid_points(n_tokens: int, grid: list[float]) -> Tensor:
 
 def retained_curves(scores: list[Tensor], utility: dict[int, Tensor], method, grid: list[float]) -> Tensor:
     """``[L, H, K+1]`` utility kept at each grid budget, entries ranked by the method's protected scores."""
-    from harness.compress import protect
-
     out = []
     for layer, s in enumerate(scores):
         u = utility[layer]
         if s is None:  # a layer the scorer keeps whole: keeping more is all it can do; rank by position
             s = torch.arange(u.shape[-1], dtype=torch.float32).expand_as(u)
         s = s[0] if s.dim() == 3 else s
-        s = protect(s.float().cpu(), method.n_sink, method.n_recent)
+        s = method.selector.protect(s.float().cpu())
         order = s.argsort(dim=-1, descending=True, stable=True)
         cum = torch.cat([torch.zeros(u.shape[0], 1), u.gather(-1, order).double().cumsum(-1)], dim=-1)
         out.append(cum[:, grid_points(u.shape[-1], grid)])
@@ -503,7 +258,7 @@ def build_profile(model, method, prompts, ratios: list[float], grid_size: int, s
     grid = [i / grid_size for i in range(grid_size + 1)]
     curves = measure_curves(model, method, prompts, grid, normalize, seed)
     table = allocate_table(curves, grid, ratios, scope)
-    facts = model_fingerprint(model.config)
+    facts = model_identity(model)
     meta = {**meta, **facts, "scope": scope, "normalize": normalize, "ratios": ratios, "grid_size": grid_size,
             "n_calibration": len(prompts), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return Profile(table, torch.tensor(ratios), meta, curves.float(), torch.tensor(grid))
@@ -565,8 +320,7 @@ def run(argv: list[str]) -> Path:
         cfg = composer.compose(overrides)
     validate(cfg)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method_cfg["allocator"] = "uniform"  # only the scorer (and the selector's protected tokens) matter here
-    method_cfg = {k: v for k, v in method_cfg.items() if k not in ("profile", "alpha", "beta")}
+    method_cfg["allocator"] = {"name": "uniform"}  # only the scorer (and the selector's protected tokens) matter
     method = methods.build_method(method_cfg)
     if method.scorer is None:
         raise KvbenchError(f"method={cfg.method.name} has no scorer; profile a method that evicts (e.g. method=lukv)")

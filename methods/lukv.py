@@ -2,8 +2,8 @@
 arXiv:2602.08585): per-(layer, KV head) budgets from an offline utility profile (allocator ``lukv``).
 
 The profile (``kvbench-profile``, harness/profile.py: future-utility curves per head, concave envelope,
-greedy marginal allocation) stores, for a grid of keep ratios, the share of the context each (layer, KV head)
-keeps. At run time, for keep ratio ``r`` and ``T_l`` tokens in layer ``l``:
+greedy marginal allocation; the file format: harness/profiles.py) stores, for a grid of keep ratios, the share
+of the context each (layer, KV head) keeps. At run time, for keep ratio ``r`` and ``T_l`` tokens in layer ``l``:
 
 * shares are interpolated linearly between the two nearest profiled ratios (toward 1 at ratio 1);
 * ideal budgets ``share * T_l`` are rescaled to the exact total and rounded (largest remainders) with every
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from harness.compress import Allocator, n_keep, register_allocator
+from harness.compress import Allocator, n_keep, register_allocator, round_to_total
 from harness.errors import KvbenchError
 from harness.paths import find_input
-from harness.profile import Profile, check_profile_model, load_profile, round_to_total
+from harness.profiles import Profile, check_profile_model, load_profile
 
 
 def resolve_profile(path: str) -> Path:
@@ -61,24 +61,24 @@ class LUKVAllocator(Allocator):
         if not profile:
             raise KvbenchError(
                 "method.allocator=lukv needs a budget profile of this model: make one with "
-                "kvbench-profile model=<model> out=<file.safetensors>, then pass method.profile=<file.safetensors>"
+                "kvbench-profile model=<model> out=<file.safetensors>, then pass method.allocator.profile=<file.safetensors>"
             )
         self.path = resolve_profile(str(profile))
         self.profile = load_profile(self.path)
 
     def input_files(self) -> dict[str, Path]:
         """The files this part read (the runner fingerprints them so a run dir cannot mix two profiles)."""
-        return {"method.profile": self.path}
+        return {"method.allocator.profile": self.path}
 
     def bind_model(self, model) -> None:
         """Refuse a profile made for another model (one-line KvbenchError)."""
-        check_profile_model(self.profile, model, source=f"method.profile={str(self.path)!r}")
+        check_profile_model(self.profile, model, source=f"method.allocator.profile={str(self.path)!r}")
 
     def budgets(self, scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
         n_heads = scores[0].shape[-2]
         if (len(scores), n_heads) != (self.profile.n_layers, self.profile.n_kv_heads):
             raise KvbenchError(
-                f"method.profile={str(self.path)!r} was profiled for {self.profile.meta.get('model', '?')!r} with "
+                f"method.allocator.profile={str(self.path)!r} was profiled for {self.profile.meta.get('model', '?')!r} with "
                 f"{self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; this run scores "
                 f"{len(scores)} layers x {n_heads} KV heads: run kvbench-profile for this model"
             )

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import methods
-from harness.compress import LayerInputs, n_keep
+from harness.compress import LayerInputs, n_keep, round_to_total
 from harness.errors import KvbenchError
-from harness.profile import (Profile, concave_envelope, greedy_allocate, hull_segments, load_profile, main,
-                             round_to_total, save_profile)
+from harness.profile import concave_envelope, greedy_allocate, hull_segments, main
+from harness.profiles import Profile, load_profile, save_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,7 +172,7 @@ def test_lukv_profile_round_trip_and_budgets(tmp_path):
 
 
 def test_lukv_refuses_other_models_and_missing_profile(tmp_path, tiny_llama):
-    with pytest.raises(KvbenchError, match="method.profile="):
+    with pytest.raises(KvbenchError, match="method.allocator.profile="):
         method("lukv", profile=None)
     with pytest.raises(KvbenchError, match="does not exist"):
         allocator("lukv", profile=str(tmp_path / "nope.safetensors"))
@@ -189,12 +189,31 @@ def test_lukv_refuses_other_models_and_missing_profile(tmp_path, tiny_llama):
     other, _ = build_tiny("llama", num_hidden_layers=3)
     with pytest.raises(KvbenchError, match="3 x 2"):
         alloc.bind_model(other)
-    from harness.profile import model_fingerprint
+    from harness.models import model_identity
 
-    wide = dict(model_fingerprint(build_tiny("llama", hidden_size=128)[0].config))
+    wide = model_identity(build_tiny("llama", hidden_size=128)[0])
     alloc = allocator("lukv", profile=str(_profile(tmp_path, {"config_hash": wide["config_hash"]}, "w.safetensors")))
     with pytest.raises(KvbenchError, match="another model"):
         alloc.bind_model(tiny_llama[0])
+
+
+def test_profile_records_the_model_identity_and_refuses_other_weights(tmp_path):
+    from harness.models import build_tiny, model_identity
+    from methods.lukv import LUKVAllocator
+
+    model, _ = build_tiny("llama")
+    facts = model_identity(model)
+    alloc = LUKVAllocator(profile=str(_profile(tmp_path, facts)))
+    assert alloc.profile.meta["fingerprint"] == facts["fingerprint"]  # through the file and back
+    alloc.bind_model(model)
+    tuned, _ = build_tiny("llama")
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight.mul_(1.1)
+    with pytest.raises(KvbenchError, match="another model: weights fingerprint") as err:
+        alloc.bind_model(tuned)
+    assert "\n" not in str(err.value)
+    old = LUKVAllocator(profile=str(_profile(tmp_path, {"config_hash": facts["config_hash"]}, "old.safetensors")))
+    old.bind_model(tuned)  # a profile of an earlier version records no fingerprint: architecture and name only
 
 
 def test_profile_command_on_tiny_random(tmp_path, capsys):
@@ -205,7 +224,7 @@ def test_profile_command_on_tiny_random(tmp_path, capsys):
     prof = load_profile(out)
     assert prof.budgets.shape == (2, 2, 2) and prof.curves.shape == (2, 2, 21)
     assert prof.meta["task"] == "ruler/niah_single_1"  # calibrated on the task, not on random tokens
-    assert prof.meta["method"]["scorer"] == "expected_attention" and prof.meta["n_layers"] == 2
+    assert prof.meta["method"]["scorer"]["name"] == "expected_attention" and prof.meta["n_layers"] == 2
     # global scope: shares sum to ratio x L x H; each normalised layer curve ends at 1 (sum over heads)
     assert prof.budgets.sum(dim=(1, 2)).tolist() == pytest.approx([1.0, 2.0], abs=1e-5)
     assert prof.curves[..., -1].sum(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)

@@ -52,7 +52,7 @@ def assert_one_line_error(r, *needles):
         (["method=snapkv", "keep_ratio=[]"], ["keep_ratio=[]", "empty"]),
         (["method=snapkv", "keep_ratio=0.5", "context_length=20"], ["context_length=20", "too short"]),
         (["method=snapkv", "keep_ratio=0.5", "context_length=10000000"], ["context_length=10000000", "maximum"]),
-        (["model=hf", "model.path=someorg/some-model-not-cached"], ["hub id", "HF_HUB_OFFLINE=1", "model.path=/path"]),
+        (["model=hf", "model.path=someorg/some-model-not-cached"], ["hub id", "HF_HUB_OFFLINE=1", "model.path=<the checkpoint dir>"]),
         (["model=hf", "model.path=/nonexistent/dir"], ["does not exist"]),
     ],
 )
@@ -69,7 +69,7 @@ def bad_inputs(tmp_path_factory):
     """A LongBench file with a malformed line 2, and a LU-KV profile made for a 3-layer model."""
     import torch
 
-    from harness.profile import Profile, save_profile
+    from harness.profiles import Profile, save_profile
 
     d = tmp_path_factory.mktemp("bad")
     lines = (ROOT / "tests/fixtures/longbench/trec.jsonl").read_text().splitlines()
@@ -84,8 +84,8 @@ def bad_inputs(tmp_path_factory):
     [
         (["task=longbench/trec", "task.data_dir={bad}", "method=snapkv"], ["trec.jsonl:2", "malformed"]),
         (["task=ruler/qa_1", "method=snapkv"], ["ruler/qa_1", "dev-v2.0.json", "task.data_dir"]),
-        (["method=lkv"], ["method.checkpoint", "trained for model reference", "kvbench-train"]),
-        (["method=lukv", "method.profile={bad}/other.safetensors"], ["method.profile", "3 layers", "kvbench-profile"]),
+        (["method=lkv"], ["method.scorer.checkpoint", "trained for model reference", "kvbench-train"]),
+        (["method=lukv", "method.allocator.profile={bad}/other.safetensors"], ["method.allocator.profile", "3 layers", "kvbench-profile"]),
     ],
 )
 def test_bad_data_checkpoint_profile_one_line_and_dir_unchanged(existing_run, bad_inputs, args, needles):

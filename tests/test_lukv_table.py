@@ -39,7 +39,7 @@ def kvpress_keep_counts(table: np.ndarray, compression_ratio: float, layer: int,
 
 
 def test_table_loads_as_a_profile(tmp_path):
-    from harness.profile import LUKV_TABLE_FORMAT, load_profile
+    from harness.profiles import LUKV_TABLE_FORMAT, load_profile
 
     table = lukv_table()
     np.save(tmp_path / "curve.npy", table)
@@ -54,7 +54,7 @@ def test_table_loads_as_a_profile(tmp_path):
 
 def test_official_budgets_match_kvpress_counts(tmp_path):
     """Where the table's counts are whole numbers, the lukv allocator's budgets are kvpress's LUKVPress counts."""
-    from harness.profile import load_profile
+    from harness.profiles import load_profile
     from methods.lukv import LUKVAllocator, lukv_budgets
 
     table = lukv_table(n_layers=3, n_heads=4)
@@ -88,7 +88,7 @@ def test_table_for_another_model_is_refused(tmp_path):
     (np.array([[["a"] * 2] * 2] * 99), "not numbers"),
 ])
 def test_bad_tables_are_refused(tmp_path, array, needle):
-    from harness.profile import load_profile
+    from harness.profiles import load_profile
 
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(KvbenchError) as err:
@@ -98,7 +98,7 @@ def test_bad_tables_are_refused(tmp_path, array, needle):
 
 def test_pickle_is_never_loaded(tmp_path):
     """An object array (needs pickle), a torch.save .pt and a raw pickle are refused without being unpickled."""
-    from harness.profile import load_profile
+    from harness.profiles import load_profile
 
     class Boom:
         def __reduce__(self):
