@@ -165,7 +165,7 @@ def group_dirs() -> list[str]:
 # ------------------------------------------------------------------------------------------- the config tree
 @dataclass
 class Key:
-    path: str                     # keep_ratio, method.window, data.tasks
+    path: str                     # keep_ratio, method.scorer.window, data.tasks
     values: list                  # every value it takes in the tree
     host: list[str] = field(default_factory=list)  # overrides that select a config where it exists
     command: str = "kvbench"
@@ -476,9 +476,9 @@ def input_file_cases() -> Iterator[Case]:
                           ["config.json", "model.safetensors", "tokenizer.json"], ref + ["model.path={tmp}/model"])
     for method in ("lkv", "spkv"):
         yield from dir_family(f"file/{method}", REFERENCE / method, method, ["config.json", "params.safetensors"],
-                              ref + [f"method={method}", f"method.checkpoint={{tmp}}/{method}"])
+                              ref + [f"method={method}", f"method.scorer.checkpoint={{tmp}}/{method}"])
     yield from file_family("file/lukv-profile", (REFERENCE / "lukv_profile.safetensors").read_bytes(),
-                           "profile.safetensors", ref + ["method=lukv", "method.profile={tmp}/profile.safetensors"])
+                           "profile.safetensors", ref + ["method=lukv", "method.allocator.profile={tmp}/profile.safetensors"])
     yield from file_family("file/longbench", (REPO / "tests/fixtures/longbench/qasper.jsonl").read_bytes(),
                            "data/qasper.jsonl", merge(FAST, ["task=longbench/qasper", "task.data_dir={tmp}/data"]))
     essays = json.dumps({"text": (REPO / "tasks/ruler/data/fallback_essays.txt").read_text()}).encode()

@@ -16,23 +16,19 @@ passed by the decode loop, so RoPE stays right whatever was evicted.
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from harness.cache import RaggedKV
+from harness.cache import RaggedKV, bottom_right_causal
 from harness.compress import LayerInputs, Scorer
 
 ATTN_NAME = "kvbench"
-
-
-def bottom_right_causal(q_len: int, kv_len: int, device) -> Tensor:
-    """``[1, 1, q_len, kv_len]`` bool mask: query i sees keys ``j <= kv_len - q_len + i``."""
-    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
 
 
 def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: float) -> Tensor:
@@ -43,10 +39,7 @@ def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: f
     outs = []
     for h, (k, v) in enumerate(zip(keys.heads, values.heads)):
         kv_len = k.shape[-2]
-        if keys.masks is not None:
-            mask = keys.masks[h][None, None]
-        else:
-            mask = None if q_len == 1 else bottom_right_causal(q_len, kv_len, query.device)
+        mask = keys.head_mask(h, q_len)
         q = query[:, h * group : (h + 1) * group]
         outs.append(
             torch.nn.functional.scaled_dot_product_attention(
@@ -56,23 +49,47 @@ def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: f
     return torch.cat(outs, dim=1).transpose(1, 2).contiguous()
 
 
+# Per attention module: the run's Hooks (set by ``install``) and a method's mask function (``attention_masks``).
+# Kept here, keyed weakly by module, rather than as attributes written onto transformers' modules.
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, Hooks]" = weakref.WeakKeyDictionary()
+_MASKS: "weakref.WeakKeyDictionary[nn.Module, MaskFn]" = weakref.WeakKeyDictionary()
+# ``fn(module, query, key)`` -> a bool mask (True = attend) or an additive float bias broadcastable to
+# ``[B, H_q, q_len, kv_len]``, causality included; None = the default mask.
+MaskFn = Callable[[nn.Module, Tensor, Tensor], "Tensor | None"]
+
+
+@contextmanager
+def attention_masks(modules: list[nn.Module], fn: MaskFn) -> Iterator[None]:
+    """Attention of ``modules`` uses ``fn``'s mask or bias for the duration (SP-KV's gates, LKV's training
+    bias); the previous mask functions come back afterwards."""
+    previous = {m: _MASKS.get(m) for m in modules}
+    for m in modules:
+        _MASKS[m] = fn
+    try:
+        yield
+    finally:
+        for m, old in previous.items():
+            if old is None:
+                _MASKS.pop(m, None)
+            else:
+                _MASKS[m] = old
+
+
 def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, kv_len = query.shape[2], key.shape[2]
-    # A method may set its own mask or additive bias on the module (bool: True = attend; float: added to the
-    # logits; causality included), e.g. SP-KV's gates or LKV's training bias. Otherwise: plain prefill and
+    # A method may set its own mask or additive bias (``attention_masks``). Otherwise: plain prefill and
     # one-token decoding get mask None, exactly what stock sdpa gets (bit-identical outputs), and a multi-token
     # step on a cache gets the bottom-right causal mask.
-    mask_fn = getattr(module, "_kvbench_mask_fn", None)
+    mask_fn = _MASKS.get(module)
     mask = mask_fn(module, query, key) if mask_fn is not None else None
     rows = None
-    hooks = getattr(module, "_kvbench_hooks", None)
+    hooks = _HOOKS.get(module)
     if hooks is not None and hooks.scorer is not None:
         # Scoring first: it reads only queries and keys, and may tell us which rows' outputs are still needed.
         hooks.on_prefill_attention(module, query, key, value)
-        query_rows = getattr(hooks.scorer, "query_rows", None)  # duck-typed scorers (profiling) may lack it
-        rows = query_rows(module.layer_idx) if query_rows is not None else None
+        rows = hooks.scorer.query_rows(module.layer_idx)
     if rows is not None and mask is None and q_len == kv_len:
         return rows_attention(module, query, key, value, rows, dropout, scaling, **kwargs), None
     if mask is None and q_len != 1 and q_len != kv_len:
@@ -171,11 +188,10 @@ def install(model: nn.Module) -> Iterator[Hooks]:
     hooks = Hooks(model)
     model.set_attn_implementation(ATTN_NAME)
     for m in hooks.modules:
-        m._kvbench_hooks = hooks
+        _HOOKS[m] = hooks
     try:
         yield hooks
     finally:
         for m in hooks.modules:
-            if hasattr(m, "_kvbench_hooks"):
-                del m._kvbench_hooks
+            _HOOKS.pop(m, None)
         model.set_attn_implementation(previous)

@@ -15,18 +15,28 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 
+def bottom_right_causal(q_len: int, kv_len: int, device) -> Tensor:
+    """``[1, 1, q_len, kv_len]`` bool mask: query i sees keys ``j <= kv_len - q_len + i``."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+
+
 @dataclass
 class RaggedKV:
     """Per-head key (or value) tensors of one layer, each ``[B, 1, T_h, D]``; handed to the attention function."""
 
     heads: list[Tensor]
-    # Per-head ``[q_len, T_h]`` bool masks (True = attend) for a multi-token step, when the layer's own rule
-    # (e.g. SP-KV's gates) decides visibility; None = plain bottom-right causal.
-    masks: list[Tensor] | None = None
 
     @property
     def lengths(self) -> list[int]:
         return [h.shape[-2] for h in self.heads]
+
+    def head_mask(self, head: int, q_len: int) -> Tensor | None:
+        """The mask of ``q_len`` new queries over head ``head``'s entries (bool, True = attend): None for one
+        query, else bottom-right causal. A cache layer with its own visibility rule (SP-KV's gates) hands the
+        attention a subclass that overrides this."""
+        if q_len == 1:
+            return None
+        return bottom_right_causal(q_len, self.heads[head].shape[-2], self.heads[head].device)
 
 
 class RaggedLayer(CacheLayerMixin):

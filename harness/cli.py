@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import KvbenchError
-from harness.overrides import PASS_THROUGH, Composer, expand_jobs, is_multirun, split_argv
+from harness.overrides import PASS_THROUGH, Composer, aliases, expand_jobs, is_multirun, split_argv
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "paper", "paper_model")
@@ -64,25 +64,28 @@ def group_options(group: str) -> list[str]:
     root = CONF_DIR / group
     if not root.is_dir():
         return []
-    return sorted(
-        str(p.relative_to(root).with_suffix(""))
-        for p in root.rglob("*.yaml")
-        if not p.name.startswith("_")
-    )
+    # conf/method/{scorer,allocator}/ are the parts' own groups (method/scorer=...), not methods
+    files = root.glob("*.yaml") if group == "method" else root.rglob("*.yaml")
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in files if not p.name.startswith("_"))
+
+
+PART_GROUPS = ("method/scorer", "method/allocator")  # a method's parts (method.scorer=<name> is the same)
 
 
 def check_group_overrides(argv: list[str]) -> None:
     for arg in argv:
-        m = re.fullmatch(rf"\+{{0,2}}({'|'.join(GROUPS)})=(.*)", arg)
+        m = re.fullmatch(rf"\+{{0,2}}({'|'.join(PART_GROUPS + GROUPS)})=(.*)", arg)
         if not m:
             continue
         group, value = m.groups()
         if "(" in value or not value:  # Hydra sweep functions: let Hydra expand them
             continue
         allowed = group_options(group)
+        key = group.replace("/", ".") if group in PART_GROUPS else group
         for choice in value.split(","):
             if choice not in allowed:
-                raise KvbenchError(f"{group}={choice!r} is not known; allowed: {_shown(choice, allowed)}")
+                typed = choice.strip("'\"") if choice[:1] in "'\"" and choice[-1:] == choice[:1] else choice
+                raise KvbenchError(f"{key}={typed!r} is not known; allowed: {_shown(typed, allowed)}")
 
 
 def _shown(choice: str, allowed: list[str]) -> str:
@@ -208,7 +211,7 @@ def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
 def hydra_command(prog: str, config_name: str, app, check, argv: list[str] | None, done=lambda: "") -> None:
     """The entry of a Hydra command (kvbench, kvbench-train): overrides checked first, then Hydra runs ``app``;
     interrupts and bad input end it with one line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = aliases(sys.argv[1:] if argv is None else list(argv))  # method.allocator=adakv -> method/allocator=adakv
     sys.argv = [sys.argv[0], *argv]  # hydra.main reads sys.argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

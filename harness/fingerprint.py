@@ -49,15 +49,14 @@ def path_digest(path: Path) -> str:
 
 
 def run_inputs(model: Any, parts) -> dict[str, str]:
-    """``{"model": digest, "method.checkpoint": digest, ...}`` for the files this run reads: the model's
+    """``{"model": digest, "method.scorer.checkpoint": digest, ...}`` for the files this run reads: the model's
     directory (a model built from a config, such as tiny-random, has none: its seed is in the config) and what
     each method part (scorer, allocator) reports through ``input_files()`` - the paths it resolved and loaded."""
     out = {}
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if source and Path(source).exists():
         out["model"] = path_digest(Path(source))
-    for part in parts:
-        files = getattr(part, "input_files", None)
-        for key, path in (files() if files is not None else {}).items():
+    for part in (p for p in parts if p is not None):
+        for key, path in part.input_files().items():
             out[key] = path_digest(Path(path))
     return out

@@ -23,6 +23,21 @@ MULTIRUN_FLAGS = {"-m", "--multirun"}
 MAX_JOBS = 10_000
 
 
+# ``method.scorer=<name>`` / ``method.allocator=<name>`` pick a part by name, as before method configs were
+# nested: they mean Hydra's group override ``method/scorer=<name>`` (the part's config with its own defaults).
+PART_GROUPS = ("method.scorer", "method.allocator")
+_PART_ALIAS = re.compile(rf"^({'|'.join(re.escape(k) for k in PART_GROUPS)})=(?![{{\[])(.*)$")
+
+
+def aliases(overrides: list[str]) -> list[str]:
+    """Overrides with the documented short spellings rewritten into what Hydra composes."""
+    out = []
+    for override in overrides:
+        m = _PART_ALIAS.match(override)
+        out.append(f"{m.group(1).replace('.', '/')}={m.group(2)}" if m and m.group(2) else override)
+    return out
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """``(overrides, flags)``: the key=value arguments, and Hydra's flags with their values."""
     overrides, flags = [], []
@@ -96,19 +111,27 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str, base) -> KvbenchError:
-    """``key`` is not in the composed config: name the closest valid key of the same node."""
+    """``key`` is not in the composed config: name the closest valid key of the same node (or a key of the same
+    name one level down: ``method.window`` -> ``method.scorer.window``)."""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
+    leaf = key.rsplit(".", 1)[-1]
     keys = [k for k in _keys(base) if not k.startswith("hydra")]
     siblings = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    near = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(key, keys, n=1)
+    below = [k for k in keys if k.startswith(f"{parent}.") and k.count(".") == key.count(".") + 1
+             and k.endswith(f".{leaf}")] if parent else []
+    near = below[:1] or difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(key, keys, n=1)
     where = f"{parent} ({_choice(base, parent)})" if parent else "the config"
     hint = f"; did you mean {near[0]}?" if near else ""
     shown = ", ".join(k.rsplit(".", 1)[-1] for k in siblings[:40])
+    if parent.startswith("method"):  # a method's keys and its parts' parameters are fixed by their classes
+        return KvbenchError(f"{key} is not a key of {where}{hint} (keys: {shown})")
     return KvbenchError(f"{key} is not a key of {where}{hint} (keys: {shown}; add a new key with +{key}=...)")
 
 
 def _choice(base, parent: str) -> str:
-    node = base.get(parent.split(".")[0]) if base is not None else None
+    node = base
+    for part in parent.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
     name = node.get("name") if hasattr(node, "get") else None
     return f"{parent}={name}" if name else parent
 
@@ -144,6 +167,7 @@ class Composer:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
+        overrides = aliases(overrides)
         try:
             return self._compose(overrides)
         except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:  # Hydra raises all four

@@ -175,19 +175,49 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
                 raise KvbenchError(f"--models {','.join(unknown)}: not in paper {name}; allowed: "
                                    f"{', '.join(m['label'] for m in model_entries)}")
             model_entries = [m for m in model_entries if m["label"] in models]
+    # A user's override of a method part's key (method.allocator.profile=...) goes to the jobs whose method
+    # has that key (lukv's profile, not snapkv's), since a part's keys are fixed by its class.
+    part_keys = [o for o in rest if _key(o).startswith(("method.scorer.", "method.allocator."))]
+    carried: set[str] = set()
     jobs = []
     for model in model_entries:
         for m in grid["methods"]:
+            own = _method_keys(m["method"], list(m.get("overrides") or []))
+            for o in part_keys:
+                if _key(o) in own:
+                    carried.add(o)
+            mine = [o for o in rest if o not in part_keys or _key(o) in own]
             for task_list, contexts, task_overrides in task_groups(grid):
                 base = [f"paper={name}", f"method={m['method']}"] + list(m.get("overrides") or [])
                 sweep = [f"task={','.join(task_list)}", f"context_length={','.join(str(c) for c in contexts)}",
                          *task_overrides]
                 fixed = [f"keep_ratio={_fmt_list(m['keep_ratio'])}"] if m.get("keep_ratio") else []
                 # the method's own keep ratios (full: 1.0) win over the user's; everything else the user sets wins
-                job = _merge(base, sweep, list(model.get("overrides") or []), rest, fixed)
+                job = _merge(base, sweep, list(model.get("overrides") or []), mine, fixed)
                 jobs.append({"model": model["label"], "label": m["label"], "overrides": job,
                              "sweep_dir": str(Path(out_root) / name / model["label"])})
+    unused = [o for o in part_keys if o not in carried]
+    if unused:
+        raise KvbenchError(f"{unused[0]}: no method of paper {name} has the key {_key(unused[0])}")
     return paper, jobs
+
+
+def _method_keys(method: str, overrides: list[str]) -> set[str]:
+    """The dotted keys (``method.allocator.profile``, ...) of a method config with a job's overrides."""
+    import methods as registry
+
+    method_overrides = [o.split(".", 1)[1] for o in overrides if _key(o).startswith("method.")]
+    cfg = registry.config(method, *method_overrides)
+    keys: set[str] = set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            keys.add(f"{prefix}.{k}")
+            if isinstance(v, dict):
+                walk(v, f"{prefix}.{k}")
+
+    walk(cfg, "method")
+    return keys
 
 
 def preflight(jobs: list[dict], dry_run: bool = False) -> None:

@@ -181,13 +181,13 @@ def check_protected(method, settings: RunSettings) -> None:
     ratio (its scores never matter), which is a wrong config, not a result."""
     from harness.compress import n_keep
 
-    protected = method.n_sink + method.n_recent
+    protected = method.selector.protected
     budgets = [n_keep(settings.context_length, r, method.budget_rule) for r in settings.keep_ratio if r < 1.0]
     if method.compresses and budgets and protected >= max(budgets):
         raise KvbenchError(
-            f"method.n_sink + method.n_recent = {protected} protected tokens is at least every budget of this run "
-            f"(at most {max(budgets)} tokens at context_length={settings.context_length}); lower method.n_recent / "
-            "method.n_sink or raise keep_ratio / context_length"
+            f"method.selector.n_sink + method.selector.n_recent = {protected} protected tokens is at least every "
+            f"budget of this run (at most {max(budgets)} tokens at context_length={settings.context_length}); lower "
+            "method.selector.n_recent / method.selector.n_sink or raise keep_ratio / context_length"
         )
 
 
@@ -204,10 +204,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     ratios = settings.keep_ratio
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(cfg.model)
-    for part in (method.scorer, method.allocator):  # a checkpoint or profile made for another model is refused
-        bind = getattr(part, "bind_model", None)
-        if bind is not None:
-            bind(model)
+    method.bind_model(model)  # a checkpoint or profile made for another model is refused
     chat = settings.model.chat and getattr(tokenizer, "chat_template", None) is not None
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     loaded = []
@@ -225,7 +222,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
                 )
         loaded.append((name, task, encoder, samples))
     check_protected(method, settings)
-    prepare_dir(out_dir, cfg, run_inputs(model, (method.scorer, method.allocator)), settings, method)
+    prepare_dir(out_dir, cfg, run_inputs(model, method.parts), settings, method)
     store = RowStore(out_dir / "predictions.jsonl")
     label = model_label(cfg.model)
     if not method.shares_across_ratios and len(ratios) > 1:

@@ -4,6 +4,8 @@ into a ``harness.compress.Method``. Adding a method = adding one file here and o
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import importlib
 import inspect
 import pkgutil
@@ -14,14 +16,18 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method
+from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method, Selector
 from harness.errors import KvbenchError
-from harness.schema import STRICT, Fraction, NonNegative, check_params, plain, to_error
+from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
 
-# Keys of a method config read by the harness itself; the rest are scorer or allocator parameters.
-COMMON_KEYS = {"name", "label", "scorer", "allocator", "n_sink", "n_recent", "recent_share", "preset", "budget_rule"}
-# Allocator parameters every method config carries (so any method takes any allocator); unused ones are fine.
-SHARED_KEYS = {"alpha", "beta", "profile"}
+# A method config (conf/method/<name>.yaml) is nested by part; each part receives only its own keys:
+#   name, label, preset, budget_rule      the method's own keys
+#   scorer:    {name: <registered scorer>, <its parameters>}     (absent or null: nothing is evicted)
+#   allocator: {name: <registered allocator>, <its parameters>}  (absent or null: uniform)
+#   selector:  {n_sink, n_recent, recent_share}                  (harness.compress.Selector)
+# A part's parameters are its class's ``__init__`` keywords (conf/method/{scorer,allocator}/<name>.yaml list
+# them with the class's defaults). A part may be given by name alone (``scorer: snapkv``): class defaults.
+PART_KINDS = {"scorer": SCORERS, "allocator": ALLOCATORS}
 _loaded = False
 
 
@@ -35,90 +41,191 @@ def load_all() -> None:
     _loaded = True
 
 
-def _accepted(cls) -> set[str]:
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")}
+def parameters(cls: type) -> list[str]:
+    """The parameters of a scorer or allocator class (its ``__init__`` keywords), in signature order."""
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+class SelectorKeys(BaseModel):
+    model_config = STRICT
+    n_sink: NonNegative = 0
+    n_recent: NonNegative = 0
+    recent_share: Fraction = 0.0
 
 
 class MethodKeys(BaseModel):
-    """The keys of a method config that the harness reads itself (the selector's and the composition's)."""
-    model_config = {**STRICT, "extra": "ignore"}
+    """The method-level keys of a method config (the parts are checked against their own classes)."""
+    model_config = STRICT
     name: Annotated[str, Field(min_length=1)]
     label: Annotated[str, Field(min_length=1)] | None = None
-    scorer: Annotated[str, Field(min_length=1)] | None = None
-    allocator: Annotated[str, Field(min_length=1)] | None = None
     preset: str | None = None
-    n_sink: NonNegative | None = 0
-    n_recent: NonNegative | None = 0
-    recent_share: Fraction | None = 0.0
     # how ratios become counts (harness.compress.BudgetRule): null = floor; every kvpress preset sets kvpress
     budget_rule: BudgetRule | None = None
+    scorer: Any = None
+    allocator: Any = None
+    selector: Any = None
 
 
-def _construct(kind: str, registry: dict, name: str, params: dict[str, Any], checked: dict[str, Any]):
-    """The part ``name`` built from its own keys of ``params``; their checked values are added to ``checked``."""
+def _unknown(where: str, key: str, allowed: list[str], hint: str = "") -> KvbenchError:
+    near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    guess = f"; did you mean {near[0]}?" if near else hint
+    shown = ", ".join(allowed) if allowed else "none"
+    return KvbenchError(f"{where}.{key} is not a key of {where.rsplit('.', 1)[-1] if '.' in where else where}"
+                        f"{guess} (keys: {shown})")
+
+
+def _part_config(kind: str, node: Any) -> dict[str, Any] | None:
+    """A part's config as a dict ``{name, ...}`` (a bare name is ``{name: <it>}``); None for no part."""
+    if node is None:
+        return None
+    if isinstance(node, str):
+        node = {"name": node}
+    if not isinstance(node, dict):
+        raise KvbenchError(f"method.{kind} must be a {kind} name or a config node (name: ..., parameters); "
+                           f"got {node!r}")
+    name = node.get("name")
+    registry = PART_KINDS[kind]
+    if name is None and kind == "scorer":
+        if len(node) > 1:
+            raise KvbenchError(f"method.scorer has parameters but no name; allowed: {', '.join(sorted(registry))}")
+        return None
     if not isinstance(name, str) or name not in registry:
-        raise KvbenchError(f"method.{kind}={name!r} is not known; allowed: {', '.join(sorted(registry))}")
-    cls = registry[name]
-    # Each value is checked (type and range) against the class's annotated signature before it is built.
-    own = check_params("method", cls, {k: v for k, v in params.items() if k in _accepted(cls)})
-    checked.update(own)
-    return cls(**own)
+        raise KvbenchError(f"method.{kind}.name={name!r} is not known; allowed: {', '.join(sorted(registry))}")
+    return dict(node)
+
+
+def _with_preset(cfg: Any) -> tuple[dict, dict]:
+    """``(as configured, as run)``: the config resolved, and with its ``preset``'s values merged in before the
+    interpolations resolve (pyramidkv's ``allocator.window: ${..scorer.window}`` follows a preset's window)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    unresolved = OmegaConf.to_container(node, resolve=False)
+    # dropped before resolving: an interpolation of a dropped key (lkv's allocator.checkpoint) goes too
+    node = OmegaConf.create(_drop_stale(copy.deepcopy(unresolved), unresolved))
+    configured = OmegaConf.to_container(node, resolve=True)
+    preset = configured.get("preset")
+    if not preset:
+        return configured, configured
+    scorer = _part_config("scorer", configured.get("scorer"))
+    presets = SCORERS[scorer["name"]].PRESETS if scorer else {}
+    if preset not in presets:
+        allowed = ", ".join(sorted(presets)) or "none for this method"
+        raise KvbenchError(f"method.preset={preset!r} is not known for {configured.get('name')}; allowed: {allowed}")
+    unresolved = OmegaConf.to_container(node, resolve=False)
+    for kind in ("scorer", "allocator"):  # a part given by name alone becomes a node the preset can fill
+        if isinstance(unresolved.get(kind), str):
+            unresolved[kind] = {"name": unresolved[kind]}
+    merged = OmegaConf.merge(OmegaConf.create(unresolved), OmegaConf.create(presets[preset]))
+    return configured, OmegaConf.to_container(merged, resolve=True)
+
+
+def _checked(cfg: dict) -> dict:
+    """Every key of a resolved method config checked (type, range, which part it belongs to): the config in
+    its checked spellings (``use_vnorm: no`` -> false), parts as ``{name, ...}`` nodes."""
+    for key in cfg:
+        if key not in MethodKeys.model_fields:
+            part = next((k for k, reg in PART_KINDS.items() for cls in reg.values() if key in parameters(cls)), None)
+            hint = f"; did you mean method.{part}.{key}?" if part else ""
+            if key in SelectorKeys.model_fields:
+                hint = f"; did you mean method.selector.{key}?"
+            raise _unknown("method", key, list(MethodKeys.model_fields), hint)
+    try:
+        keys = MethodKeys.model_validate(cfg)
+    except ValidationError as err:
+        raise to_error(err, cfg, prefix="method") from None
+    selector = cfg.get("selector") or {}
+    if not isinstance(selector, dict):
+        raise KvbenchError(f"method.selector must be a config node (n_sink, n_recent, recent_share); got {selector!r}")
+    for key in selector:
+        if key not in SelectorKeys.model_fields:
+            raise _unknown("method.selector", key, list(SelectorKeys.model_fields))
+    try:
+        selector = SelectorKeys.model_validate(selector).model_dump()
+    except ValidationError as err:
+        raise to_error(err, selector, prefix="method.selector") from None
+    out = {**cfg, **{k: v for k, v in keys.model_dump().items() if k in cfg}, "selector": selector}
+    for kind in PART_KINDS:
+        node = _part_config(kind, cfg.get(kind))
+        if node is not None:
+            cls = PART_KINDS[kind][node["name"]]
+            params = {k: v for k, v in node.items() if k != "name"}
+            allowed = parameters(cls)
+            for key in params:
+                if not allowed:
+                    raise KvbenchError(f"method.{kind}.{key}: {kind} {node['name']!r} takes no parameters")
+                if key not in allowed:
+                    raise _unknown(f"method.{kind}", key, allowed)
+            # each value checked against the class's annotated signature before anything is built
+            out[kind] = {"name": node["name"], **check_params(f"method.{kind}", cls, params)}
+        elif kind in cfg:
+            out[kind] = None
+    return out
+
+
+def _file_parts(name: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """A method config file's own part choices (its defaults list) and the part values it sets itself."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        return {}, {}
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    choices = {k: v for entry in raw.get("defaults") or [] if isinstance(entry, dict) for k, v in entry.items()}
+    return choices, {kind: raw.get(kind) or {} for kind in PART_KINDS}
+
+
+def _drop_stale(configured: dict, unresolved: dict) -> dict:
+    """A part swapped on the command line (``method=lkv method.allocator=uniform``) starts from its own defaults:
+    the values the method file set for the part it chose (lkv's ``min_budget``) are dropped where the new part
+    does not take them, unless they were changed (a typed value for the wrong part is still an error)."""
+    choices, own = _file_parts(configured.get("name"))
+    for kind, values in own.items():
+        node = configured.get(kind)
+        if not isinstance(node, dict) or choices.get(kind) in (None, node.get("name")):
+            continue
+        allowed = parameters(PART_KINDS[kind][node["name"]]) if node.get("name") in PART_KINDS[kind] else []
+        raw = unresolved.get(kind) or {}
+        for key, value in values.items():
+            if key in node and key not in allowed and raw.get(key) == value:
+                del node[key]
+                for other in PART_KINDS:  # a part that followed the dropped value keeps it (lkv's allocator)
+                    peer = configured.get(other)
+                    if isinstance(peer, dict) and peer.get(key) == f"${{..{kind}.{key}}}":
+                        peer[key] = value
+    return configured
 
 
 def build_method(cfg) -> Method:
-    """A ``Method`` from a method config (a dict or an OmegaConf node)."""
+    """A ``Method`` from a method config (a dict or an OmegaConf node; see the layout above)."""
     load_all()
-    cfg = plain(cfg)
-    if not isinstance(cfg, dict):
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, (dict, DictConfig)):
         raise KvbenchError("method= must be a config node (key: value)")
-    cfg = dict(cfg)  # presets update it: never the caller's dict
     try:
-        MethodKeys.model_validate(cfg)
-    except ValidationError as err:
-        raise to_error(err, cfg, prefix="method") from None
-    scorer_name = cfg.get("scorer")
-    allocator_name = cfg.get("allocator") or "uniform"
-    if scorer_name and scorer_name not in SCORERS:
-        raise KvbenchError(f"method.scorer={scorer_name!r} is not known; allowed: {', '.join(sorted(SCORERS))}")
-    preset = cfg.get("preset")
-    if preset:  # a preset sets its parameters (scorer's, selector's, budget_rule) over the yaml's
-        presets = SCORERS[scorer_name].PRESETS if scorer_name else {}
-        if preset not in presets:
-            allowed = ", ".join(sorted(presets)) or "none for this method"
-            raise KvbenchError(f"method.preset={preset!r} is not known for {cfg['name']}; allowed: {allowed}")
-        cfg.update(presets[preset])
-    params = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
-    # A scorer that protects sinks itself (ExpectedAttention's statistics skip them) gets the selector's n_sink.
-    scorer_params = {**params, "n_sink": int(cfg.get("n_sink") or 0)} if "n_sink" in cfg else params
-    checked: dict[str, Any] = {}
-    scorer = _construct("scorer", SCORERS, scorer_name, scorer_params, checked) if scorer_name else None
-    allocator = _construct("allocator", ALLOCATORS, allocator_name, params, checked)
-    used = set().union(*(_accepted(type(obj)) for obj in (scorer, allocator) if obj is not None))
-    # A parameter of an allocator this method does not use (AdaKV's alpha, LKV's min_budget with uniform budgets)
-    # may sit in its config: it is checked against its owner, not refused.
-    scorer_keys = set().union(*(_accepted(cls) for cls in SCORERS.values()))
-    spare = (set(params) - used) & (SHARED_KEYS | set().union(*(_accepted(cls) for cls in ALLOCATORS.values())))
-    spare -= scorer_keys - SHARED_KEYS  # a scorer's key (window, ...) given to another scorer is still an error
-    unknown = sorted(set(params) - used - spare)
-    if unknown:
-        raise KvbenchError(
-            f"method.{unknown[0]} is not a parameter of scorer {scorer_name!r} or allocator {allocator_name!r}"
-        )
-    for key in sorted(spare):  # unused here, but a bad value is still refused
-        owner = next(cls for cls in ALLOCATORS.values() if key in _accepted(cls))
-        checked.update(check_params("method", owner, {key: params[key]}))
-    label = cfg.get("label") or cfg["name"]
-    if not cfg.get("label") and allocator_name != "uniform" and scorer is not None:
-        label = f"{cfg['name']}+{allocator_name}"
+        configured, run_cfg = _with_preset(cfg)
+    except KvbenchError:
+        raise
+    except Exception as err:  # an interpolation that cannot resolve, a value OmegaConf cannot hold
+        raise KvbenchError(f"method: {str(err).splitlines()[0]}") from None
+    recorded = _checked(configured)  # what the run dir records: the preset by name, not its values
+    run_cfg = recorded if run_cfg is configured else _checked(run_cfg)
+    scorer_cfg, allocator_cfg = run_cfg.get("scorer"), run_cfg.get("allocator") or {"name": "uniform"}
+    build = lambda kind, node: PART_KINDS[kind][node["name"]](**{k: v for k, v in node.items() if k != "name"})
+    scorer = build("scorer", scorer_cfg) if scorer_cfg else None
+    allocator = build("allocator", allocator_cfg)
+    label = run_cfg.get("label") or run_cfg["name"]
+    if not run_cfg.get("label") and allocator_cfg["name"] != "uniform" and scorer is not None:
+        label = f"{run_cfg['name']}+{allocator_cfg['name']}"
     return Method(
         name=label,
         scorer=scorer,
         allocator=allocator,
-        n_sink=int(cfg.get("n_sink") or 0),
-        n_recent=int(cfg.get("n_recent") or 0),
-        recent_share=float(cfg.get("recent_share") or 0.0),
-        budget_rule=cfg.get("budget_rule") or "floor",
-        config={**cfg, **checked},
+        selector=Selector(**run_cfg["selector"]),
+        budget_rule=run_cfg.get("budget_rule") or "floor",
+        config=recorded,
     )
 
 
@@ -130,20 +237,46 @@ def config_names() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.name.startswith("_"))
 
 
-def config(name: str, **overrides: Any) -> dict:
-    """A method's config as kvbench composes it: ``conf/method/_common.yaml``, then ``<name>.yaml``, then the
-    overrides (``methods.config("snapkv", allocator="adakv")``)."""
+def config(name: str, *overrides: str, **values: Any) -> dict:
+    """A method's config as kvbench composes it (Hydra: ``conf/method/<name>.yaml`` with its parts' configs).
+
+    ``overrides`` are command-line overrides relative to ``method.`` (``"allocator=adakv"``,
+    ``"scorer.window=16"``). Keyword ``values`` are the short spelling for scripts: a method-level key
+    (``preset="kvpress"``), a part by name (``allocator="adakv"``), a selector key (``n_recent=8``), or a
+    parameter of exactly one of the method's parts (``window=16`` is the scorer's for snapkv); a parameter both
+    parts take is the scorer's when the allocator's follows it (lkv's ``checkpoint``), else an error::
+
+        methods.config("snapkv", "allocator=adakv", "scorer.window=16")
+        methods.config("snapkv", allocator="adakv", window=16, alpha=0.3)
+    """
     from omegaconf import OmegaConf
 
-    path = CONF_DIR / f"{name}.yaml"
-    if not path.exists():
-        allowed = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.name.startswith("_")))
-        raise KvbenchError(f"method={name!r} is not known; allowed: {allowed}")
-    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
-    return {**base, **own, **overrides}
+    from harness.overrides import Composer
+
+    if name not in config_names():
+        raise KvbenchError(f"method={name!r} is not known; allowed: {', '.join(config_names())}")
+    load_all()
+    given = [f"method.{o}" for o in overrides]
+    given += [f"method.{kind}={values.pop(kind)}" for kind in list(PART_KINDS) if isinstance(values.get(kind), str)]
+    with Composer(CONF_DIR.parent, "config") as composer:
+        cfg = OmegaConf.to_container(composer.compose([f"method={name}", *given]).method, resolve=False)
+    for key, value in values.items():
+        if key in MethodKeys.model_fields:
+            cfg[key] = value
+        elif key in SelectorKeys.model_fields:
+            cfg.setdefault("selector", {})[key] = value
+        else:
+            owners = [kind for kind in PART_KINDS if isinstance(cfg.get(kind), dict)
+                      and key in parameters(PART_KINDS[kind][cfg[kind]["name"]])]
+            follows = len(owners) == 2 and cfg["allocator"].get(key) == f"${{..scorer.{key}}}"
+            if not owners or (len(owners) == 2 and not follows):
+                parts = ", ".join(f"{kind} {cfg[kind]['name']!r}" for kind in PART_KINDS if isinstance(cfg.get(kind), dict))
+                why = "both parts take it: say scorer.<key>= or allocator.<key>=" if owners else f"not a key of {parts}"
+                raise KvbenchError(f"method {name}: {key}={value!r}: {why}")
+            cfg[owners[0]][key] = value
+    return cfg
 
 
-def load(name: str, **overrides: Any) -> Method:
+def load(name: str, *overrides: str, **values: Any) -> Method:
     """A ready ``Method`` by config name, for scripts and notebooks: ``methods.load("snapkv", preset="kvpress")``."""
-    return build_method(config(name, **overrides))
+    return build_method(config(name, *overrides, **values))

@@ -13,8 +13,8 @@ As kvpress's ``AdaKVPress`` (0.5.5), per layer with ``T`` tokens and ``H`` KV he
 Forced entries (the scorer's +inf / ``max + 1`` positions, and the last ``window`` positions -- SnapKV's
 observation window, which our ``snapkv`` scorer leaves at 0 for the selector to protect, while kvpress pads it
 with ``max + 1`` before AdaKV's global cut) rank above every scored entry and below the floors, as in kvpress.
-``window`` is the method config's key of the same name (SnapKV's), so ``method=snapkv method.allocator=adakv``
-treats the window as kvpress does.
+``window`` (``method.allocator.window``, default 0) forces that many last positions; SnapKV-based configs need not
+set it: their selector's ``n_recent`` (the observation window) already reaches the allocator at +inf.
 
 Difference from kvpress: ``alpha = 0`` still gives every head one entry (a cache head cannot be empty here;
 kvpress would mask all of a head's keys).
@@ -58,7 +58,7 @@ class AdaKVAllocator(Allocator):
         self.alpha = 0.2 if alpha is None else float(alpha)
         self.window = int(window or 0)
         if not 0.0 <= self.alpha <= 1.0:
-            raise KvbenchError(f"method.alpha={alpha} must be in [0, 1] (AdaKV's per-head floor share)")
+            raise KvbenchError(f"method.allocator.alpha={alpha} must be in [0, 1] (AdaKV's per-head floor share)")
 
     def budgets(self, scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
         return torch.stack([adakv_layer_budgets(s, keep_ratio, self.alpha, self.window, self.budget_rule)

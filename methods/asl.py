@@ -37,18 +37,18 @@ for other depths as ``round_half_up(10 / 32 * n_layers)`` and ``max(2, round_hal
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative, NonNegativeFloat
-from methods._attention import attention_probs
+from methods._attention import attention_probs, pool_scores
 from methods.snapkv import snap_scores
 
 REF_LAYERS, REF_START, REF_LOOKBACK = 32, 10, 8
@@ -105,15 +105,6 @@ def choose_layer(rank_history: list[Tensor | None], start: int, lookback: int, t
         if variance_ratio(v, v_start) < threshold:
             return layer
     return -1
-
-
-def _pool(scores: Tensor, kernel: int, pool: str) -> Tensor:
-    if kernel <= 1 or scores.shape[-1] == 0:
-        return scores
-    pad = kernel // 2
-    if pool == "max":
-        return F.max_pool1d(scores, kernel, stride=1, padding=pad)
-    return F.avg_pool1d(scores, kernel, stride=1, padding=pad)  # zero padding counted, as AvgPool1D's default
 
 
 def _index_seq(t: Tensor, idx: Tensor, n_tokens: int, dim: int) -> Tensor:
@@ -183,7 +174,7 @@ class ASLScorer(Scorer):
             w, n_ctx = min(self.window, n_tokens), n_tokens - n_window
             probs = attention_probs(inputs.queries[:, :, -w:], inputs.keys, inputs.scaling, n_tokens - w)
             past = probs[:, :, :, :n_ctx].sum(dim=2)  # [B, H_q, T_ctx]: the window's attention onto the past
-            token_scores = _pool(past, self.kernel, self.pool).sum(dim=1)[0]  # [T_ctx]
+            token_scores = pool_scores(past, self.kernel, self.pool).sum(dim=1)[0]  # [T_ctx]
             self.rank_history[layer] = ranks_of(token_scores)
             selected = False
             if forced:
@@ -212,11 +203,13 @@ class ASLScorer(Scorer):
         cache_layer = self._cache.layers[layer]
         cache_layer.keys = cache_layer.keys.index_select(2, idx)
         cache_layer.values = cache_layer.values.index_select(2, idx)
-        hooks = getattr(inputs.module, "_kvbench_hooks", None)
-        if self.early_layers == "full" and hooks is not None:
-            # Earlier layers returned SnapKV scores in case no layer qualified; now they stay whole.
-            for i in range(layer):
-                hooks.scores[i] = None
+
+    def finish_prefill(self, scores: list[Tensor | None]) -> list[Tensor | None]:
+        """With ``early_layers=full``, the layers before a selection stay whole: they returned SnapKV scores in
+        case no layer would qualify."""
+        if self.early_layers == "full" and self.last_selected is not None:
+            return [None] * self.last_selection_layer + list(scores[self.last_selection_layer:])
+        return scores
 
     def query_rows(self, layer_idx: int) -> Tensor | None:
         """At the selection layer, only the kept tokens' attention is computed: the others' hidden states are
@@ -224,8 +217,7 @@ class ASLScorer(Scorer):
         return self.last_selected if layer_idx == self.last_selection_layer else None
 
     # ---- the prefill patch: decoder-layer pre-hooks that shorten everything after the selection -----------
-    def _pre_hook(self, module, args, kwargs):
-        layer = module._kvbench_asl_idx
+    def _pre_hook(self, layer: int, module, args, kwargs):
         if layer == 0 and self._cache is None:
             # transformers >= 5.2x hands decoder layers the cache as ``cache``; earlier 5.x as ``past_key_values``
             self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -267,15 +259,11 @@ class ASLScorer(Scorer):
         handles = []
         try:
             for i, layer in enumerate(layers):
-                layer._kvbench_asl_idx = i
-                handles.append(layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                handles.append(layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True))
             yield self
         finally:
             for h in handles:
                 h.remove()
-            for layer in layers:
-                if hasattr(layer, "_kvbench_asl_idx"):
-                    del layer._kvbench_asl_idx
             self._active = False
             self._cache = None
             self._short = {}

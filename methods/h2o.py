@@ -16,7 +16,7 @@ from methods._attention import attention_column_sums, per_kv_head
 @register_scorer("h2o")
 class H2OScorer(Scorer):
     # kvpress's ObservedAttentionPress: normalised sums, no recent window.
-    PRESETS = {"kvpress": {"normalize": True, "recent_share": 0.0, **KVPRESS_BUDGET}}
+    PRESETS = {"kvpress": {"scorer": {"normalize": True}, "selector": {"recent_share": 0.0}, **KVPRESS_BUDGET}}
 
     def __init__(self, normalize: bool = False):
         self.normalize = normalize

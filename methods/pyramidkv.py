@@ -55,7 +55,7 @@ class PyramidAllocator(Allocator):
         self.beta = 20.0 if beta is None else float(beta)
         self.window = int(window or 0)
         if self.beta < 1:
-            raise KvbenchError(f"method.beta={beta} must be >= 1 (PyramidKV's steepness)")
+            raise KvbenchError(f"method.allocator.beta={beta} must be >= 1 (PyramidKV's steepness)")
 
     def budgets(self, scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
         n_layers = len(scores)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from harness.compress import KVPRESS_BUDGET, LayerInputs, Scorer, register_scorer
 from harness.schema import Count
-from methods._attention import attention_probs, per_kv_head
+from methods._attention import attention_probs, per_kv_head, pool_scores
 
 
 def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs: torch.Tensor | None = None
@@ -31,20 +31,15 @@ def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs:
     if probs is None:
         probs = attention_probs(inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, n_prefix)
     scores = probs[..., :n_prefix].mean(dim=2)  # [B, H_q, T - window]
-    if kernel > 1:
-        # Pooled over the prefix only, zero padding counted (avg) / -inf padding (max), like both references.
-        pad = kernel // 2
-        if pool == "max":
-            scores = F.max_pool1d(scores, kernel, stride=1, padding=pad)
-        else:
-            scores = F.avg_pool1d(scores, kernel, stride=1, padding=pad)
+    scores = pool_scores(scores, kernel, pool)  # over the prefix only, like both references
     scores = per_kv_head(scores, n_kv)
     return F.pad(scores, (0, window), value=0.0)
 
 
 @register_scorer("snapkv")
 class SnapKVScorer(Scorer):
-    PRESETS = {"kvpress": {"window": 64, "kernel": 5, "pool": "avg", "n_recent": 64, **KVPRESS_BUDGET}}
+    PRESETS = {"kvpress": {"scorer": {"window": 64, "kernel": 5, "pool": "avg"}, "selector": {"n_recent": 64},
+                           **KVPRESS_BUDGET}}
 
     def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "max"):
         self.window, self.kernel, self.pool = int(window), int(kernel), pool

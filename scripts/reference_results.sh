@@ -33,9 +33,12 @@ if has learned; then  # LKV and SP-KV trained on the shipped model (frozen), on 
     'data.context_length=[2048,4096]' overwrite=true threads=2 progress=false
 fi
 
-if has profile; then  # LU-KV's offline profile, calibration on training seeds
+if has profile; then  # LU-KV's offline profiles, calibration on training seeds: one per within-head order
+  # (a head's utility curve depends on which entries its order keeps)
   $B/kvbench-profile model=reference method=lukv task=ruler/niah_single_1 context_length=4096 n_samples=8 \
     seed=1000000 out=harness/reference/lukv_profile.safetensors
+  $B/kvbench-profile model=reference method=lukv_lkv task=ruler/niah_single_1 context_length=4096 n_samples=8 \
+    seed=1000000 out=harness/reference/lukv_lkv_profile.safetensors
 fi
 
 RATIOS='keep_ratio=[0.1,0.15,0.2,1.0]'
@@ -63,8 +66,13 @@ fi
 if has asl; then  # issue 8: ASL and LU-KV beside SnapKV at the same budgets (ASL prefills once per ratio)
   $B/kvbench -m model=reference $TASKS method=asl 'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 \
     progress=false hydra.sweep.dir=$OUT/ruler4k
-  $B/kvbench -m model=reference $TASKS method=lukv method.profile=harness/reference/lukv_profile.safetensors \
-    'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 progress=false hydra.sweep.dir=$OUT/ruler4k
+  # LU-KV as published (ExpectedAttention order, which keeps no needle on this model: the label says so), and
+  # LU-KV's budgets profiled and used with LKV-T's order, which works here (conf/method/lukv_lkv.yaml)
+  $B/kvbench -m model=reference $TASKS method=lukv method.allocator.profile=harness/reference/lukv_profile.safetensors \
+    'method.label="lukv (EA order fails here)"' 'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 \
+    progress=false hydra.sweep.dir=$OUT/ruler4k
+  $B/kvbench -m model=reference $TASKS method=lukv_lkv 'keep_ratio=[0.1,0.2]' context_length=4096 n_samples=20 \
+    progress=false hydra.sweep.dir=$OUT/ruler4k
   for t in niah_single_1 niah_multikey_1 vt; do  # prefill time on the sweep's own prompts (keep 0.1)
     $B/python benchmarks/asl_prefill.py --model reference --task ruler/$t --samples 5 --repeats 5 --context 4096 \
       --json "$OUT/asl_prefill_$t.json"

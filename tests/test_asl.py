@@ -229,7 +229,7 @@ def test_hooks_removed_and_state_cleared(llama8):
                 raise RuntimeError("boom")  # hooks go away on errors too
     for mod in model.modules():
         assert not mod._forward_pre_hooks and not mod._forward_hooks
-        assert not hasattr(mod, "_kvbench_asl_idx") and not hasattr(mod, "_kvbench_hooks")
+        assert not any(name.startswith("_kvbench") for name in vars(mod))  # nothing written onto the modules
     assert m.scorer._cache is None and not m.scorer._active
     # The model runs unchanged afterwards.
     with torch.no_grad():

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 import methods
 import tasks
 from harness.errors import KvbenchError
-from harness.models import REFERENCE_DIR, build_tiny, device_for, inspect_model, load_model
-from harness.profile import Profile, load_profile, save_profile
-from methods.lkv import LKVParams, model_signature, save_checkpoint
+from harness.models import REFERENCE_DIR, build_tiny, device_for, inspect_model, load_model, model_identity
+from harness.profiles import Profile, load_profile, save_profile
+from methods._learned import save_checkpoint
+from methods.lkv import LKVParams
 from methods.spkv import SPKVParams
 from tasks.base import PromptEncoder
 
@@ -167,13 +168,11 @@ def test_device_with_cuda_names_the_devices(monkeypatch):
 
 # --------------------------------------------------------------------------------------- learned methods
 def _method_cfg(name, **overrides):
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/_common.yaml"))
-    own = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/method/{name}.yaml"))
-    return {**base, **{k: v for k, v in own.items() if k != "defaults"}, **overrides}
+    return methods.config(name, **overrides)
 
 
 def _checkpoint(name, d, model):
-    sig = model_signature(model)
+    sig = model_identity(model)
     info = {"name": "tiny-random", "path": None, "family": "llama", **sig}
     if name == "lkv":
         params = LKVParams(sig["n_layers"], sig["n_kv_heads"], sig["head_dim"], sig["hidden_size"], 8, False)
@@ -269,7 +268,7 @@ def test_checkpoint_for_another_model_refused_by_every_part(tmp_path, name):
     _checkpoint(name, tmp_path, model)
     m = methods.build_method(_method_cfg(name, checkpoint=str(tmp_path)))
     other, _ = build_tiny("llama", num_hidden_layers=3)
-    parts = [p for p in (m.scorer, m.allocator) if hasattr(p, "bind_model")]
+    parts = [p for p in m.parts if p.input_files()]  # the parts that read the checkpoint
     assert parts
     for part in parts:
         raises_one_line(lambda: part.bind_model(other), "was trained for model tiny-random", "n_layers 2 vs 3")
@@ -321,14 +320,14 @@ def test_bad_profile_file_is_one_line(tmp_path, case):
     damage, needles = PROFILE_CASES[case]
     path = _profile_file(tmp_path)
     damage(path) if case == "missing" else damage(tmp_path)
-    raises_one_line(lambda: methods.build_method(_method_cfg("lukv", profile=str(path))), "method.profile", *needles)
+    raises_one_line(lambda: methods.build_method(_method_cfg("lukv", profile=str(path))), "method.allocator.profile", *needles)
 
 
 @pytest.mark.parametrize("case", list(PROFILE_TENSOR_CASES))
 def test_profile_with_wrong_tensors_is_one_line(tmp_path, case):
     changes, needles = PROFILE_TENSOR_CASES[case]
     path = _profile_file(tmp_path, **changes)
-    raises_one_line(lambda: load_profile(path), "method.profile", *needles)
+    raises_one_line(lambda: load_profile(path), "method.allocator.profile", *needles)
 
 
 def test_profile_for_another_model_refused(tmp_path, tiny_llama):
@@ -336,7 +335,7 @@ def test_profile_for_another_model_refused(tmp_path, tiny_llama):
     assert load_profile(path).n_layers == 2  # the undamaged file loads
     m = methods.build_method(_method_cfg("lukv", profile=str(path)))
     other, _ = build_tiny("llama", num_hidden_layers=3)
-    raises_one_line(lambda: m.allocator.bind_model(other), "method.profile", "2 layers x 2 KV heads", "3 x 2")
+    raises_one_line(lambda: m.allocator.bind_model(other), "method.allocator.profile", "2 layers x 2 KV heads", "3 x 2")
     raises_one_line(lambda: m.allocator.budgets([torch.zeros(2, 40)] * 3, 0.5), "3 layers x 2 KV heads")
 
 

@@ -77,10 +77,11 @@ def test_learned_methods_report_the_files_they_loaded():
     import methods
 
     lkv, spkv, lukv = methods.load("lkv"), methods.load("spkv"), methods.load("lukv")
-    assert lkv.scorer.input_files() == lkv.allocator.input_files() == {
-        "method.checkpoint": (REPO_DIR / "harness/reference/lkv").resolve()}
-    assert spkv.scorer.input_files() == {"method.checkpoint": (REPO_DIR / "harness/reference/spkv").resolve()}
-    assert Path(lukv.allocator.input_files()["method.profile"]).resolve() == (
+    lkv_dir = (REPO_DIR / "harness/reference/lkv").resolve()
+    assert lkv.scorer.input_files() == {"method.scorer.checkpoint": lkv_dir}
+    assert lkv.allocator.input_files() == {"method.allocator.checkpoint": lkv_dir}
+    assert spkv.scorer.input_files() == {"method.scorer.checkpoint": (REPO_DIR / "harness/reference/spkv").resolve()}
+    assert Path(lukv.allocator.input_files()["method.allocator.profile"]).resolve() == (
         REPO_DIR / "harness/reference/lukv_profile.safetensors").resolve()
 
 

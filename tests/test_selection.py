@@ -128,15 +128,21 @@ def test_gqa_scores_average_the_group():
 def test_unknown_parameter_is_refused():
     from harness.errors import KvbenchError
 
-    with pytest.raises(KvbenchError, match="method.nope"):
+    with pytest.raises(KvbenchError, match="nope=1: not a key of scorer 'snapkv', allocator 'uniform'"):
         method("snapkv", nope=1)
+    cfg = methods.config("snapkv")
+    cfg["scorer"]["windw"] = 3  # a part's unknown key: named with the part and its valid keys
+    with pytest.raises(KvbenchError, match=r"method.scorer.windw .*did you mean window\? \(keys: window, kernel, pool\)"):
+        methods.build_method(cfg)
+    with pytest.raises(KvbenchError, match=r"method.window .*did you mean method.scorer.window\?"):
+        methods.build_method({**methods.config("snapkv"), "window": 3})  # the flat spelling of before
     with pytest.raises(KvbenchError, match="allowed: kvpress"):
         method("snapkv", preset="other")
 
 
 def test_kvpress_preset_sets_window_kernel_pool():
     m = method("snapkv", preset="kvpress")
-    assert (m.scorer.window, m.scorer.kernel, m.scorer.pool, m.n_recent) == (64, 5, "avg", 64)
+    assert (m.scorer.window, m.scorer.kernel, m.scorer.pool, m.selector.n_recent) == (64, 5, "avg", 64)
 
 
 def test_evidence_retention_by_hand():

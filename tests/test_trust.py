@@ -79,10 +79,10 @@ def test_boolean_anything_else_is_an_error(capsys, key, bad):
 def test_method_boolean_spelling_is_recorded_as_a_boolean(tmp_path):
     import yaml
 
-    r = kvbench(*BASE, "method=expected_attention", "keep_ratio=0.5", "method.use_vnorm=no",
+    r = kvbench(*BASE, "method=expected_attention", "keep_ratio=0.5", "method.scorer.use_vnorm=no",
                 f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["method"]["use_vnorm"] is False
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["method"]["scorer"]["use_vnorm"] is False
 
 
 @pytest.mark.parametrize("args, needle", [(["paper_model=nope"], "paper_model='nope'"),
@@ -111,12 +111,14 @@ BAD_VALUES = [
     ("context_length=512.7", "context_length=512.7"), ("context_length=abc", "context_length='abc'"),
     ("seed=-3", "seed=-3"), ("model.dtype=fp8", "model.dtype='fp8'"), ("model.device=gpu", "model.device='gpu'"),
     ("model.family=gpt", "model.family='gpt'"), ("task.depth=150", "task.depth=150"),
-    ("method.window=0", "method.window=0"), ("method.kernel=0", "method.kernel=0"),
-    ("method.n_sink=-5", "method.n_sink=-5"), ("method.pool=min", "method.pool='min'"),
-    ("method.window=2.5", "method.window=2.5"), ("method.n_recent=true", "method.n_recent=true"),
-    ("method.allocator=adakv method.alpha=1.5", "method.alpha=1.5"),
-    ("method.alpha=abc", "method.alpha='abc'"),  # an allocator parameter this method does not use: still checked
-    ("method.beta=0.5", "method.beta=0.5"), ("method.allocator=''", "method.allocator=''"),
+    ("method.scorer.window=0", "method.scorer.window=0"), ("method.scorer.kernel=0", "method.scorer.kernel=0"),
+    ("method.selector.n_sink=-5", "method.selector.n_sink=-5"), ("method.scorer.pool=min", "method.scorer.pool='min'"),
+    ("method.scorer.window=2.5", "method.scorer.window=2.5"),
+    ("method.selector.n_recent=true", "method.selector.n_recent=true"),
+    ("method.allocator=adakv method.allocator.alpha=1.5", "method.allocator.alpha=1.5"),
+    ("method.allocator=adakv method.allocator.alpha=abc", "method.allocator.alpha='abc'"),
+    ("method.allocator=pyramid method.allocator.beta=0.5", "method.allocator.beta=0.5"),
+    ("method.allocator=''", "method.allocator=''"),
     ("method.name=''", "method.name=''"),
 ]
 
@@ -137,7 +139,8 @@ def test_bad_value_leaves_no_new_dir(capsys, tmp_path):
 
 @pytest.mark.parametrize("override, needle", [
     ("keep_ration=0.5", "did you mean keep_ratio?"),
-    ("method.windw=3", "did you mean method.window?"),
+    ("method.scorer.windw=3", "did you mean method.scorer.window?"),
+    ("method.window=3", "did you mean method.scorer.window?"),  # the flat spelling of before
     ("model.dtyp=float32", "did you mean model.dtype?"),
     ("n_sample=3", "did you mean n_samples?"),
 ])
@@ -158,9 +161,9 @@ def test_empty_output_dir(capsys, override):
 
 def test_protected_tokens_larger_than_every_budget(existing_run):
     before = snapshot(existing_run)
-    r = kvbench(*BASE, "method=snapkv", "keep_ratio=[0.1,0.25]", "method.n_recent=400", "overwrite=true",
+    r = kvbench(*BASE, "method=snapkv", "keep_ratio=[0.1,0.25]", "method.selector.n_recent=400", "overwrite=true",
                 f"hydra.run.dir={existing_run}")
-    assert r.returncode == 2 and "method.n_recent" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "method.selector.n_recent" in r.stderr and "Traceback" not in r.stderr
     assert snapshot(existing_run) == before
 
 
