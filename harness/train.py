@@ -50,10 +50,12 @@ STATE_FILE, HISTORY_FILE = "train_state.safetensors", "history.jsonl"
 
 
 def learners() -> dict[str, type]:
-    from methods.lkv import LKVLearner
-    from methods.spkv import SPKVLearner
+    """The learner of each learned method, by method name (``harness.learning.register_learner``)."""
+    import methods
+    from harness.learning import LEARNERS
 
-    return {"lkv": LKVLearner, "spkv": SPKVLearner}
+    methods.load_all()
+    return dict(LEARNERS)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ class DataStream:
         from tasks.base import PromptEncoder
 
         name, task = self.tasks[step % len(self.tasks)]
-        encoder = PromptEncoder(self.tok, chat=self.chat and not getattr(task, "skip_chat_template", False))
+        encoder = PromptEncoder.for_task(self.tok, task, self.chat)
         sample = task.samples(encoder, n_tokens, 1, seed)[0]
         ctx, q = encoder.encode_sample(sample)
         target = None
@@ -230,18 +232,13 @@ class Batch:
     hidden: dict = field(default_factory=dict)  # layer -> hidden states of the context (if the learner asked)
 
 
-def eos_ids(model, tok) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = tok.eos_token_id if ids is None else ids
-    return set() if ids is None else set(ids if isinstance(ids, (list, tuple)) else [int(ids)])
-
-
 @torch.no_grad()
 def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidden: bool) -> Batch:
     """Full-cache prefill of the context and the teacher's logits (and continuation) after the question."""
     from transformers import DynamicCache
 
-    from methods.lkv import copy_cache, stash_hidden
+    from harness.pipeline import greedy
+    from methods._learned import copy_cache, stash_hidden
 
     device = model.device
     n_ctx = len(ex.ctx_ids)
@@ -266,19 +263,9 @@ def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidde
         c = copy_cache(cache)
         o = model(input_ids=torch.tensor([q], device=device),
                   position_ids=torch.arange(n_ctx, n_ctx + len(q), device=device)[None], **with_cache(c), use_cache=True)
-        logits = [o.logits[0, -1]]
-        targets = []
-        pos = n_ctx + len(q)
-        for _ in range(max_new):
-            t = int(logits[-1].argmax())
-            targets.append(t)
-            if t in eos or len(targets) == max_new:
-                break
-            o = model(input_ids=torch.tensor([[t]], device=device), position_ids=torch.tensor([[pos]], device=device),
-                      **with_cache(c), use_cache=True)
-            logits.append(o.logits[0, -1])
-            pos += 1
-        teacher = torch.stack(logits[: len(targets)])
+        logits: list[torch.Tensor] = []  # the teacher's continuation, its eos included: the student learns to stop
+        targets = greedy(model, c, o.logits[:, -1], n_ctx + len(q), max_new, eos, keep_eos=True, chosen_from=logits)
+        teacher = torch.cat(logits)
         ids = q + targets[:-1]
     return Batch(list(ex.ctx_ids), ids, n_ctx, len(q) - 1, targets, teacher.float(), cache,
                  {k: v.detach() for k, v in hidden.items()})
@@ -374,11 +361,11 @@ def load_train_state(path: str | Path, opt: torch.optim.Optimizer, *, model: tor
 # Training loop
 # ------------------------------------------------------------------------------------------------------------
 def model_info(model_cfg, model) -> dict:
-    from methods.lkv import model_signature
+    from harness.models import model_identity
 
     info = {"name": str(model_cfg.get("name")), "path": model_cfg.get("path"),
             "family": model_cfg.get("family") if model_cfg.get("name") == "tiny-random" else None}
-    return {**info, **model_signature(model)}
+    return {**info, **model_identity(model)}
 
 
 def train(cfg, out_dir: str | Path | None = None) -> dict:
@@ -387,8 +374,9 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     from tqdm import tqdm
 
     from harness.attention import attention_modules, install
-    from harness.models import load_model
-    from methods.lkv import ARCH_KEYS, load_checkpoint, save_checkpoint
+    from harness.models import check_model_identity, load_model
+    from harness.pipeline import eos_ids
+    from methods._learned import load_checkpoint, save_checkpoint
 
     name = str(cfg.method.name)
     table = learners()
@@ -403,7 +391,7 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
     hp = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
     learner = table[name](model, method_cfg, hp, seed=int(cfg.seed))
     info = model_info(cfg.model, model)
-    chat = bool(cfg.model.get("chat", False)) and getattr(tok, "chat_template", None) is not None
+    chat = bool(cfg.model.get("chat", False))  # PromptEncoder.for_task also needs the tokenizer's template
     data = DataStream(cfg.data, tok, chat)
     params = learner.trainable()
     lr = float(cfg.lr) if cfg.get("lr") is not None else learner.default_lr
@@ -414,10 +402,9 @@ def train(cfg, out_dir: str | Path | None = None) -> dict:
         prev = read_json_object(out / "config.json", "or pass overwrite=true to start again")
         if prev.get("method") != name:
             raise KvbenchError(f"{out} holds a {prev.get('method')!r} checkpoint; use another out=<dir> or overwrite=true")
-        diff = [k for k in ARCH_KEYS if prev.get("model", {}).get(k) != info.get(k)]
-        if diff:
-            raise KvbenchError(f"{out} holds a checkpoint for model {prev['model'].get('name')} ({', '.join(diff)} differ); "
-                               "use another out=<dir> or overwrite=true")
+        recorded = prev.get("model") if isinstance(prev.get("model"), dict) else {}  # none: load_checkpoint says so
+        check_model_identity(recorded, model, f"{out} holds a checkpoint for model {recorded.get('name')}",
+                             "use another out=<dir> or overwrite=true")
         _, tensors = load_checkpoint(out, name)
         try:
             learner.load_state(tensors)

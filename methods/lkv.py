@@ -18,7 +18,7 @@ prefilled with the full cache (as at inference, where compression happens after 
 question + answer run on that cache with soft keep-probabilities ``p = sigmoid((s - tau_h) / temp)`` on the
 context keys, ``tau_h`` solved per head so that ``sum_j p_hj`` equals the head's soft budget (bisection, then
 one Newton step with the root detached: it carries the exact implicit gradient to the scores and the budget
-logits). ``p`` enters attention as an additive ``log p`` bias (``mode=bias``, through ``_kvbench_mask_fn``;
+logits). ``p`` enters attention as an additive ``log p`` bias (``mode=bias``, through ``harness.attention.attention_masks``;
 sdpa's math path backpropagates through a float mask), and/or as DiffPrune's information throttler
 (``mode=throttle``): values become ``sqrt(p) v + sqrt(1 - p) sigma eps`` (variance preserving, sigma the
 head's value std). Loss: next-token loss on the answer and KL to the full-cache model, plus a budget penalty
@@ -28,156 +28,31 @@ The recent window (and sinks) get ``p = 1`` and count inside the budget, as at i
 Unknowns (the paper's full text is not available offline), chosen simply and configurable: MLP width 32,
 GELU; budgets shared across keep ratios (the ratio sampled per training step); temperature 1.
 
-Checkpoints (``method.checkpoint=<dir>``): ``params.safetensors`` (learned tensors only) + ``config.json``
+Checkpoints (``method.scorer.checkpoint=<dir>``): ``params.safetensors`` (learned tensors only) + ``config.json``
 naming the model (name/path, family, n_layers, n_kv_heads, head_dim, hidden_size) and the hyper-parameters.
-The helpers here are shared with SP-KV (``methods/spkv.py``).
+The checkpoint files and the training helpers are shared with SP-KV (``methods/_learned.py``).
 """
 from __future__ import annotations
 
-import json
-import logging
-import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.attention import attention_masks
 from harness.compat import with_cache
-from harness.compress import Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer
+from harness.compress import (Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer,
+                              round_to_total)
 from harness.errors import KvbenchError
+from harness.learning import Learner, register_learner
+from harness.models import model_identity
+from harness.paths import check_tensors
 from harness.schema import Count
-from harness.paths import check_tensors, find_input, read_json_object, read_safetensors
+from methods._learned import (CONFIG_FILE, PARAMS_FILE, check_model, check_shape, copy_cache, expand_heads,
+                              load_checkpoint, load_params, params_file, resolve_checkpoint, retrain_hint)
 
-log = logging.getLogger("kvbench")
-PARAMS_FILE, CONFIG_FILE = "params.safetensors", "config.json"
-ARCH_KEYS = ("model_type", "n_layers", "n_kv_heads", "head_dim", "hidden_size", "vocab_size")
 LKV_HPARAMS = {"width": int, "use_hidden": bool}  # what LKVParams.from_checkpoint reads from config.json
-
-
-# --------------------------------------------------------------------------------------------------------
-# Checkpoints shared by the learned methods
-# --------------------------------------------------------------------------------------------------------
-def model_signature(model: nn.Module) -> dict[str, Any]:
-    """Architecture facts a learned checkpoint must match, plus a weight fingerprint (warning only)."""
-    cfg = model.config
-    n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    emb = model.get_input_embeddings().weight
-    return {
-        "model_type": getattr(cfg, "model_type", "?"),
-        "n_layers": int(cfg.num_hidden_layers),
-        "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or n_heads),
-        "head_dim": int(head_dim),
-        "hidden_size": int(cfg.hidden_size),
-        "vocab_size": int(cfg.vocab_size),
-        "fingerprint": float(emb[: min(64, emb.shape[0])].detach().float().abs().sum()),
-    }
-
-
-def _retrain(method: str) -> str:
-    return f"train one with kvbench-train method={method} model=<model> out=<dir>"
-
-
-def resolve_checkpoint(path: str | None, method: str) -> Path:
-    """A checkpoint dir: absolute, relative to the working dir, or relative to the repository (package)."""
-    if not path:
-        raise KvbenchError(f"method.checkpoint is not set; pass method.checkpoint=<dir from kvbench-train method={method}>")
-    found = find_input(path, lambda c: (c / CONFIG_FILE).exists() and (c / PARAMS_FILE).exists())
-    if found is not None:
-        return found
-    raise KvbenchError(f"method.checkpoint={path!r} has no {CONFIG_FILE} + {PARAMS_FILE}; {_retrain(method)}")
-
-
-_CACHE: dict[tuple, tuple[dict, dict[str, Tensor]]] = {}
-
-
-def config_section(config: dict, section: str, fields: dict[str, type], file: Path, method: str) -> dict:
-    """``config[section]``, an object whose ``fields`` have the given types (an int field holds a positive
-    int), or a one-line error naming the checkpoint's config.json ``file``."""
-    node = config.get(section)
-    if not isinstance(node, dict):
-        raise KvbenchError(f"{file}: no {section!r} object; not a kvbench-train {method} checkpoint, {_retrain(method)}")
-
-    def ok(value, kind: type) -> bool:
-        if kind is int:  # a count: bool is an int to Python, not here
-            return type(value) is int and value > 0
-        return isinstance(value, kind)
-
-    bad = [f"{k}={node.get(k)!r}" for k, kind in fields.items() if not ok(node.get(k), kind)]
-    if bad:
-        raise KvbenchError(f"{file}: {section} has a missing or bad {', '.join(bad)}; {_retrain(method)}")
-    return node
-
-
-def load_checkpoint(path: str | Path, method: str, hparams: dict[str, type] | None = None
-                    ) -> tuple[dict, dict[str, Tensor]]:
-    """``(config, tensors)`` of a checkpoint dir (cached by path and modification time). config.json must name
-    the method, the model's shape and the ``hparams`` (name -> type) the method reads; that the tensors fit
-    them is checked by the method's ``from_checkpoint`` (``load_params``)."""
-    d = resolve_checkpoint(str(path), method)
-    key = (str(d), (d / PARAMS_FILE).stat().st_mtime_ns, (d / CONFIG_FILE).stat().st_mtime_ns)
-    if key not in _CACHE:
-        config = read_json_object(d / CONFIG_FILE, _retrain(method))
-        if config.get("method") != method:
-            raise KvbenchError(f"method.checkpoint={str(path)!r} holds a {config.get('method')!r} checkpoint, not {method!r}")
-        arch = {k: str if k == "model_type" else int for k in ARCH_KEYS}
-        config_section(config, "model", arch, d / CONFIG_FILE, method)
-        _CACHE[key] = (config, read_safetensors(d / PARAMS_FILE, _retrain(method))[0])
-    config_section(_CACHE[key][0], "hparams", hparams or {}, d / CONFIG_FILE, method)
-    return _CACHE[key]
-
-
-def params_file(path: str | None, method: str) -> Path:
-    """The params.safetensors of checkpoint ``path`` (for error messages)."""
-    return resolve_checkpoint(path, method) / PARAMS_FILE
-
-
-def load_params(module: nn.Module, tensors: dict[str, Tensor], where: str | Path, method: str) -> None:
-    """``module.load_state_dict(tensors)`` after checking names and shapes: a params.safetensors (``where``)
-    that lacks tensors, has others, or holds them in another shape than its config.json says is one line."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    check_tensors(tensors, want, str(where), f"it does not match its {CONFIG_FILE}; {_retrain(method)}")
-    module.load_state_dict(tensors)
-
-
-def save_checkpoint(out_dir: str | Path, method: str, params: nn.Module, model_info: dict, hparams: dict,
-                    extra: dict | None = None) -> None:
-    """Learned tensors (safetensors) + config.json, each written atomically with the user's umask."""
-    from safetensors.torch import save_file
-
-    from harness.io import atomic_save, atomic_write_json
-
-    out = Path(out_dir)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in params.state_dict().items()}
-    atomic_save(out / PARAMS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(out / CONFIG_FILE, {"method": method, "model": model_info, "hparams": hparams, **(extra or {})})
-
-
-def check_model(config: dict, model: nn.Module, where: str) -> None:
-    """KvbenchError when the checkpoint was made for another architecture; a warning for other weights."""
-    want, have = config.get("model", {}), model_signature(model)
-    diff = [f"{k} {want.get(k)} vs {have[k]}" for k in ARCH_KEYS if k in want and want[k] != have[k]]
-    if diff:
-        raise KvbenchError(
-            f"{where} was trained for model {want.get('name', '?')} ({', '.join(diff)} in this model); "
-            f"train one for this model with kvbench-train"
-        )
-    fp = want.get("fingerprint")
-    if isinstance(fp, (int, float)) and not math.isclose(fp, have["fingerprint"], rel_tol=1e-2):
-        log.warning("%s was trained on other weights of this architecture (model %s); results may be off",
-                    where, want.get("name", "?"))
-
-
-def check_shape(config: dict, n_layers: int, n_heads: int, where: str) -> None:
-    want = config.get("model", {})
-    if (want.get("n_layers"), want.get("n_kv_heads")) != (n_layers, n_heads):
-        raise KvbenchError(
-            f"{where} was trained for model {want.get('name', '?')} with {want.get('n_layers')} layers x "
-            f"{want.get('n_kv_heads')} KV heads; this model has {n_layers} x {n_heads}"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -241,7 +116,7 @@ class LKVParams(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 def share_out(shares: Tensor, total: int, lo: int, hi: int) -> Tensor:
     """Integers in ``[lo, hi]`` proportional to ``shares`` (water-filling at the bounds), summing to ``total``
-    (clamped to what the bounds allow); largest-remainder rounding."""
+    (clamped to what the bounds allow); rounded by ``harness.compress.round_to_total``."""
     shares = shares.double().clamp_min(0)
     n = shares.numel()
     lo = min(lo, hi)
@@ -264,14 +139,7 @@ def share_out(shares: Tensor, total: int, lo: int, hi: int) -> Tensor:
         else:
             val[idx] = alloc
             break
-    out = val.floor().clamp(lo, hi)
-    rest = int(total - out.sum())
-    frac = (val - val.floor()).masked_fill(out >= hi, -1.0)
-    if rest > 0:
-        out[frac.topk(rest).indices] += 1
-    elif rest < 0:  # only by float noise
-        out[(out - lo).masked_fill(out <= lo, -1).topk(-rest).indices] -= 1
-    return out.long()
+    return round_to_total(val, total, lo, hi)
 
 
 def hard_budgets(budget_logits: Tensor, n_tokens: int, keep_ratio: float, min_budget: int = 1,
@@ -340,12 +208,12 @@ class LKVScorer(Scorer):
 
     def input_files(self) -> dict[str, Path]:
         """The files this part read (the runner fingerprints them so a run dir cannot mix two checkpoints)."""
-        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
+        return {"method.scorer.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
 
     def bind_model(self, model: nn.Module) -> None:
         """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""
         if id(model) not in self._checked:
-            check_model(self.config, model, f"method.checkpoint={self.checkpoint!r}")
+            check_model(self.config, model, f"method.scorer.checkpoint={self.checkpoint!r}")
             self._checked.add(id(model))
         self.params.to(model.device)
 
@@ -354,7 +222,7 @@ class LKVScorer(Scorer):
         return super().prefill_patch(model, keep_ratio)
 
     def score(self, inputs: LayerInputs) -> Tensor:
-        check_shape(self.config, inputs.n_layers, inputs.keys.shape[1], f"method.checkpoint={self.checkpoint!r}")
+        check_shape(self.config, inputs.n_layers, inputs.keys.shape[1], f"method.scorer.checkpoint={self.checkpoint!r}")
         return self.params.scores(inputs.layer_idx, inputs.keys, inputs.values, inputs.hidden_states)
 
 
@@ -368,75 +236,30 @@ class LKVAllocator(Allocator):
         # only the budget logits are read here (the other tensors are the scorer's, checked by LKVParams)
         want = {"budget_logits": (self.config["model"]["n_layers"], self.config["model"]["n_kv_heads"])}
         check_tensors({k: v for k, v in tensors.items() if k in want}, want, str(params_file(checkpoint, "lkv")),
-                      f"it does not match its {CONFIG_FILE}; {_retrain('lkv')}")
+                      f"it does not match its {CONFIG_FILE}; {retrain_hint('lkv')}")
         self.budget_logits = tensors["budget_logits"].float()
         self.min_budget = int(min_budget)
 
     def input_files(self) -> dict[str, Path]:
-        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
+        return {"method.allocator.checkpoint": resolve_checkpoint(self.checkpoint, "lkv")}
 
     def bind_model(self, model: nn.Module) -> None:
-        check_model(self.config, model, f"method.checkpoint={self.checkpoint!r}")
+        check_model(self.config, model, f"method.allocator.checkpoint={self.checkpoint!r}")
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
-        check_shape(self.config, len(scores), scores[0].shape[-2], f"method.checkpoint={self.checkpoint!r}")
+        check_shape(self.config, len(scores), scores[0].shape[-2], f"method.allocator.checkpoint={self.checkpoint!r}")
         return hard_budgets(self.budget_logits, scores[0].shape[-1], keep_ratio, self.min_budget, self.budget_rule)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------
-def stash_hidden(modules: list[nn.Module], store: dict[int, Tensor]):
-    """Forward pre-hooks saving each attention module's input hidden states into ``store[layer]``."""
-    def hook(module, args, kwargs):
-        store[module.layer_idx] = kwargs.get("hidden_states", args[0] if args else None)
-
-    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-
-
-@contextmanager
-def mask_fns(modules: list[nn.Module], fn):
-    """Set ``_kvbench_mask_fn`` on every attention module for the duration (removed afterwards)."""
-    for m in modules:
-        m._kvbench_mask_fn = fn
-    try:
-        yield
-    finally:
-        for m in modules:
-            if hasattr(m, "_kvbench_mask_fn"):
-                del m._kvbench_mask_fn
-
-
-def copy_cache(cache, values: list[Tensor] | None = None):
-    """A new DynamicCache sharing the keys (and the values, unless ``values`` replaces them)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    new = DynamicCache()
-    layers = []
-    for i, layer in enumerate(cache.layers):
-        d = DynamicLayer()
-        d.dtype, d.device = layer.keys.dtype, layer.keys.device
-        d.keys = layer.keys
-        d.values = layer.values if values is None else values[i]
-        d.is_initialized = True
-        layers.append(d)
-    new.layers = layers
-    return new
-
-
-def expand_heads(x: Tensor, n_q_heads: int) -> Tensor:
-    """``[H_kv, ...]`` to ``[H_q, ...]`` (each KV head repeated for its GQA group)."""
-    return x.repeat_interleave(n_q_heads // x.shape[0], dim=0)
-
-
-class LKVLearner:
+@register_learner("lkv")
+class LKVLearner(Learner):
     """Training of LKV-T + LKV-H on a frozen model (see the module docstring)."""
 
-    method = "lkv"
-
     def __init__(self, model: nn.Module, method_cfg: dict, hp: dict, seed: int = 0):
-        sig = model_signature(model)
+        sig = model_identity(model)
         model.requires_grad_(False)  # LKV trains only its own parameters
         self.hp = {"width": int(hp.get("width", 32)), "use_hidden": bool(hp.get("use_hidden", False)),
                    "mode": str(hp.get("mode", "bias")), "temp": float(hp.get("temp", 1.0)),
@@ -444,8 +267,9 @@ class LKVLearner:
                    "learn_budgets": bool(hp.get("learn_budgets", True))}
         if self.hp["mode"] not in ("bias", "throttle", "both"):
             raise KvbenchError(f"lkv.mode={self.hp['mode']!r} is not supported; allowed: bias, throttle, both")
-        self.n_sink = int(method_cfg.get("n_sink") or 0)
-        self.n_recent = int(method_cfg.get("n_recent") or 0)
+        selector = method_cfg.get("selector") or {}  # the tokens the method's selector protects at inference
+        self.n_sink = int(selector.get("n_sink") or 0)
+        self.n_recent = int(selector.get("n_recent") or 0)
         self.params = LKVParams(sig["n_layers"], sig["n_kv_heads"], sig["head_dim"], sig["hidden_size"],
                                 self.hp["width"], self.hp["use_hidden"], seed=seed)
         if not self.hp["learn_budgets"]:
@@ -498,7 +322,7 @@ class LKVLearner:
 
         qa = torch.tensor([batch.qa_ids], device=device)
         pos = torch.arange(n_ctx, n_ctx + len(batch.qa_ids), device=device)[None]
-        with mask_fns(modules, bias_fn):
+        with attention_masks(modules, bias_fn):
             out = model(input_ids=qa, position_ids=pos, **with_cache(copy_cache(cache, values)), use_cache=True)
         rate = torch.stack(keep_rate).mean()
         aux = {"budget": self.hp["budget_weight"] * (rate - keep_ratio) ** 2}

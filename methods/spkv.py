@@ -39,18 +39,22 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import attention_modules
+from harness.attention import attention_masks, attention_modules
 from harness.cache import RaggedKV, RaggedLayer
 from harness.compress import Allocator, LayerInputs, Scorer, register_allocator, register_scorer
 from harness.errors import KvbenchError
+from harness.learning import Learner, register_learner
+from harness.models import model_identity
 from harness.paths import check_tensors
 from harness.schema import Count, Fraction
-from methods.lkv import (CONFIG_FILE, check_model, check_shape, expand_heads, load_checkpoint, load_params, mask_fns,
-                         model_signature, params_file, resolve_checkpoint, stash_hidden)
+from methods._learned import (CONFIG_FILE, check_model, check_shape, expand_heads, load_checkpoint, load_params,
+                              params_file, resolve_checkpoint, stash_hidden)
 
 log = logging.getLogger("kvbench")
 MODEL_PREFIX = "model::"  # checkpoint tensors that replace model parameters (spkv.train_params)
@@ -130,6 +134,17 @@ def swapped_weights(model: nn.Module, tensors: dict[str, Tensor]):
                 named[name].copy_(t)
 
 
+@dataclass
+class GatedKV(RaggedKV):
+    """Per-head keys of a gated layer for a multi-token step, with each head's visibility (``[q_len, T_h]``,
+    True = attend): an entry of this step that left a query's window with a closed gate is not seen."""
+
+    masks: list[Tensor] = field(default_factory=list)
+
+    def head_mask(self, head: int, q_len: int) -> Tensor | None:
+        return self.masks[head][None, None]
+
+
 class GatedLayer(RaggedLayer):
     """A cache layer that evicts entries leaving the local window with a closed gate while decoding."""
 
@@ -159,7 +174,7 @@ class GatedLayer(RaggedLayer):
             # A multi-token step (the question after the context): query i also must not see an entry of this
             # step that left its window with a closed gate, exactly as the prefill's gated mask.
             masks = [visible(new_pos, p, g > self.threshold, self.window) for p, g in zip(self.positions, self.gates)]
-            keys = RaggedKV(keys.heads, masks)
+            keys = GatedKV(keys.heads, masks)
         return keys, values
 
 
@@ -175,7 +190,7 @@ class SPKVScorer(Scorer):
         self.window = int(window if window is not None else self.config["hparams"]["window"])
         self.threshold = float(threshold)
         if self.window < 1 or not 0.0 <= self.threshold < 1.0:
-            raise KvbenchError(f"method.window={self.window} / method.threshold={self.threshold}: need window >= 1, "
+            raise KvbenchError(f"method.scorer.window={self.window} / method.scorer.threshold={self.threshold}: need window >= 1, "
                                "0 <= threshold < 1")
         self.needs_hidden_states = self.params.feature == "hidden"
         self._gates: dict[int, Tensor] = {}
@@ -185,11 +200,11 @@ class SPKVScorer(Scorer):
 
     @property
     def where(self) -> str:
-        return f"method.checkpoint={self.checkpoint!r}"
+        return f"method.scorer.checkpoint={self.checkpoint!r}"
 
     def input_files(self) -> dict:
         """The files this part read (the runner fingerprints them so a run dir cannot mix two checkpoints)."""
-        return {"method.checkpoint": resolve_checkpoint(self.checkpoint, "spkv")}
+        return {"method.scorer.checkpoint": resolve_checkpoint(self.checkpoint, "spkv")}
 
     def bind_model(self, model: nn.Module) -> None:
         """Refuse a checkpoint made for another model (the runner calls this right after loading the model)."""
@@ -229,7 +244,7 @@ class SPKVScorer(Scorer):
             return expand_heads(gated_visible(u > self.threshold, self.window), query.shape[1])[None]
 
         try:
-            with swapped_weights(model, self.model_tensors), mask_fns(modules, mask_fn):
+            with swapped_weights(model, self.model_tensors), attention_masks(modules, mask_fn):
                 yield
         finally:
             for h in handles:
@@ -304,14 +319,13 @@ class SPKVAllocator(Allocator):
         return torch.stack([(s > self.threshold).sum(dim=-1).clamp_min(1) for s in scores]).long()
 
 
-class SPKVLearner:
+@register_learner("spkv")
+class SPKVLearner(Learner):
     """Training of the gate predictor (see the module docstring)."""
 
-    method = "spkv"
-
     def __init__(self, model: nn.Module, method_cfg: dict, hp: dict, seed: int = 0):
-        sig = model_signature(model)
-        self.window = int(method_cfg.get("window") or hp.get("window") or 64)
+        sig = model_identity(model)
+        self.window = int((method_cfg.get("scorer") or {}).get("window") or hp.get("window") or 64)
         self.hp = {"feature": str(hp.get("feature", "hidden")), "init_bias": float(hp.get("init_bias", 6.0)),
                    "sparsity_weight": float(hp.get("sparsity_weight", 0.2)), "window": self.window,
                    "sparsity_target": None if hp.get("sparsity_target") is None else float(hp["sparsity_target"]),
@@ -364,7 +378,7 @@ class SPKVLearner:
             return expand_heads(bias, query.shape[1])[None].to(query.dtype)
 
         try:
-            with mask_fns(modules, bias_fn):
+            with attention_masks(modules, bias_fn):
                 out = model(input_ids=torch.tensor([ids], device=device),
                             position_ids=torch.arange(n, device=device)[None], use_cache=False)
         finally:

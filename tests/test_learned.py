@@ -13,11 +13,11 @@ from harness.cache import RaggedLayer, kept_per_head
 from harness.compat import cache_of
 from harness.compress import n_keep
 from harness.errors import KvbenchError
-from harness.models import build_tiny
+from harness.models import build_tiny, model_identity
 from harness.pipeline import run_sample
 from harness.train import Batch, Example, prepare, random_example, step_loss
-from methods.lkv import (LKVLearner, LKVParams, hard_budgets, keep_logprobs, load_checkpoint, model_signature,
-                         save_checkpoint, share_out, soft_budgets, stash_hidden)
+from methods._learned import load_checkpoint, save_checkpoint, stash_hidden
+from methods.lkv import LKVLearner, LKVParams, hard_budgets, keep_logprobs, share_out, soft_budgets
 from methods.spkv import GatedLayer, SPKVLearner, SPKVParams
 
 CTX = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -25,9 +25,7 @@ QUESTION = torch.randint(3, 250, (7,), generator=torch.Generator().manual_seed(2
 
 
 def method_cfg(name, **overrides):
-    base = OmegaConf.to_container(OmegaConf.load("conf/method/_common.yaml"))
-    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f"conf/method/{name}.yaml")).items() if k != "defaults"}
-    return {**base, **own, **overrides}
+    return methods.config(name, **overrides)
 
 
 def batch_for(model, ex, want_hidden=False):
@@ -35,7 +33,7 @@ def batch_for(model, ex, want_hidden=False):
 
 
 def info(model):
-    return {"name": "tiny-random", "path": None, "family": "llama", **model_signature(model)}
+    return {"name": "tiny-random", "path": None, "family": "llama", **model_identity(model)}
 
 
 # ---------------------------------------------------------------------------------------------- LKV pieces
@@ -47,6 +45,15 @@ def test_share_out_is_exact_and_capped():
     b = hard_budgets(torch.tensor([[8.0, 0.0], [0.0, 0.0]]), 50, 0.3, min_budget=1)
     assert int(b.sum()) == 4 * n_keep(50, 0.3) and int(b.max()) == 50
     assert hard_budgets(torch.zeros(3, 2), 97, 0.15).tolist() == [[n_keep(97, 0.15)] * 2] * 3
+
+
+def test_hard_budgets_when_min_budget_and_cap_both_bind():
+    # 4 heads, T = 9, keep 0.1 -> 1 entry each, but min_budget 4: the total becomes 4 x 4 and every head keeps 4
+    # (the water-filling capped the large share at 9 first; its rounding used to fail with "selected index k
+    # out of range")
+    assert hard_budgets(torch.tensor([[0.0, 0.0], [0.0, 2.0]]), 9, 0.1, min_budget=4).tolist() == [[4, 4], [4, 4]]
+    b = hard_budgets(torch.tensor([[6.0, 0.0, -3.0], [0.0, 1.0, 5.0]]), 40, 0.25, min_budget=8)
+    assert int(b.sum()) == 6 * n_keep(40, 0.25) and int(b.min()) >= 8 and int(b.max()) <= 40
 
 
 def test_keep_probabilities_match_budget_with_implicit_gradient():
@@ -77,7 +84,7 @@ def test_lkv_gradients_reach_scorer_and_budget_parameters(tiny_llama):
 
 
 def _lkv_checkpoint(model, tmp_path, seed=3):
-    sig = model_signature(model)
+    sig = model_identity(model)
     params = LKVParams(sig["n_layers"], sig["n_kv_heads"], sig["head_dim"], sig["hidden_size"], 8, False, seed=seed)
     with torch.no_grad():
         params.budget_logits.copy_(torch.randn(params.budget_logits.shape, generator=torch.Generator().manual_seed(seed)))
@@ -110,7 +117,7 @@ def test_lkv_inference_keeps_top_b_of_learned_scores_with_learned_budgets(tiny_l
 
 # ---------------------------------------------------------------------------------------------- SP-KV
 def _spkv_checkpoint(model, tmp_path, window=16):
-    sig = model_signature(model)
+    sig = model_identity(model)
     params = SPKVParams(sig["n_layers"], sig["n_kv_heads"], sig["hidden_size"], "hidden", 0.0)
     with torch.no_grad():  # gates spread around the threshold
         params.w.copy_(torch.randn(params.w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
@@ -266,7 +273,7 @@ def test_checkpoint_round_trips_and_training_resumes(tmp_path, name):
     from harness.train import train
 
     out = tmp_path / name
-    extra = {"lkv.width": 8} if name == "lkv" else {"method.window": 16}
+    extra = {"lkv.width": 8} if name == "lkv" else {"method.scorer.window": 16}
     train(_train_cfg(name, out, 2, **extra))
     first = load_checkpoint(out, name)[1]
     config = train(_train_cfg(name, out, 3, **extra))  # resumes at step 2
@@ -285,8 +292,8 @@ def test_checkpoint_for_another_model_is_refused(tiny_llama, tmp_path, name):
     (_lkv_checkpoint if name == "lkv" else _spkv_checkpoint)(model, tmp_path)
     m = methods.build_method(method_cfg(name, checkpoint=str(tmp_path)))
     other, _ = build_tiny("llama", num_hidden_layers=3)
-    for part in (m.scorer, m.allocator):  # the runner binds the model first
-        if hasattr(part, "bind_model"):
+    for part in m.parts:  # the runner binds the model first; every part that read the checkpoint refuses
+        if part.input_files():
             with pytest.raises(KvbenchError, match="was trained for model tiny-random"):
                 part.bind_model(other)
     with install(other) as hooks, pytest.raises(KvbenchError, match="was trained for model tiny-random"):
@@ -301,3 +308,43 @@ def test_training_into_a_dir_of_another_model_is_refused(tmp_path):
     train(_train_cfg("lkv", tmp_path, 1, **{"lkv.width": 8}))
     with pytest.raises(KvbenchError, match="checkpoint for model tiny-random .*model_type"):
         train(_train_cfg("lkv", tmp_path, 2, **{"lkv.width": 8, "model.family": "qwen3"}))
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_learners_are_found_by_method_name():
+    from harness.learning import LEARNERS, Learner, register_learner
+    from harness.train import learners
+
+    assert learners() == {"lkv": LKVLearner, "spkv": SPKVLearner}
+    assert LKVLearner.method == "lkv" and issubclass(SPKVLearner, Learner)
+
+    @register_learner("toy")
+    class Toy(Learner):
+        pass
+
+    try:
+        assert learners()["toy"] is Toy and Toy.method == "toy"
+    finally:
+        del LEARNERS["toy"]
+
+
+def test_checkpoint_of_other_weights_is_refused_and_older_checkpoints_still_bind(tmp_path):
+    from methods.lkv import LKVScorer
+
+    model, _ = build_tiny("llama")
+    _lkv_checkpoint(model, tmp_path)
+    LKVScorer(checkpoint=str(tmp_path)).bind_model(model)
+    tuned, _ = build_tiny("llama")  # the same architecture, other weights (e.g. a fine-tune)
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight.mul_(1.1)
+    with pytest.raises(KvbenchError, match="was trained for model tiny-random .another model: weights fingerprint") as err:
+        LKVScorer(checkpoint=str(tmp_path)).bind_model(tuned)
+    assert "\n" not in str(err.value)
+    # config.json of an earlier version: no n_heads / config_hash; the facts it has are the same, so it binds
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("n_heads", "config_hash"):
+        del config["model"][key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    LKVScorer(checkpoint=str(tmp_path)).bind_model(model)
+    with pytest.raises(KvbenchError, match="weights fingerprint"):
+        LKVScorer(checkpoint=str(tmp_path)).bind_model(tuned)

@@ -229,7 +229,7 @@ def test_run_and_report_files_follow_the_umask(tmp_path, umask):
 
 
 def test_profile_file_follows_the_umask(tmp_path, umask):
-    from harness.profile import Profile, save_profile
+    from harness.profiles import Profile, save_profile
 
     umask(0o027)
     prof = Profile(budgets=torch.ones(2, 1, 1), ratios=torch.tensor([0.5, 1.0]), meta={"model": "m"})
@@ -409,7 +409,7 @@ def test_train_state_round_trips_optimizer_and_rngs(tmp_path):
 
 def test_learned_method_resume_equals_an_uninterrupted_run(tmp_path, umask):
     from test_learned import _train_cfg
-    from methods.lkv import load_checkpoint
+    from methods._learned import load_checkpoint
 
     from harness.train import STATE_FILE, train
 
