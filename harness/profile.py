@@ -211,7 +211,7 @@ def calibration_prompts(tokenizer, cfg, n_samples: int | None, context_length: i
         except KeyError:
             raise KvbenchError(f"task={task_name!r} is not a task kvbench-profile can calibrate on; allowed: random, "
                                f"{', '.join(tasks.available())}") from None
-        encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
+        encoder = PromptEncoder.for_task(tokenizer, task, chat)
         out = []
         for sample in task.samples(encoder, context_length, n_samples, seed):
             ctx, q = encoder.encode_sample(sample)

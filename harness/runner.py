@@ -53,8 +53,7 @@ def normalized(cfg: DictConfig, settings: RunSettings, method=None) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if method is not None:  # the method's own values as checked (a preset's values are not written in)
         resolved["method"] = {k: method.config.get(k, v) for k, v in resolved["method"].items()}
-    for key in ("query_aware", "overwrite", "progress"):
-        resolved[key] = getattr(settings, key)
+    resolved.update(settings.model_dump(include={"query_aware", "overwrite", "progress"}))
     resolved.pop("compression_ratio", None)
     resolved["keep_ratio"] = [recorded_ratio(r) for r in settings.keep_ratio]
     resolved["model"]["chat"] = settings.model.chat
@@ -205,13 +204,12 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(cfg.model)
     method.bind_model(model)  # a checkpoint or profile made for another model is refused
-    chat = settings.model.chat and getattr(tokenizer, "chat_template", None) is not None
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     loaded = []
     for name in task_names:
         suite = None if name == cfg.task.name else str(cfg.task.name)  # a suite's data_dir is for those that read
         task = tasks.get_task(name, suite=suite, **task_params(cfg.task))
-        encoder = PromptEncoder(tokenizer, chat=chat and not getattr(task, "skip_chat_template", False))
+        encoder = PromptEncoder.for_task(tokenizer, task, settings.model.chat)
         samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
         for sample in samples:
             n_tokens = encoder.count_sample(sample)

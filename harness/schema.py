@@ -258,7 +258,8 @@ def check_params(kind: str, cls: type, params: dict[str, Any]) -> dict[str, Any]
         checked = model.model_validate(params)
     except ValidationError as err:
         raise to_error(err, params, prefix=kind, known=model.model_fields) from None
-    return {k: getattr(checked, k) for k in params}
+    values = dict(checked)  # the checked fields as they are (a model's iteration: field name, value)
+    return {k: values[k] for k in params}
 
 
 class TrainData(BaseModel):

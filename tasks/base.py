@@ -59,6 +59,13 @@ class PromptEncoder:
         self.chat = chat
         self.system_prompt = system_prompt
 
+    @classmethod
+    def for_task(cls, tokenizer, task: "Task", chat: bool) -> "PromptEncoder":
+        """The encoder a task's prompts are built with: the chat layout when asked for (``model.chat``), the
+        tokenizer has a chat template and the task does not opt out (``Task.skip_chat_template``)."""
+        template = getattr(tokenizer, "chat_template", None)  # a transformers tokenizer attribute, None when absent
+        return cls(tokenizer, chat=bool(chat) and template is not None and not task.skip_chat_template)
+
     def _wrap(self, context: str, question: str, answer_prefix: str = "") -> tuple[str, str]:
         """The text of the context part and of the question part (answer prefix included)."""
         if not self.chat:
@@ -128,6 +135,9 @@ class Task(ABC):
     # data_dir is for the members that read it. A class serving several tasks (RULER's NiahTask) may set it
     # per instance, before ``Task.__init__``.
     reads_data: bool = False
+    # Whether the task's prompt is used raw even for a chat model (LongBench's few-shot and code tasks, as its
+    # official pred.py does): ``PromptEncoder.for_task`` then skips the chat template.
+    skip_chat_template: bool = False
     # Whether the task is a fixed set of records, so that ``n_samples=None`` means all of them (LongBench). A task
     # that generates its samples (RULER) has no "all" and refuses None (``samples`` of every subclass is checked).
     finite: bool = False
