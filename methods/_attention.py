@@ -1,4 +1,5 @@
-"""Attention probabilities recomputed from captured queries and keys, for scorers that need them.
+"""Attention probabilities recomputed from captured queries and keys, for scorers that need them, and the
+reductions scorers apply to them (GQA groups, 1-D pooling).
 
 sdpa returns no attention weights and eager materialises all of them at once; scorers need only some
 rows (SnapKV's window, TOVA's last query) or column sums (H2O), computed here in query chunks.
@@ -6,6 +7,7 @@ rows (SnapKV's window, TOVA's last query) or column sums (H2O), computed here in
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -41,3 +43,15 @@ def per_kv_head(scores: Tensor, n_kv: int, reduce: str = "mean") -> Tensor:
     batch, n_q, n_tokens = scores.shape
     grouped = scores.reshape(batch, n_kv, n_q // n_kv, n_tokens)
     return grouped.mean(dim=2) if reduce == "mean" else grouped.sum(dim=2)
+
+
+def pool_scores(scores: Tensor, kernel: int, pool: str) -> Tensor:
+    """``[B, H, T]`` scores smoothed along the sequence by a 1-D pool of ``kernel`` (stride 1, same length for
+    an odd kernel): ``max`` (-inf padding) or ``avg`` (zero padding counted, as AvgPool1D's default), as SnapKV's
+    official code and kvpress pool. A kernel of 1 (or no tokens) leaves them as they are."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    pad = kernel // 2
+    if pool == "max":
+        return F.max_pool1d(scores, kernel, stride=1, padding=pad)
+    return F.avg_pool1d(scores, kernel, stride=1, padding=pad)

@@ -29,6 +29,7 @@ from torch import Tensor
 from harness.compress import KVPRESS_COUNTS_ONLY, LayerInputs, Scorer, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative, NonNegativeFloat
+from methods._attention import per_kv_head
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -72,7 +73,7 @@ def expected_scores(keys: Tensor, values: Tensor, mu: Tensor, cov: Tensor | None
     logits = torch.einsum("bhnd,bhd->bhn", k, mu) / math.sqrt(d)
     if cov is not None:
         logits = logits + ((k @ cov) * k).sum(dim=-1) / d / 2
-    probs = logits.softmax(dim=-1).reshape(batch, n_kv, group, n_tokens).mean(dim=2)
+    probs = per_kv_head(logits.softmax(dim=-1), n_kv)
     if use_vnorm:
         probs = (probs + epsilon) * values.float().norm(dim=-1)
     return probs
