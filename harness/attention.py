@@ -119,6 +119,15 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def stash_hidden(modules: list[nn.Module], store: dict[int, Tensor]) -> list:
+    """Forward pre-hooks saving each attention module's input hidden states into ``store[layer]`` (for scorers
+    that read them, and learners); returns the handles to remove."""
+    def hook(module, args, kwargs):
+        store[module.layer_idx] = kwargs.get("hidden_states", args[0] if args else None)
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+
+
 class Hooks:
     """Per-run state shared by the attention modules: the active scorer and what it produced."""
 
@@ -142,8 +151,7 @@ class Hooks:
         self.hidden = {}
         self.score_seconds = 0.0
         if scorer is not None and scorer.needs_hidden_states:
-            for m in self.modules:
-                self._handles.append(m.register_forward_pre_hook(self._stash_hidden, with_kwargs=True))
+            self._handles += stash_hidden(self.modules, self.hidden)
         try:
             yield self
         finally:
@@ -152,10 +160,6 @@ class Hooks:
             for h in self._handles:
                 h.remove()
             self._handles = []
-
-    def _stash_hidden(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self.hidden[module.layer_idx] = hidden
 
     def on_prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> None:
         start = time.perf_counter()

@@ -237,8 +237,9 @@ def prepare(model, modules, ex: Example, max_new: int, eos: set[int], want_hidde
     """Full-cache prefill of the context and the teacher's logits (and continuation) after the question."""
     from transformers import DynamicCache
 
+    from harness.attention import stash_hidden
     from harness.pipeline import greedy
-    from methods._learned import copy_cache, stash_hidden
+    from methods._learned import copy_cache
 
     device = model.device
     n_ctx = len(ex.ctx_ids)

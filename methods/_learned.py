@@ -124,14 +124,6 @@ def check_shape(config: dict, n_layers: int, n_heads: int, where: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Training-time helpers (the learners and kvbench-train)
 # --------------------------------------------------------------------------------------------------------
-def stash_hidden(modules: list[nn.Module], store: dict[int, Tensor]):
-    """Forward pre-hooks saving each attention module's input hidden states into ``store[layer]``."""
-    def hook(module, args, kwargs):
-        store[module.layer_idx] = kwargs.get("hidden_states", args[0] if args else None)
-
-    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-
-
 def copy_cache(cache, values: list[Tensor] | None = None):
     """A new DynamicCache sharing the keys (and the values, unless ``values`` replaces them)."""
     from transformers import DynamicCache

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import attention_masks, attention_modules
+from harness.attention import attention_masks, attention_modules, stash_hidden
 from harness.cache import RaggedKV, RaggedLayer
 from harness.compress import Allocator, LayerInputs, Scorer, register_allocator, register_scorer
 from harness.errors import KvbenchError
@@ -54,7 +54,7 @@ from harness.models import model_identity
 from harness.paths import check_tensors
 from harness.schema import Count, Fraction
 from methods._learned import (CONFIG_FILE, check_model, check_shape, expand_heads, load_checkpoint, load_params,
-                              params_file, resolve_checkpoint, stash_hidden)
+                              params_file, resolve_checkpoint)
 
 log = logging.getLogger("kvbench")
 MODEL_PREFIX = "model::"  # checkpoint tensors that replace model parameters (spkv.train_params)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import methods
-from harness.attention import attention_modules, install
+from harness.attention import attention_modules, install, stash_hidden
 from harness.cache import RaggedLayer, kept_per_head
 from harness.compat import cache_of
 from harness.compress import n_keep
@@ -16,7 +16,7 @@ from harness.errors import KvbenchError
 from harness.models import build_tiny, model_identity
 from harness.pipeline import run_sample
 from harness.train import Batch, Example, prepare, random_example, step_loss
-from methods._learned import load_checkpoint, save_checkpoint, stash_hidden
+from methods._learned import load_checkpoint, save_checkpoint
 from methods.lkv import LKVLearner, LKVParams, hard_budgets, keep_logprobs, share_out, soft_budgets
 from methods.spkv import GatedLayer, SPKVLearner, SPKVParams
 
