@@ -26,7 +26,9 @@ SCORERS: dict[str, type] = {}
 ALLOCATORS: dict[str, type] = {}
 
 
-def _registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
+def registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
+    """A class decorator factory: ``@register(name)`` puts the class in ``registry`` under ``name`` and sets its
+    ``registered_name`` (scorers and allocators here, learners in harness.learning)."""
     def register(name: str) -> Callable[[type], type]:
         def deco(cls: type) -> type:
             registry[name] = cls
@@ -38,8 +40,8 @@ def _registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], ty
     return register
 
 
-register_scorer = _registrar(SCORERS)
-register_allocator = _registrar(ALLOCATORS)
+register_scorer = registrar(SCORERS)
+register_allocator = registrar(ALLOCATORS)
 
 
 @dataclass

@@ -15,27 +15,20 @@ conf/train.yaml) and is asked for what ``Learner`` below lists.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor, nn
 
+from harness.compress import registrar
+
 LEARNERS: dict[str, type] = {}
-
-
-def register_learner(name: str) -> Callable[[type], type]:
-    """Class decorator: ``cls`` is the learner of method ``name`` (``cls.method = name``)."""
-    def deco(cls: type) -> type:
-        LEARNERS[name] = cls
-        cls.method = name
-        return cls
-
-    return deco
+register_learner = registrar(LEARNERS)  # ``@register_learner(name)``: the learner of method ``name``
 
 
 class Learner:
     """What kvbench-train uses of a learner (subclasses implement the methods and set the attributes)."""
 
-    method = ""  # the method name it is registered under (set by ``register_learner``)
+    registered_name = ""  # the method it trains (set by ``register_learner``)
     needs_hidden = False  # True: the trainer's full-cache prefill stores each layer's input hidden states
     default_lr = 1e-3  # the learning rate when the train config sets none
 

@@ -316,14 +316,14 @@ def test_learners_are_found_by_method_name():
     from harness.train import learners
 
     assert learners() == {"lkv": LKVLearner, "spkv": SPKVLearner}
-    assert LKVLearner.method == "lkv" and issubclass(SPKVLearner, Learner)
+    assert LKVLearner.registered_name == "lkv" and issubclass(SPKVLearner, Learner)
 
     @register_learner("toy")
     class Toy(Learner):
         pass
 
     try:
-        assert learners()["toy"] is Toy and Toy.method == "toy"
+        assert learners()["toy"] is Toy and Toy.registered_name == "toy"
     finally:
         del LEARNERS["toy"]
 
