@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.attention import attention_masks
+from harness.cache import bottom_right_causal
 from harness.compat import with_cache
 from harness.compress import (Allocator, LayerInputs, Scorer, n_keep, register_allocator, register_scorer,
                               round_to_total)
@@ -317,8 +318,7 @@ class LKVLearner(Learner):
             bias = torch.zeros(1, n_q, q_len, kv_len, dtype=query.dtype, device=query.device)
             if use_bias:
                 bias = bias + F.pad(expand_heads(lp, n_q), (0, kv_len - n_ctx))[None, :, None, :].to(query.dtype)
-            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-            return bias.masked_fill(~causal, float("-inf"))
+            return bias.masked_fill(~bottom_right_causal(q_len, kv_len, query.device), float("-inf"))
 
         qa = torch.tensor([batch.qa_ids], device=device)
         pos = torch.arange(n_ctx, n_ctx + len(batch.qa_ids), device=device)[None]
