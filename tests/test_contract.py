@@ -61,3 +61,36 @@ def test_no_module_writes_a_private_attribute_onto_model_modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
                 assert not node.attr.startswith("_kvbench"), f"{path.relative_to(ROOT)}:{node.lineno} {node.attr}"
+
+
+def test_a_new_scorer_with_alpha_and_window_gets_its_own_defaults():
+    """Parameters do not leak between parts: a scorer's ``alpha`` / ``window`` are its own, AdaKV's alpha and
+    window are AdaKV's, and a typo in a part's key is one line naming the part's keys."""
+    import pytest
+
+    import methods
+    from harness.compress import SCORERS, register_scorer
+    from harness.errors import KvbenchError
+
+    @register_scorer("test_alpha_window")
+    class AlphaWindowScorer(Scorer):
+        def __init__(self, alpha: float = 1.0, window: int = 7):
+            self.alpha, self.window = alpha, window
+
+        def score(self, inputs):
+            return None
+
+    try:
+        m = methods.build_method({"name": "snapkv", "scorer": {"name": "test_alpha_window"},
+                                  "allocator": {"name": "adakv"}})
+        assert (m.scorer.alpha, m.scorer.window) == (1.0, 7)
+        assert (m.allocator.alpha, m.allocator.window) == (0.2, 0)
+        m = methods.build_method({"name": "snapkv", "scorer": {"name": "test_alpha_window", "alpha": 3.0},
+                                  "allocator": {"name": "adakv", "alpha": 0.5}})
+        assert (m.scorer.alpha, m.allocator.alpha) == (3.0, 0.5)
+        with pytest.raises(KvbenchError) as err:
+            methods.build_method({"name": "snapkv", "scorer": {"name": "test_alpha_window", "alpah": 2.0}})
+        line = str(err.value)
+        assert "\n" not in line and "method.scorer.alpah" in line and "keys: alpha, window" in line
+    finally:
+        SCORERS.pop("test_alpha_window")
