@@ -20,10 +20,11 @@ import signal
 import sys
 from pathlib import Path
 
+import conf
+from conf import CONF_DIR
 from harness.errors import KvbenchError
 from harness.overrides import PASS_THROUGH, Composer, aliases, expand_jobs, is_multirun, split_argv
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "paper", "paper_model")
 
 
@@ -61,12 +62,8 @@ def interrupts_reported(prog: str, done: callable = lambda: None):
 
 
 def group_options(group: str) -> list[str]:
-    root = CONF_DIR / group
-    if not root.is_dir():
-        return []
-    # conf/method/{scorer,allocator}/ are the parts' own groups (method/scorer=...), not methods
-    files = root.glob("*.yaml") if group == "method" else root.rglob("*.yaml")
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in files if not p.name.startswith("_"))
+    """The choices of a group: the shipped configs' and the user config dirs' (``conf.options``)."""
+    return conf.options(group)
 
 
 PART_GROUPS = ("method/scorer", "method/allocator")  # a method's parts (method.scorer=<name> is the same)
@@ -161,10 +158,25 @@ _register_resolvers()
 
 
 class Sweep:
-    """Jobs of this process's sweep that failed: (their overrides, the error line). A job run by another process
-    (a cluster launcher) raises instead, so that its launcher reports it."""
+    """This process's command: the runs it finished (``{"dir", "overrides", "metrics"}``), the jobs of a sweep
+    that failed (their overrides, the error line) and the error of a single run. A job run by another process (a
+    cluster launcher) raises instead, so that its launcher reports it."""
     main_pid: int | None = None
+    runs: list[dict] = []
     failed: list[tuple[str, str]] = []
+    error: KvbenchError | None = None
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.main_pid, cls.runs, cls.failed, cls.error = os.getpid(), [], [], None
+
+
+class SweepFailed(KvbenchError):
+    """Some jobs of a sweep failed, the others finished: ``result`` holds what ``execute`` returns for them."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
 
 
 def _app(cfg) -> None:
@@ -175,18 +187,22 @@ def _app(cfg) -> None:
     from harness.summary import print_metrics
 
     hydra_cfg = HydraConfig.get()
+    conf.set_user_dirs(hydra_cfg.searchpath or [])  # a job in its own process: the command's config dirs
     out_dir = hydra_cfg.runtime.output_dir
+    job = list(hydra_cfg.overrides.task)
     try:
         metrics = run(cfg, out_dir)
     except KvbenchError as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            fail(str(err))
-        job = ",".join(hydra_cfg.overrides.task) or "defaults"
-        print(f"kvbench: error: job {job}: {err}", file=sys.stderr)
+            Sweep.error = err  # raised by ``execute`` once Hydra has returned
+            return
+        label = ",".join(job) or "defaults"
+        print(f"kvbench: error: job {label}: {err}", file=sys.stderr)
         if os.getpid() != Sweep.main_pid:
             raise
-        Sweep.failed.append((job, str(err)))
+        Sweep.failed.append((label, str(err)))
         return
+    Sweep.runs.append({"dir": str(out_dir), "overrides": job, "metrics": metrics})
     print_metrics(metrics, out_dir)
 
 
@@ -208,36 +224,113 @@ def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
         raise errors[0]
 
 
-def hydra_command(prog: str, config_name: str, app, check, argv: list[str] | None, done=lambda: "") -> None:
-    """The entry of a Hydra command (kvbench, kvbench-train): overrides checked first, then Hydra runs ``app``;
-    interrupts and bad input end it with one line."""
-    argv = aliases(sys.argv[1:] if argv is None else list(argv))  # method.allocator=adakv -> method/allocator=adakv
-    sys.argv = [sys.argv[0], *argv]  # hydra.main reads sys.argv
+_SEARCHPATH = re.compile(r"^\+{0,2}hydra\.searchpath=(.*)$")
+
+
+def config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv without them, the user config dirs)``: Hydra's ``--config-dir DIR`` (``-cd DIR``,
+    ``--config-dir=DIR``) and ``hydra.searchpath=[file://DIR, pkg://package, ...]``. They are added after the
+    shipped configs (``conf.search_path``) for the preflight, the names it checks and Hydra alike."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    rest, dirs = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-cd", "--config-dir"):
+            value = next(args, "")
+            if not value:
+                raise KvbenchError(f"{arg} needs a directory")
+            dirs.append(value)
+        elif arg.startswith(("--config-dir=", "-cd=")):
+            dirs.append(arg.split("=", 1)[1])
+        elif _SEARCHPATH.match(arg):
+            try:
+                value = OverridesParser.create().parse_overrides([arg])[0].value()
+            except HydraException:
+                value = None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise KvbenchError(f"{arg}: hydra.searchpath must be a list of dirs, e.g. "
+                                   "hydra.searchpath=[file://my_conf]")
+            dirs.extend(value)
+        else:
+            rest.append(arg)
+    return rest, dirs
+
+
+def run_hydra(config_name: str, app, check, argv: list[str]) -> None:
+    """One Hydra command (kvbench, kvbench-train) on ``argv`` (aliases already expanded): the user's config dirs
+    added, every job composed and checked first (``KvbenchError``), then Hydra runs ``app``. ``sys.argv`` comes
+    back as it was (the library calls this too)."""
+    argv, dirs = config_dirs(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with interrupts_reported(prog, done):
+    with conf.using(dirs):
         overrides, flags = split_argv(argv)
         if not PASS_THROUGH & set(flags):
-            try:
-                check_group_overrides(overrides)
-                check_output_dir(overrides)
-                preflight(overrides, is_multirun(argv), config_name, check)
-            except KvbenchError as err:
-                fail(str(err), prog=prog)
+            check_group_overrides(overrides)
+            check_output_dir(overrides)
+            preflight(overrides, is_multirun(argv), config_name, check)
         import hydra
 
-        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(app)()
+        saved = sys.argv
+        sys.argv = [sys.argv[0] if sys.argv else "kvbench", *argv, *conf.searchpath_override()]  # hydra reads it
+        try:
+            hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(app)()
+        finally:
+            sys.argv = saved
+
+
+def hydra_command(prog: str, config_name: str, app, check, argv: list[str] | None, done=lambda: "") -> None:
+    """The entry of a Hydra command (kvbench-train): ``run_hydra``, with interrupts and bad input ending it with
+    one line."""
+    argv = aliases(sys.argv[1:] if argv is None else list(argv))  # method.allocator=adakv -> method/allocator=adakv
+    with interrupts_reported(prog, done):
+        try:
+            run_hydra(config_name, app, check, argv)
+        except KvbenchError as err:
+            fail(str(err), prog=prog)
+
+
+def execute(argv: list[str]) -> dict:
+    """What ``kvbench ARGS`` does, as a function (``kvbench.run`` and the command both call it): every job
+    checked, then run by Hydra into its run dir. Returns ``{"runs": [{"dir", "overrides", "metrics"}, ...],
+    "failed": []}`` (the runs this process made, in order); bad input raises ``KvbenchError`` with the line the
+    command prints, before any dir is touched; a sweep whose some jobs failed raises ``SweepFailed`` after the
+    others finished (its ``result`` lists both)."""
+    from harness.runner import check_config
+
+    Sweep.reset()
+    run_hydra("config", _app, check_config, aliases(list(argv)))  # method.allocator=adakv -> method/allocator=adakv
+    if Sweep.error is not None:
+        raise Sweep.error
+    result = {"runs": list(Sweep.runs), "failed": [{"job": job, "error": err} for job, err in Sweep.failed]}
+    if Sweep.failed:
+        jobs = "; ".join(job for job, _ in Sweep.failed)
+        raise SweepFailed(f"{len(Sweep.failed)} job(s) of the sweep failed (the others finished): {jobs}", result)
+    return result
+
+
+def version() -> str:
+    from kvbench import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> None:
-    from harness.runner import RowCounter, check_config
+    """``kvbench``: ``execute`` with one line and exit status 2 for bad input, and one line for an interrupt."""
+    from harness.runner import RowCounter
 
-    Sweep.main_pid, Sweep.failed = os.getpid(), []
-    hydra_command("kvbench", "config", _app, check_config, argv, lambda: f" after {RowCounter.written} new rows")
-    if Sweep.failed:
-        jobs = "; ".join(job for job, _ in Sweep.failed)
-        fail(f"{len(Sweep.failed)} job(s) of the sweep failed (the others finished): {jobs}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in split_argv(argv)[1]:
+        print(f"kvbench {version()}")
+        return
+    with interrupts_reported("kvbench", lambda: f" after {RowCounter.written} new rows"):
+        try:
+            execute(argv)
+        except KvbenchError as err:
+            fail(str(err))
 
 
 def report_main() -> None:

@@ -16,9 +16,9 @@ VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-
                "--experimental-rerun", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 # Flags after which Hydra composes nothing we run (help, printing the config) or composes from another config
 # dir: the preflight leaves those commands to Hydra.
+# (``--config-dir`` is not one: it adds a user config dir to the search path, see harness.cli.config_dirs.)
 PASS_THROUGH = {"-h", "--help", "-hh", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc",
-                "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                "--experimental-rerun"}
+                "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 MAX_JOBS = 10_000
 
@@ -159,9 +159,11 @@ class Composer:
         GlobalHydra.instance().clear()
 
     def _compose(self, overrides: list[str]):
+        import conf
         from hydra import compose as hydra_compose
 
-        return hydra_compose(config_name=self.config_name, overrides=overrides)
+        # the user's config dirs (``--config-dir``, ``kvbench.add_config_dir``) after the shipped ones
+        return hydra_compose(config_name=self.config_name, overrides=[*overrides, *conf.searchpath_override()])
 
     def compose(self, overrides: list[str]):
         from hydra.errors import HydraException

@@ -301,7 +301,8 @@ def run(argv: list[str]) -> Path:
     from omegaconf import OmegaConf
 
     import methods
-    from harness.cli import CONF_DIR, check_group_overrides
+    from conf import CONF_DIR
+    from harness.cli import check_group_overrides
     from harness.models import load_model
     from harness.overrides import Composer
     from harness.schema import to_error, validate

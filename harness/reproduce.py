@@ -32,8 +32,7 @@ from pathlib import Path
 
 from harness.errors import KvbenchError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-REPO = CONF_DIR.parent
+from conf import CONF_DIR
 
 
 def presets() -> list[str]:

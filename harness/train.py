@@ -45,7 +45,6 @@ from harness.io import atomic_save, atomic_write_text
 from harness.paths import read_json_object
 
 log = logging.getLogger("kvbench.train")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STATE_FILE, HISTORY_FILE = "train_state.safetensors", "history.jsonl"
 
 

@@ -9,13 +9,13 @@ import difflib
 import importlib
 import inspect
 import pkgutil
-from pathlib import Path
 from typing import Any
 
 from typing import Annotated
 
 from pydantic import BaseModel, Field, ValidationError
 
+import conf
 from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method, Selector
 from harness.errors import KvbenchError
 from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
@@ -168,12 +168,23 @@ def _file_parts(name: str) -> tuple[dict[str, str], dict[str, dict]]:
     """A method config file's own part choices (its defaults list) and the part values it sets itself."""
     from omegaconf import OmegaConf
 
-    path = CONF_DIR / f"{name}.yaml"
-    if not isinstance(name, str) or not path.is_file():
+    path = conf.find("method", name) if isinstance(name, str) else None
+    if path is None:
         return {}, {}
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     choices = {k: v for entry in raw.get("defaults") or [] if isinstance(entry, dict) for k, v in entry.items()}
     return choices, {kind: raw.get(kind) or {} for kind in PART_KINDS}
+
+
+def _part_name(node: Any) -> str | None:
+    return node if isinstance(node, str) else node.get("name") if isinstance(node, dict) else None
+
+
+def _file_label(name: str) -> str | None:
+    from omegaconf import OmegaConf
+
+    path = conf.find("method", name) if isinstance(name, str) else None
+    return OmegaConf.load(path).get("label") if path is not None else None
 
 
 def _drop_stale(configured: dict, unresolved: dict) -> dict:
@@ -181,6 +192,13 @@ def _drop_stale(configured: dict, unresolved: dict) -> dict:
     the values the method file set for the part it chose (lkv's ``min_budget``) are dropped where the new part
     does not take them, unless they were changed (a typed value for the wrong part is still an error)."""
     choices, own = _file_parts(configured.get("name"))
+    swapped = [kind for kind in PART_KINDS if kind in choices and _part_name(configured.get(kind)) != choices[kind]]
+    if swapped and configured.get("label") == _file_label(configured.get("name")):
+        # The file's label names the file's parts: rows of another composition are named by their parts
+        # (method=snapkv method.scorer=tova -> tova; method=lkv method.scorer=snapkv -> snapkv+lkv).
+        scorer, allocator = _part_name(configured.get("scorer")), _part_name(configured.get("allocator")) or "uniform"
+        label = scorer or configured.get("name")
+        configured["label"] = label if allocator == "uniform" or not scorer else f"{label}+{allocator}"
     for kind, values in own.items():
         node = configured.get(kind)
         if not isinstance(node, dict) or choices.get(kind) in (None, node.get("name")):
@@ -229,12 +247,9 @@ def build_method(cfg) -> Method:
     )
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
-
-
 def config_names() -> list[str]:
-    """The method configs of ``conf/method/`` (``method=<name>``)."""
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.name.startswith("_"))
+    """The method configs (``method=<name>``): ``conf/method/`` and the user's config dirs (``conf.options``)."""
+    return conf.options("method")
 
 
 def config(name: str, *overrides: str, **values: Any) -> dict:
@@ -258,7 +273,7 @@ def config(name: str, *overrides: str, **values: Any) -> dict:
     load_all()
     given = [f"method.{o}" for o in overrides]
     given += [f"method.{kind}={values.pop(kind)}" for kind in list(PART_KINDS) if isinstance(values.get(kind), str)]
-    with Composer(CONF_DIR.parent, "config") as composer:
+    with Composer(conf.CONF_DIR, "config") as composer:
         cfg = OmegaConf.to_container(composer.compose([f"method={name}", *given]).method, resolve=False)
     for key, value in values.items():
         if key in MethodKeys.model_fields:
