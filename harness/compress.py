@@ -283,6 +283,9 @@ class Method:
     budget_rule: BudgetRule = "floor"
     # The method config as validated (booleans as true/false, ...): what the run dir's config.yaml records.
     config: dict = field(default_factory=dict)
+    # The keep ratio the library's ``kvbench.compress`` / ``kvbench.generate`` use (``kvbench.method(...,
+    # keep_ratio=)``); None for a method built for a run, whose ratios come from the run config.
+    keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.budget_rule not in BUDGET_RULES:
