@@ -277,9 +277,23 @@ def run_hydra(config_name: str, app, check, argv: list[str]) -> None:
         saved = sys.argv
         sys.argv = [sys.argv[0] if sys.argv else "kvbench", *argv, *conf.searchpath_override()]  # hydra reads it
         try:
-            hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(app)()
+            with _logging_kept():
+                hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(app)()
         finally:
             sys.argv = saved
+
+
+@contextlib.contextmanager
+def _logging_kept():
+    """Hydra configures the root and ``hydra`` loggers for its jobs; afterwards they are as they were (a script
+    calling ``kvbench.run`` keeps its own logging)."""
+    loggers = [logging.getLogger(), logging.getLogger("hydra")]
+    before = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, before):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 def hydra_command(prog: str, config_name: str, app, check, argv: list[str] | None, done=lambda: "") -> None:
