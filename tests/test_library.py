@@ -123,6 +123,25 @@ def test_compress_prunes_a_users_prefill_to_the_commands_counts(reference, query
     assert sample.answers[0] in answer
 
 
+@pytest.mark.parametrize("name", ["asl", "spkv", "lkv", "lukv"])
+def test_compress_runs_the_methods_own_hooks_as_the_command_does(reference, name):
+    """ASL's prefill patch (a shortened prefill), SP-KV's decode patch (gates on new entries), LKV's learned scorer
+    and LU-KV's profile allocator: the user's loop under compress decodes the command's tokens."""
+    from tasks.base import PromptEncoder
+
+    model, tokenizer = reference
+    (sample,) = kvbench.samples(TASK, tokenizer, context_length=1024)
+    ctx_ids, q_ids = PromptEncoder(tokenizer).encode(sample.context, sample.question, sample.answer_prefix)
+    chosen = kvbench.method(name, keep_ratio=0.25)
+    cache = DynamicCache()
+    with kvbench.compress(model, chosen) as press, torch.no_grad():
+        out = model(torch.tensor([ctx_ids]), **with_cache(cache), use_cache=True)
+        assert press.kv_bytes < press.kv_bytes_full
+        tokens = greedy_loop(model, cache, out.logits[:, -1], 10, q_ids)
+    answer = kvbench.generate(model, tokenizer, ctx_ids, q_ids, chosen, max_new_tokens=10)
+    assert tokenizer.decode(until_eos(tokens, model, tokenizer), skip_special_tokens=True) == answer
+
+
 def test_compress_gives_ragged_layers_that_sum_to_the_uniform_total(reference):
     model, tokenizer = reference
     (sample,) = kvbench.samples(TASK, tokenizer, context_length=1024)
