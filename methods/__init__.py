@@ -198,7 +198,8 @@ def _drop_stale(configured: dict, unresolved: dict) -> dict:
         # (method=snapkv method.scorer=tova -> tova; method=lkv method.scorer=snapkv -> snapkv+lkv).
         scorer, allocator = _part_name(configured.get("scorer")), _part_name(configured.get("allocator")) or "uniform"
         label = scorer or configured.get("name")
-        configured["label"] = label if allocator == "uniform" or not scorer else f"{label}+{allocator}"
+        suffix = scorer and (allocator != "uniform" or "allocator" in swapped)  # lkv -> LKV-T alone: lkv+uniform
+        configured["label"] = f"{label}+{allocator}" if suffix else label
     for kind, values in own.items():
         node = configured.get(kind)
         if not isinstance(node, dict) or choices.get(kind) in (None, node.get("name")):

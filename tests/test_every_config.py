@@ -65,7 +65,7 @@ def test_method_config_builds_and_runs_one_sample(tmp_path, name):
     cfg = compose(f"method={name}", "model=reference", "task=ruler/niah_single_1", "context_length=512",
                   "n_samples=1", "keep_ratio=[0.25,1.0]", "max_new_tokens=4", "progress=false")
     method = methods.build_method(cfg.method)
-    assert method.config["name"] in methods.config_names()  # a variant may carry its base's name (label differs)
+    assert method.config["name"] == name  # a config's name is its file's (a part swap is traced back to it)
     run(cfg, tmp_path)
     rows = read_rows(tmp_path / "predictions.jsonl")[0]
     assert sorted(r["keep_ratio"] for r in rows) == [0.25, 1.0] and {r["method"] for r in rows} == {method.name}
@@ -82,6 +82,20 @@ def test_method_config_builds_and_runs_one_sample(tmp_path, name):
     else:  # the budget the ratio asks for, on average over heads (a ragged method moves entries between heads)
         assert squeezed["kv_bytes"] < squeezed["kv_bytes_full"]
         assert squeezed["kept_tokens"] <= n_keep(squeezed["context_tokens"], 0.25, method.budget_rule) + 1e-6
+
+
+@pytest.mark.parametrize("name, overrides, label", [
+    ("full", ["scorer=snapkv"], "snapkv"), ("snapkv", ["scorer=tova"], "tova"), ("lkv", ["scorer=snapkv"], "snapkv+lkv"),
+    ("snapkv_adakv", ["allocator=pyramid"], "snapkv+pyramid"), ("snapkv", ["allocator=adakv"], "snapkv+adakv"),
+    ("lkv", [], "lkv"), ("lkv", ["allocator=uniform"], "lkv+uniform"), ("snapkv", ["scorer=tova", "label=mine"], "mine"),
+])
+def test_a_swapped_part_names_the_rows_by_their_parts(name, overrides, label):
+    """Rows never carry a file's label for another composition (method=lkv method.allocator=uniform is LKV-T alone,
+    not LKV); the values the file set for the part it replaced are gone (lkv's min_budget, checkpoint follows)."""
+    method = methods.load(name, *overrides)
+    assert method.name == label
+    if name == "lkv" and overrides == ["scorer=snapkv"]:
+        assert method.allocator.checkpoint == "harness/reference/lkv" and method.allocator.min_budget == 16
 
 
 def _data_dir(option: str, node) -> str | None:
