@@ -187,10 +187,10 @@ def _app(cfg) -> None:
     from harness.summary import print_metrics
 
     hydra_cfg = HydraConfig.get()
-    conf.set_user_dirs(hydra_cfg.searchpath or [])  # a job in its own process: the command's config dirs
     out_dir = hydra_cfg.runtime.output_dir
     job = list(hydra_cfg.overrides.task)
     try:
+        conf.set_user_dirs(hydra_cfg.searchpath or [])  # a job in its own process: the command's config dirs
         metrics = run(cfg, out_dir)
     except KvbenchError as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -311,7 +311,7 @@ def execute(argv: list[str]) -> dict:
     """What ``kvbench ARGS`` does, as a function (``kvbench.run`` and the command both call it): every job
     checked, then run by Hydra into its run dir. Returns ``{"runs": [{"dir", "overrides", "metrics"}, ...],
     "failed": []}`` (the runs this process made, in order); bad input raises ``KvbenchError`` with the line the
-    command prints, before any dir is touched; a sweep whose some jobs failed raises ``SweepFailed`` after the
+    command prints, before any dir is touched; a sweep some of whose jobs failed raises ``SweepFailed`` after the
     others finished (its ``result`` lists both)."""
     from harness.runner import check_config
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import conf
+from harness.cli import SweepFailed
 from harness.compress import Method
 from harness.errors import KvbenchError
 from tasks.base import Sample
@@ -354,8 +355,8 @@ def run(overrides: Sequence[str]) -> dict:
     by default, ``hydra.run.dir=`` / ``hydra.sweep.dir=``), rows and errors as the command (it is the command's own
     code, ``harness.cli.execute``); ``"-m"`` in the list makes it a sweep. Returns ``{"runs": [{"dir",
     "overrides", "metrics"}, ...], "failed": []}``. Bad input raises ``KvbenchError`` with the line the command
-    prints, before any dir is touched; a sweep whose some jobs failed raises ``harness.cli.SweepFailed`` after the
-    others finished (its ``result`` is the dict). Methods and tasks you registered in this process (your own
+    prints, before any dir is touched; a sweep some of whose jobs failed raises ``SweepFailed`` (a
+    ``KvbenchError``) after the others finished, its ``result`` the dict. Methods and tasks you registered in this process (your own
     ``register_scorer`` / ``tasks.register``) and your config dirs (``add_config_dir``) are available to it."""
     from harness.cli import execute
 

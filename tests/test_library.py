@@ -225,6 +225,17 @@ def test_run_writes_below_the_working_dir_by_default(tmp_path, monkeypatch):
     assert len(rows(run["dir"])) == 1 and run["metrics"]["snapkv"]["0.5"]["n"] == 1
 
 
+def test_a_sweep_with_a_bad_job_runs_the_others_then_raises(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(kvbench.SweepFailed, match=r"1 job\(s\) of the sweep failed .*context_length=100000") as err:
+        kvbench.run(["-m", "model=tiny-random", "method=snapkv", "keep_ratio=0.5", f"task={TASK}", "n_samples=1",
+                     "context_length=512,100000", "max_new_tokens=2", "progress=false", "hydra.sweep.dir=sweep"])
+    (run,) = err.value.result["runs"]
+    assert "context_length=512" in run["overrides"] and len(rows(run["dir"])) == 1
+    (failed,) = err.value.result["failed"]
+    assert "larger than the model's maximum" in failed["error"]
+
+
 def test_user_config_dir_adds_methods_to_the_command_and_the_library(tmp_path, monkeypatch):
     import conf
 
