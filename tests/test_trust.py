@@ -6,6 +6,7 @@ the tiny random model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -210,22 +211,29 @@ def test_bad_middle_line_is_a_named_error(tmp_path, line):
 
 # ---- the run-dir lock -----------------------------------------------------------------------------------------
 
-def test_second_lock_is_refused_at_once_naming_the_holder(tmp_path):
+@contextlib.contextmanager
+def held_lock(run_dir: Path):
+    """Another process holding the run dir's lock for the duration (killed afterwards); yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from harness.lock import RunLock\n"
-        f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        "import time; from harness.lock import RunLock\n"
+        f"with RunLock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(300)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_second_lock_is_refused_at_once_naming_the_holder(tmp_path):
+    with held_lock(tmp_path) as pid:
         start = time.monotonic()
-        with pytest.raises(KvbenchError, match=f"pid {holder.pid}"):
+        with pytest.raises(KvbenchError, match=f"pid {pid}"):
             with RunLock(tmp_path):
                 pass
         assert time.monotonic() - start < 1.0
         assert list(tmp_path.iterdir()) == []  # locking wrote nothing into the dir
-    finally:
-        holder.kill()
-        holder.wait()
     with RunLock(tmp_path):  # the kernel released the killed holder's lock
         pass
 
@@ -234,19 +242,11 @@ def test_kvbench_on_a_locked_dir_is_refused_and_leaves_it_untouched(tmp_path):
     args = [*BASE, "n_samples=2", "method=snapkv", "keep_ratio=0.5", f"hydra.run.dir={tmp_path}"]
     assert kvbench(*args).returncode == 0
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from harness.lock import RunLock\n"
-        f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(120)")],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_lock(tmp_path) as pid:
         r = kvbench(*args, "overwrite=true")  # even a run that would clear the dir touches nothing
-    finally:
-        holder.kill()
-        holder.wait()
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "in use by another kvbench run" in lines[0] and f"pid {holder.pid}" in lines[0]
+    assert len(lines) == 1 and "in use by another kvbench run" in lines[0] and f"pid {pid}" in lines[0]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
