@@ -179,20 +179,26 @@ def budget_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
     if "budgets" not in df:
         return []
     ok = df[~df["failed"] & df["budgets"].map(lambda b: isinstance(b, list) and len(b) > 0)]
+    if "model" not in ok:
+        ok = ok.assign(model="")
+    several_models = ok["model"].nunique() > 1
     panels = []
-    for (method, ratio), g in ok.groupby(["method", "keep_ratio"]):
+    # one panel per model too: models of other shapes (layers x KV heads) cannot share a mean
+    for (model, method, ratio), g in ok.groupby(["model", "method", "keep_ratio"]):
         shares = [np.asarray(b, dtype=float) / max(1, n) for b, n in zip(g["budgets"], g["context_tokens"])]
+        if len({a.shape for a in shares}) > 1:
+            continue  # one model name over runs of different shapes: no mean to show
         mean = np.mean(np.stack(shares), axis=0)
         if np.ptp(mean) > 1e-9:  # uniform budgets say nothing
-            panels.append((method, ratio, mean))
+            panels.append((f"{model}: {method}" if several_models else method, ratio, mean))
     if not panels:
         return []
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 4), squeeze=False)
-    for ax, (method, ratio, mean) in zip(axes[0], panels):
+    for ax, (name, ratio, mean) in zip(axes[0], panels):
         im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0)
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
-        ax.set_title(f"{method} @ {ratio:g}", fontsize=9)
+        ax.set_title(f"{name} @ {ratio:g}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8, label="kept share")
     return _save(fig, out, "budget_heatmap")

@@ -284,3 +284,19 @@ def test_reproduce_labels_rows_as_the_runner_does():
     _, jobs = plan("kvpress_ruler4k", ["model.dtype=float32"], methods=["snapkv"])
     assert {j["model"] for j in jobs} == {"reference"}
     assert all(j["sweep_dir"].endswith("/kvpress_ruler4k/reference") for j in jobs)
+
+
+def test_budget_heatmap_over_models_of_different_shapes(tmp_path):
+    """Runs of two models (2 vs 4 layers) under one method and ratio: one panel each, no mean across shapes."""
+    import pandas as pd
+
+    from harness.figures import budget_heatmap
+
+    rows = [{"model": "small", "method": "snapkv+adakv", "keep_ratio": 0.5, "failed": False, "context_tokens": 100,
+             "budgets": [[30, 70], [50, 50]]},
+            {"model": "deep", "method": "snapkv+adakv", "keep_ratio": 0.5, "failed": False, "context_tokens": 100,
+             "budgets": [[20, 80], [50, 50], [50, 50], [60, 40]]},
+            {"model": "deep", "method": "snapkv", "keep_ratio": 0.5, "failed": False, "context_tokens": 100,
+             "budgets": [[50, 50]] * 4}]  # uniform: no panel
+    files = budget_heatmap(pd.DataFrame(rows), tmp_path)  # it used to stack the two shapes and raise
+    assert {f.suffix for f in files} >= {".png"} and all(f.stat().st_size > 0 for f in files)
