@@ -153,8 +153,22 @@ def slug(text: str) -> str:
 
 
 def group_options(group: str) -> list[str]:
-    root = CONF / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+    """The choices of a group, as kvbench lists them (method/scorer, method/allocator are parts, not methods)."""
+    from harness.cli import group_options as options
+
+    return options(group)
+
+
+def flat(cfg: dict, prefix: str = "") -> dict:
+    """A nested config node as dotted keys (``scorer.window``); interpolations (a value that follows another
+    key) are left out: the key they follow is tried instead."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif not (isinstance(v, str) and v.startswith("${")):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def group_dirs() -> list[str]:
@@ -194,7 +208,8 @@ def compose_tree() -> tuple[list[Key], list[Key]]:
                     tops[k].values.append(v)
         keys = list(tops.values())
         for group in ("model", "method", "task"):
-            options = {o: plain(compose("config", overrides=[f"{group}={o}"]))[group] for o in group_options(group)}
+            options = {o: flat(plain(compose("config", overrides=[f"{group}={o}"]))[group])
+                       for o in group_options(group)}
             keys += group_keys(group, options, base[group]["name"])
         train = plain(compose("train"))
     GlobalHydra.instance().clear()
@@ -215,8 +230,9 @@ def group_keys(group: str, options: dict[str, dict], default: str) -> list[Key]:
     for name in names:
         holders = [o for o, cfg in options.items() if name in cfg]
         valued = [o for o in holders if options[o][name] is not None] or holders
+        leaf = name.rsplit(".", 1)[-1]
         host = min(valued, key=lambda o: (o != default, has_inputs(options[o]),
-                                          not re.search(rf"^{name}:", own[o], re.M), o))
+                                          not re.search(rf"^\s*{leaf}:", own[o], re.M), o))
         overrides = [f"{group}={host}"] + (REFERENCE_MODEL if has_inputs(options[host]) else [])
         keys.append(Key(f"{group}.{name}", [options[o][name] for o in holders], overrides,
                         current=options[host][name]))
