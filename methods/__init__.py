@@ -164,36 +164,30 @@ def _checked(cfg: dict) -> dict:
     return out
 
 
-def _file_parts(name: str) -> tuple[dict[str, str], dict[str, dict]]:
-    """A method config file's own part choices (its defaults list) and the part values it sets itself."""
+def _file_parts(name: str) -> tuple[dict[str, str], dict[str, dict], str | None]:
+    """A method config file's own part choices (its defaults list), the part values it sets itself, and its
+    label; empty when ``name`` is no method file."""
     from omegaconf import OmegaConf
 
     path = conf.find("method", name) if isinstance(name, str) else None
     if path is None:
-        return {}, {}
+        return {}, {}, None
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     choices = {k: v for entry in raw.get("defaults") or [] if isinstance(entry, dict) for k, v in entry.items()}
-    return choices, {kind: raw.get(kind) or {} for kind in PART_KINDS}
+    return choices, {kind: raw.get(kind) or {} for kind in PART_KINDS}, raw.get("label")
 
 
 def _part_name(node: Any) -> str | None:
     return node if isinstance(node, str) else node.get("name") if isinstance(node, dict) else None
 
 
-def _file_label(name: str) -> str | None:
-    from omegaconf import OmegaConf
-
-    path = conf.find("method", name) if isinstance(name, str) else None
-    return OmegaConf.load(path).get("label") if path is not None else None
-
-
 def _drop_stale(configured: dict, unresolved: dict) -> dict:
     """A part swapped on the command line (``method=lkv method.allocator=uniform``) starts from its own defaults:
     the values the method file set for the part it chose (lkv's ``min_budget``) are dropped where the new part
     does not take them, unless they were changed (a typed value for the wrong part is still an error)."""
-    choices, own = _file_parts(configured.get("name"))
+    choices, own, file_label = _file_parts(configured.get("name"))
     swapped = [kind for kind in PART_KINDS if kind in choices and _part_name(configured.get(kind)) != choices[kind]]
-    if swapped and configured.get("label") == _file_label(configured.get("name")):
+    if swapped and configured.get("label") == file_label:
         # The file's label names the file's parts: rows of another composition are named by their parts
         # (method=snapkv method.scorer=tova -> tova; method=lkv method.scorer=snapkv -> snapkv+lkv).
         scorer, allocator = _part_name(configured.get("scorer")), _part_name(configured.get("allocator")) or "uniform"
