@@ -23,6 +23,7 @@ from pathlib import Path
 import conf
 from conf import CONF_DIR
 from harness.errors import KvbenchError
+from harness.overrides import PART_GROUPS as METHOD_PARTS
 from harness.overrides import PASS_THROUGH, Composer, aliases, expand_jobs, is_multirun, split_argv
 
 GROUPS = ("model", "method", "task", "paper", "paper_model")
@@ -66,7 +67,8 @@ def group_options(group: str) -> list[str]:
     return conf.options(group)
 
 
-PART_GROUPS = ("method/scorer", "method/allocator")  # a method's parts (method.scorer=<name> is the same)
+# a method's part groups (method/scorer=<name>, which method.scorer=<name> means: harness.overrides.aliases)
+PART_GROUPS = tuple(k.replace(".", "/") for k in METHOD_PARTS)
 
 
 def check_group_overrides(argv: list[str]) -> None:

@@ -93,7 +93,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _keys(node: Any, prefix: str = "") -> list[str]:
+def dotted_keys(node: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a config node (``method.window``, ``model.path``, ...)."""
     from omegaconf import DictConfig
 
@@ -106,7 +106,7 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
                 child = node._get_node(key)
             except Exception:  # an interpolation that cannot resolve yet: its key still counts
                 continue
-            out.extend(_keys(child, full + "."))
+            out.extend(dotted_keys(child, full + "."))
     return out
 
 
@@ -115,7 +115,7 @@ def _unknown_key_error(key: str, base) -> KvbenchError:
     name one level down: ``method.window`` -> ``method.scorer.window``)."""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     leaf = key.rsplit(".", 1)[-1]
-    keys = [k for k in _keys(base) if not k.startswith("hydra")]
+    keys = [k for k in dotted_keys(base) if not k.startswith("hydra")]
     siblings = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
     below = [k for k in keys if k.startswith(f"{parent}.") and k.count(".") == key.count(".") + 1
              and k.endswith(f".{leaf}")] if parent else []

@@ -177,15 +177,14 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
     # A user's override of a method part's key (method.allocator.profile=...) goes to the jobs whose method
     # has that key (lukv's profile, not snapkv's), since a part's keys are fixed by its class.
     part_keys = [o for o in rest if _key(o).startswith(("method.scorer.", "method.allocator."))]
-    carried: set[str] = set()
+    # each grid method's keys (its config composed once, and only when the user gave part keys)
+    own = {i: _method_keys(m["method"], list(m.get("overrides") or [])) if part_keys else set()
+           for i, m in enumerate(grid["methods"])}
+    carried = {o for o in part_keys if any(_key(o) in keys for keys in own.values())}
     jobs = []
     for model in model_entries:
-        for m in grid["methods"]:
-            own = _method_keys(m["method"], list(m.get("overrides") or []))
-            for o in part_keys:
-                if _key(o) in own:
-                    carried.add(o)
-            mine = [o for o in rest if o not in part_keys or _key(o) in own]
+        for i, m in enumerate(grid["methods"]):
+            mine = [o for o in rest if o not in part_keys or _key(o) in own[i]]
             for task_list, contexts, task_overrides in task_groups(grid):
                 base = [f"paper={name}", f"method={m['method']}"] + list(m.get("overrides") or [])
                 sweep = [f"task={','.join(task_list)}", f"context_length={','.join(str(c) for c in contexts)}",
@@ -203,20 +202,13 @@ def plan(name: str, overrides: list[str], methods: list[str] | None = None, mode
 
 def _method_keys(method: str, overrides: list[str]) -> set[str]:
     """The dotted keys (``method.allocator.profile``, ...) of a method config with a job's overrides."""
+    from omegaconf import OmegaConf
+
     import methods as registry
+    from harness.overrides import dotted_keys
 
     method_overrides = [o.split(".", 1)[1] for o in overrides if _key(o).startswith("method.")]
-    cfg = registry.config(method, *method_overrides)
-    keys: set[str] = set()
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            keys.add(f"{prefix}.{k}")
-            if isinstance(v, dict):
-                walk(v, f"{prefix}.{k}")
-
-    walk(cfg, "method")
-    return keys
+    return set(dotted_keys(OmegaConf.create(registry.config(method, *method_overrides)), "method."))
 
 
 def preflight(jobs: list[dict], dry_run: bool = False) -> None:

@@ -300,3 +300,15 @@ def test_budget_heatmap_over_models_of_different_shapes(tmp_path):
              "budgets": [[50, 50]] * 4}]  # uniform: no panel
     files = budget_heatmap(pd.DataFrame(rows), tmp_path)  # it used to stack the two shapes and raise
     assert {f.suffix for f in files} >= {".png"} and all(f.stat().st_size > 0 for f in files)
+
+
+def test_reproduce_passes_a_part_key_only_to_the_methods_that_have_it():
+    """A part's keys are fixed by its class: method.allocator.profile= reaches lukv's jobs and no other; a part
+    key no grid method has is refused in one line."""
+    from harness.reproduce import plan
+
+    _, jobs = plan("lukv_ruler_longbench", ["method.allocator.profile=table.npy", "model=reference"])
+    with_profile = {j["label"] for j in jobs if "method.allocator.profile=table.npy" in j["overrides"]}
+    assert with_profile == {"lukv"} and {j["label"] for j in jobs} > {"lukv", "snapkv", "full"}
+    with pytest.raises(KvbenchError, match=r"^method.scorer.windw=3: no method of paper lukv_ruler_longbench"):
+        plan("lukv_ruler_longbench", ["method.scorer.windw=3", "model=reference"])
