@@ -169,9 +169,19 @@ class Composer:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
+        import yaml
+
+        from harness.paths import yaml_position
+
         overrides = aliases(overrides)
         try:
             return self._compose(overrides)
+        except yaml.YAMLError as err:  # a config file (a user's --config-dir) that is not YAML
+            mark = getattr(err, "problem_mark", None)
+            where = repr(mark.name) if mark is not None else "a config file"
+            raise KvbenchError(f"{where} is not valid YAML{yaml_position(err)}; fix that config") from None
+        except OSError as err:
+            raise KvbenchError(f"cannot read a config file: {err.filename!r}: {err.strerror or err}") from None
         except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:  # Hydra raises all four
             text = str(err)
             bad = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)

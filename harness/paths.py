@@ -39,6 +39,12 @@ def not_utf8(where: str, err: UnicodeDecodeError, hint: str = "") -> KvbenchErro
     return KvbenchError(f"{where}: not UTF-8 text (byte 0x{bad} at offset {err.start}){_then(hint)}")
 
 
+def yaml_position(err: Exception) -> str:
+    """`` at line N`` of a YAML parse error that knows where it stopped, else empty."""
+    mark = getattr(err, "problem_mark", None)  # PyYAML's MarkedYAMLError attribute
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
 def read_text(path: str | Path, hint: str = "") -> str:
     """A UTF-8 text file's content. ``hint`` (what to do) ends the error message."""
     path = Path(path)

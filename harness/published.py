@@ -41,6 +41,7 @@ import pandas as pd
 
 from harness.errors import KvbenchError
 from harness.io import atomic_write_text
+from harness.paths import yaml_position
 
 COLUMNS = ["paper", "model", "ours_model", "method", "keep_ratio", "task", "tasks", "n", "ours", "published",
            "approximate", "delta", "source", "config", "note"]
@@ -59,9 +60,8 @@ def read_run_config(run_dir: str | Path) -> dict:
     except OSError as err:
         raise KvbenchError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise KvbenchError(f"{str(path)!r} is not valid YAML{at}; fix it or remove the run dir from the report") from None
+        raise KvbenchError(f"{str(path)!r} is not valid YAML{yaml_position(err)}; fix it or remove the run dir from "
+                           "the report") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):

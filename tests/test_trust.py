@@ -325,3 +325,15 @@ def test_interrupt_is_one_line_and_resumes_to_the_same_rows(tmp_path, sig, code)
                       for r in read_rows(d / "predictions.jsonl", dedupe=False)[0])
 
     assert keyed(run_dir) == keyed(tmp_path / "ref")
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line(capsys, tmp_path):
+    """A user's config dir holding a broken yaml (unclosed list at its last line): one line naming the file and
+    the line where parsing stopped, no run dir made."""
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "mine.yaml").write_text(
+        "defaults:\n  - _common\n  - scorer: snapkv\n  - _self_\nname: mine\nscorer: [1, 2\n")
+    line = refused_in_process(capsys, "--config-dir", str(tmp_path / "conf"), *BASE, "method=mine",
+                              f"hydra.run.dir={tmp_path / 'run'}")
+    assert f"{str(tmp_path / 'conf' / 'method' / 'mine.yaml')!r} is not valid YAML at line 7" in line
+    assert not (tmp_path / "run").exists()
