@@ -152,11 +152,12 @@ def _checked(cfg: dict) -> dict:
             cls = PART_KINDS[kind][node["name"]]
             params = {k: v for k, v in node.items() if k != "name"}
             allowed = parameters(cls)
+            swap = f" (method.{kind}=<name> swaps the part, starting from its own defaults)"
             for key in params:
                 if not allowed:
-                    raise KvbenchError(f"method.{kind}.{key}: {kind} {node['name']!r} takes no parameters")
+                    raise KvbenchError(f"method.{kind}.{key}: {kind} {node['name']!r} takes no parameters{swap}")
                 if key not in allowed:
-                    raise _unknown(f"method.{kind}", key, allowed)
+                    raise _unknown(f"method.{kind}", key, allowed, hint=swap)
             # each value checked against the class's annotated signature before anything is built
             out[kind] = {"name": node["name"], **check_params(f"method.{kind}", cls, params)}
         elif kind in cfg:
