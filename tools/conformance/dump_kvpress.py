@@ -710,6 +710,156 @@ def dump_generations(root: Path, names: list[str]) -> dict:
     return {"meta": meta, "cases": cases}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# more presses (extra/<group>.json): one file per group of presses, defined in tools/conformance/presses/<group>.py
+# by ``cases()`` -> [{"press", "attn", "factory", "method", "overrides", "topk"[, "run"]}], on the two families
+# above (their saved models and input ids), cr 0.25 / 0.5 / 0.75, both modes. Each group file is written alone, so
+# adding a press never rewrites the fixtures of the others.
+
+EXTRA_DIR = "extra"
+PRESS_GROUPS = Path(__file__).resolve().parent / "presses"
+
+
+def extra_groups() -> list[str]:
+    return sorted(p.stem for p in PRESS_GROUPS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _load_group(group: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"kvpress_group_{group}", PRESS_GROUPS / f"{group}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _attention_modules(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def generic_params(press) -> dict:
+    """A press's parameters: its dataclass fields, or its public attributes for presses with their own __init__
+    (CriticalKVPress); nested presses as {"class", "params"}; compression_ratio left out (recorded apart)."""
+    from kvpress.presses.base_press import BasePress
+
+    if dataclasses.is_dataclass(press):
+        items = [(f.name, getattr(press, f.name)) for f in dataclasses.fields(press)]
+    else:
+        items = [(k, v) for k, v in vars(press).items() if not k.startswith("_")]
+    out = {}
+    for name, value in items:
+        if name == "compression_ratio":
+            continue
+        if isinstance(value, BasePress):
+            out[name] = {"class": type(value).__name__, "params": generic_params(value)}
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            out[name] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            out[name] = list(value)
+        else:
+            out[name] = type(value).__name__  # tensors, modules: not parameters a reader compares
+    return out
+
+
+def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> dict:
+    """One (press, ratio, ids) case: prefill under the press (or ``spec["run"](model, ids, press) -> cache``),
+    kept rows matched to the uncompressed prefill's keys, or read from ``module.masked_key_indices`` where the
+    press masks instead of pruning (AdaKV-style global cuts: ``global_cut`` true). With ``topk`` the press's
+    ``score`` is captured: ties / near ties at each head's cut, and a cross-check that kvpress kept its top-k."""
+    press = spec["factory"](cr)
+    record: dict = {}
+    if spec.get("topk"):
+        orig = press.score
+
+        def wrapped(module, *args, **kwargs):
+            s = orig(module, *args, **kwargs)
+            record[module.layer_idx] = s.detach().clone()
+            return s
+
+        press.score = wrapped
+    modules = _attention_modules(model)
+    for m in modules:  # a mask left by an earlier case must not be read as this one's
+        if hasattr(m, "masked_key_indices"):
+            del m.masked_key_indices
+    runner = spec.get("run")
+    with torch.no_grad():
+        cache = runner(model, ids, press) if runner else prefill(model, ids, press)
+    k_len = len(ids)
+    kept, ties, near_ties, gaps = [], [], [], []
+    global_cut = False
+    for li, module in enumerate(modules):
+        fk = full_keys[li][0]
+        n_heads = fk.shape[0]
+        ck = cache.layers[li].keys[0]
+        masked = getattr(module, "masked_key_indices", None)
+        if masked is not None:
+            global_cut = True
+            assert ck.shape[1] == k_len, f"{spec['press']}: masks and prunes"
+            _, h, s = masked
+            mask = torch.ones(n_heads, k_len, dtype=torch.bool)
+            mask[h, s] = False
+            layer_kept = [torch.nonzero(mask[hh]).flatten().tolist() for hh in range(n_heads)]
+        else:
+            layer_kept = [sorted(match_rows(fk[hh], ck[hh])) for hh in range(n_heads)]
+        layer_ties, layer_near, layer_gaps = [], [], []
+        for hh, idx in enumerate(layer_kept):
+            if li in record and masked is None:
+                s = record[li][0, hh]
+                t, nt, g = cut_stats(s, len(idx))
+                thr = torch.sort(s.double(), descending=True).values[len(idx) - 1]
+                above = set(torch.nonzero(s.double() > thr).flatten().tolist())
+                at = set(torch.nonzero(s.double() == thr).flatten().tolist())
+                assert above <= set(idx) <= above | at, f"{spec['press']} cr={cr} layer {li} head {hh}: not top-k"
+            else:
+                t, nt, g = [], [], None
+            layer_ties.append(t)
+            layer_near.append(nt)
+            layer_gaps.append(fmt_gap(g))
+        kept.append(layer_kept)
+        ties.append(layer_ties)
+        near_ties.append(layer_near)
+        gaps.append(layer_gaps)
+    return {"press": spec["press"], "params": generic_params(press), "compression_ratio": cr,
+            "method": spec["method"], "overrides": spec.get("overrides", {}), "attn_implementation": spec["attn"],
+            "k_len": k_len, "kept": kept, "ties": ties, "near_ties": near_ties, "cut_gap": gaps,
+            "global_cut": global_cut, "scores_checked": bool(record)}
+
+
+def dump_extra(root: Path, group: str, ctx: list[int], q: list[int]) -> dict:
+    specs = _load_group(group).cases()
+    cases = []
+    for family in FAMILIES:
+        model_dir = root / FIXTURE_DIR / "models" / family
+        if not (model_dir / "config.json").exists():
+            build_model(family, model_dir)
+        models = {attn: load_model(model_dir, attn) for attn in sorted({s["attn"] for s in specs})}
+        for query_aware in (False, True):
+            ids = ctx + q if query_aware else ctx
+            full = {attn: [c.keys.clone() for c in prefill(m, ids).layers] for attn, m in models.items()}
+            for spec in specs:
+                for cr in RATIOS:
+                    torch.manual_seed(SEED)  # a press that draws from the global generator draws the same
+                    case = run_extra_case(models[spec["attn"]], full[spec["attn"]], ids, spec, cr)
+                    cases.append({"family": family, "query_aware": query_aware, **case})
+                    print(f"{group:14s} {family:6s} {spec['press']:32s} cr={cr:<5} aware={int(query_aware)} "
+                          f"kept/layer={[sum(len(h) for h in l) for l in case['kept']]} "
+                          f"near={sum(len(t) for l in case['near_ties'] for t in l)}", file=sys.stderr)
+    meta = {
+        **_provenance(),
+        "command": f"{COMMAND} --extra {group}",
+        "group": group,
+        "families": {f: (FIXTURE_DIR / "models" / f).as_posix() for f in FAMILIES},
+        "input_ids": {"context": ctx, "question": q},
+        "ratios": RATIOS,
+        "modes": {"query_aware=false": "press active during prefill of the context ids only",
+                  "query_aware=true": "press active during one prefill of context ids + question ids"},
+        "kept": "kept[layer][kv_head] = sorted positions left in the cache (global_cut: not masked)",
+        "method": "kvbench method (conf/method/<method>.yaml) + overrides, with preset=kvpress where it has one",
+        "near_ties": "as in llama.json (only where scores_checked: the press keeps the top-k of its score)",
+    }
+    return {"meta": meta, "cases": cases}
+
+
 def _provenance() -> dict:
     """What made a fixture: the versions and the command."""
     return {"kvpress_version": _kvpress_version(), "transformers_version": transformers.__version__,
@@ -744,6 +894,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)} "
                     f"for {SHAPES_FILE} ('' = none)")
     ap.add_argument("--no-generations", action="store_true", help=f"do not write {GENERATIONS_FILE}")
+    ap.add_argument("--extra", default=None, help="write only extra/<group>.json for these comma-separated groups of "
+                    f"tools/conformance/presses/ ('all' = every group); nothing else is rewritten")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -754,6 +906,17 @@ def main() -> None:
     root = Path(args.out)
     (root / FIXTURE_DIR).mkdir(parents=True, exist_ok=True)
     ctx, q = make_inputs()
+    if args.extra is not None:
+        groups = extra_groups() if args.extra == "all" else [g for g in args.extra.split(",") if g]
+        unknown = sorted(set(groups) - set(extra_groups()))
+        if unknown:
+            ap.error(f"unknown press groups {unknown}; allowed: {', '.join(extra_groups())}")
+        (root / FIXTURE_DIR / EXTRA_DIR).mkdir(parents=True, exist_ok=True)
+        for group in groups:
+            path = root / FIXTURE_DIR / EXTRA_DIR / f"{group}.json"
+            write_json(path, dump_extra(root, group, ctx, q))
+            print(f"wrote {path}", file=sys.stderr)
+        return
     for family in filter(None, args.families.split(",")):
         obj = dump_family(family, root, ctx, q)
         write_json(root / FIXTURE_DIR / f"{family}.json", obj)

@@ -1,16 +1,12 @@
-"""KeyDiff against a hand-computed case and against kvpress 0.5.5's KeyDiffPress (fixture written by
-tools/conformance/dump_keydiff.py in kvpress's environment)."""
-import json
+"""KeyDiff against a hand-computed case (kvpress 0.5.5's KeyDiffPress on the tiny models:
+tests/test_conformance_extra.py, group keydiff)."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import layer_inputs
 
 import methods
-
-FIXTURE = Path(__file__).parent / "fixtures" / "kvpress" / "keydiff.json"
 
 
 def test_keydiff_by_hand():
@@ -23,13 +19,3 @@ def test_keydiff_by_hand():
     assert scores[0, 0].tolist() == pytest.approx([-x, -x, -y, -x])
     _, kept = method.plan([scores], 0.25)
     assert kept[0].tolist() == [[2]]  # the distinctive key is the one kept
-
-
-def test_keydiff_matches_kvpress():
-    data = json.loads(FIXTURE.read_text())
-    keys = torch.tensor(data["keys"])
-    method = methods.load("keydiff", preset="kvpress")
-    scores = method.scorer.score(layer_inputs(torch.zeros(1, 4, keys.shape[2], keys.shape[3]), keys))
-    assert torch.allclose(scores, torch.tensor(data["scores"]), atol=1e-6)
-    _, kept = method.plan([scores], 1 - 0.75)
-    assert kept[0].tolist() == data["kept"][0]
