@@ -8,6 +8,7 @@ keys), so ``cache_bytes`` is the memory really held. ``harness.attention`` compu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -110,17 +111,25 @@ def kept_per_head(cache: DynamicCache) -> list[list[int]]:
     return out
 
 
-def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None]) -> DynamicCache:
+# ``merge(layer_idx, keys, values, kept) -> (keys, values)``: a method's rewrite of a pruned layer's entries
+# from the evicted ones (``harness.compress.Method.merge``), applied before the kept positions are gathered.
+MergeFn = Callable[[int, Tensor, Tensor, "Tensor | list[Tensor]"], "tuple[Tensor, Tensor]"]
+
+
+def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None], merge: MergeFn | None = None) -> DynamicCache:
     """A new cache with, per layer, only the kept entries.
 
     ``kept[l]`` is ``None`` (keep the layer whole: its tensors are shared, and decoding's ``torch.cat``
     never writes into them), an ``[H, b]`` index tensor (dense layer), or a list of per-head index tensors
-    (ragged layer). The source cache is not modified.
+    (ragged layer). ``merge`` (a method's ``Method.merge``) rewrites each pruned layer's keys and values before
+    the kept positions are gathered; it never sees a layer kept whole. The source cache is not modified.
     """
     new = DynamicCache()
     layers = []
-    for layer, idx in zip(cache.layers, kept):
+    for layer_idx, (layer, idx) in enumerate(zip(cache.layers, kept)):
         keys, values = layer.keys, layer.values
+        if idx is not None and merge is not None:
+            keys, values = merge(layer_idx, keys, values, idx)
         if idx is None:
             layers.append(_dense_layer(keys, values))
         elif isinstance(idx, Tensor):

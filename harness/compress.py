@@ -134,6 +134,15 @@ class Scorer(Part):
         """Context manager entered around decoding on the pruned cache (e.g. SP-KV gates new entries)."""
         return nullcontext()
 
+    def merge(self, layer_idx: int, keys: Tensor, values: Tensor, kept: Tensor | list[Tensor]
+              ) -> tuple[Tensor, Tensor]:
+        """After selection, before the cache is cut to ``kept`` (a layer's ``Method.plan`` indices, ``[H, b]`` or
+        one tensor per head): the layer's whole prefill ``keys`` / ``values`` ``[B, H_kv, T, D]``, returned with
+        the kept positions rewritten from the evicted ones (CaM folds evicted values into kept neighbours). Only
+        the kept positions of what it returns are read; the inputs are the shared prefill cache, which other keep
+        ratios prune too, so a merging scorer writes into copies. Default: both unchanged."""
+        return keys, values
+
 
 class Allocator(Part):
     """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer. Counts come from
@@ -313,6 +322,13 @@ class Method:
 
     def input_files(self) -> dict[str, Path]:
         return {key: path for part in self.parts for key, path in part.input_files().items()}
+
+    def merge(self, layer_idx: int, keys: Tensor, values: Tensor, kept: Tensor | list[Tensor]
+              ) -> tuple[Tensor, Tensor]:
+        """The scorer's ``merge`` of one layer before pruning (``harness.cache.prune``'s ``merge``)."""
+        if self.scorer is None:
+            return keys, values
+        return self.scorer.merge(layer_idx, keys, values, kept)
 
     def plan(self, scores: list[Tensor | None], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
         """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole).

@@ -216,7 +216,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         start = time.perf_counter()
         budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
                          else (None, [None] * len(shared.cache.layers)))
-        cache = prune(shared.cache, kept)
+        cache = prune(shared.cache, kept, method.merge)  # a merging method folds evicted entries in
         _sync(device)
         compress_s = score_s + time.perf_counter() - start
         shared_cut = shared.prefill_kept

@@ -329,7 +329,7 @@ def compress(model, method: Method | str, keep_ratio: float | None = None, seed:
         state.kv_bytes_full = full_cache_bytes(cache, n_tokens)
         if built.compresses:
             budgets, kept = built.plan(built.scorer.finish_prefill(scores), ratio)
-            cache.layers[:] = prune(cache, kept).layers
+            cache.layers[:] = prune(cache, kept, built.merge).layers
             state.budgets = budgets.tolist()
             decoding.enter_context(built.scorer.decode_patch(model, cache))
         else:
