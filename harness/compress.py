@@ -101,6 +101,11 @@ class Scorer(Part):
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
 
+    def begin_prefill(self, ids: list[int], n_question: int) -> None:
+        """Called before each prefill with its prompt's token ids, of which the last ``n_question`` are the question
+        (0 where the question comes after compression: query-agnostic runs, ``kvbench.compress``). For prompt-guided
+        scorers (Finch observes the question's attention)."""
+
     def bind_selector(self, selector: "Selector") -> None:
         """Called once when the method is built, for a scorer whose statistics depend on the tokens the selector
         protects (ExpectedAttention leaves the sinks out of its query statistics)."""
@@ -147,6 +152,12 @@ class Scorer(Part):
 class Allocator(Part):
     """Budgets per (layer, KV head) for a keep ratio, from the scores of every layer. Counts come from
     ``self.n_keep`` (the method's budget rule, which ``Method`` sets on its allocator)."""
+
+    # What the budgets may vary over. Options that need equal counts refuse an allocator that declares more:
+    # chunked prefill needs every head of a layer alike (a dense cache to run the next chunk on), key
+    # re-rotation needs one count everywhere (one position to decode from).
+    per_head_budgets = False
+    per_layer_budgets = False
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -295,10 +306,30 @@ class Method:
     # The keep ratio the library's ``kvbench.compress`` / ``kvbench.generate`` use (``kvbench.method(...,
     # keep_ratio=)``); None for a method built for a run, whose ratios come from the run config.
     keep_ratio: float | None = None
+    # Chunked prefill (``method.prefill_chunk``): the prompt is prefilled this many tokens at a time and the cache
+    # compressed back to the budget after each chunk, so it never holds more than budget + chunk entries
+    # (``harness.pipeline.chunked_prefill``). None: one prefill, compressed once.
+    prefill_chunk: int | None = None
+    # ``method.rerotate_keys``: after eviction, the kept keys are rotated to positions 0 .. n - 1 and decoding
+    # continues from n (kvpress's KeyRerotationPress; ``harness.cache.rerotate``).
+    rerotate_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule {self.budget_rule!r} is not one of {', '.join(BUDGET_RULES)}")
+        if self.scorer is not None and self.prefill_chunk is not None:
+            if self.allocator.per_head_budgets:
+                raise ValueError(f"method.prefill_chunk={self.prefill_chunk} needs the heads of a layer to keep "
+                                 f"as many entries each; allocator {self.allocator.registered_name} budgets per "
+                                 "head (use a uniform or per-layer allocator)")
+            if not self.scorer.shares_across_ratios:
+                raise ValueError(f"method.prefill_chunk={self.prefill_chunk}: scorer "
+                                 f"{self.scorer.registered_name} changes the prefill itself; it cannot also be "
+                                 "prefilled in chunks")
+        if self.scorer is not None and self.rerotate_keys and (self.allocator.per_head_budgets
+                                                               or self.allocator.per_layer_budgets):
+            raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer and head; allocator "
+                             f"{self.allocator.registered_name} varies it (use the uniform allocator)")
         for part in self.parts:  # one rule for every count the method makes
             part.budget_rule = self.budget_rule
         if self.scorer is not None:
@@ -314,7 +345,8 @@ class Method:
 
     @property
     def shares_across_ratios(self) -> bool:
-        return self.scorer is None or self.scorer.shares_across_ratios
+        # a chunked prefill is compressed to the budget while it runs: one prefill per ratio
+        return self.scorer is None or (self.scorer.shares_across_ratios and self.prefill_chunk is None)
 
     def bind_model(self, model: nn.Module) -> None:
         for part in self.parts:

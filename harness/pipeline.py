@@ -17,9 +17,9 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from harness.attention import Hooks
-from harness.cache import cache_bytes, kept_per_head, prune
+from harness.cache import cache_bytes, kept_per_head, prune, rerotate
 from harness.compat import cache_of, with_cache
-from harness.compress import Method
+from harness.compress import Method, n_keep
 
 
 def _sync(device: torch.device) -> None:
@@ -97,8 +97,12 @@ class Outcome:
 
 
 @torch.no_grad()
-def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float = 1.0) -> Prefill:
+def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float = 1.0,
+            n_question: int = 0) -> Prefill:
+    """Prefill ``ids`` under the method's scoring hooks; the last ``n_question`` ids are the question (query-aware)."""
     device = model.device
+    if method.scorer is not None:
+        method.scorer.begin_prefill(list(ids), n_question)
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(len(ids), device=device)[None]
     _sync(device)
@@ -116,6 +120,74 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
     scores = method.scorer.finish_prefill(scores)
     return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s,
                    method.scorer.row_extras(), method.scorer.prefill_kept())
+
+
+@dataclass
+class ChunkedPrefill:
+    """A prefill already compressed to one ratio's budget (``chunked_prefill``)."""
+
+    prefill: Prefill
+    budgets: Tensor  # [L, H] of the last compression step
+    kept: list[Tensor]  # per layer, [H, n]: prompt positions of the cached entries
+    compress_s: float  # scoring and planning time of every step
+
+
+@torch.no_grad()
+def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float) -> ChunkedPrefill:
+    """The prompt prefilled ``method.prefill_chunk`` tokens at a time, the cache compressed back to the budget after
+    every chunk, so it never holds more than budget + chunk entries per head (real chunked prefill: later chunks
+    attend to the compressed cache, unlike kvpress's BlockPress, which computes the whole prefill first and
+    simulates the blocks on its keys).
+
+    The schedule is BlockPress's (the KeyDiff paper's block prompt processing): the first ``budget`` tokens fill
+    the cache, then each chunk is appended and the method scores the cached entries plus the chunk (its queries
+    are the chunk's) and keeps ``budget`` of them, ``budget = n_keep(T, keep_ratio)`` of the whole prompt. Layers
+    may keep different counts (the allocator's, e.g. PyramidKV's shape for the cache at hand); the heads of a layer
+    keep as many each (``Method`` refuses per-head allocators), so the cache stays dense for the next chunk."""
+    device = model.device
+    n_tokens, chunk = len(ids), int(method.prefill_chunk)
+    budget = n_keep(n_tokens, keep_ratio, method.budget_rule)
+    bounds = [0, min(budget, n_tokens)] + list(range(budget + chunk, n_tokens, chunk)) + [n_tokens]
+    bounds = sorted(set(bounds))
+    cache: DynamicCache = DynamicCache()
+    positions: list[Tensor] | None = None
+    budgets = torch.zeros(0, dtype=torch.long)
+    prefill_s = compress_s = 0.0
+    extras: dict[str, Any] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        step = torch.tensor([ids[start:end]], device=device)
+        _sync(device)
+        began = time.perf_counter()
+        with hooks.scoring(method.scorer, seed):
+            out = model(input_ids=step, position_ids=torch.arange(start, end, device=device)[None],
+                        **with_cache(cache), use_cache=True, logits_to_keep=1)
+            _sync(device)
+            elapsed, score_s = time.perf_counter() - began, hooks.score_seconds
+            scores = method.scorer.finish_prefill(list(hooks.scores))
+        prefill_s += elapsed - score_s
+        cache = cache_of(out)
+        new = torch.arange(start, end)
+        n_heads = cache.layers[0].keys.shape[1]
+        positions = ([new.expand(n_heads, -1)] * len(cache.layers) if positions is None
+                     else [torch.cat([p, new.expand(p.shape[0], -1)], dim=1) for p in positions])
+        began = time.perf_counter()
+        held = positions[0].shape[-1]
+        if end > budget and held > budget:
+            # the allocator asked for a ratio of the cache at hand whose count is exactly ``budget`` under either
+            # budget rule (the half-entry margin absorbs the rules' rounding)
+            budgets, kept = method.plan(scores, min(1.0, (budget + 0.5) / held))
+            for layer, idx in enumerate(kept):
+                if isinstance(idx, list):
+                    raise ValueError(f"method.prefill_chunk: layer {layer} came back ragged (per-head budgets)")
+                if idx is not None:
+                    positions[layer] = positions[layer].gather(1, idx.cpu())
+            cache = prune(cache, kept)
+        compress_s += score_s + time.perf_counter() - began
+        extras = method.scorer.row_extras()
+    pre = Prefill(cache, [], out.logits[:, -1], n_tokens, prefill_s, 0.0, extras)
+    if budgets.numel() == 0:  # nothing was evicted (budget >= prompt)
+        budgets = torch.tensor(kept_per_head(cache), dtype=torch.long)
+    return ChunkedPrefill(pre, budgets, positions, compress_s)
 
 
 def full_cache_bytes(cache: DynamicCache, n_tokens: int) -> int:
@@ -204,8 +276,12 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
     shared: Prefill | None = None
     for i, ratio in enumerate(keep_ratios):
         meter = MemoryMeter(device)
+        if method.compresses and method.prefill_chunk is not None:
+            outcomes.append(_chunked_outcome(model, tokenizer, hooks, method, prompt, tail, ratio, max_new_tokens,
+                                             stop_strings, seed, keep_indices, meter))
+            continue
         if shared is None or not method.shares_across_ratios:
-            shared = prefill(model, hooks, prompt, method, seed, ratio)
+            shared = prefill(model, hooks, prompt, method, seed, ratio, len(q_ids) if query_aware else 0)
             prefill_s, score_s = shared.prefill_s, shared.score_s
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
@@ -222,11 +298,14 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         shared_cut = shared.prefill_kept
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
+        start_pos = len(prompt)
+        if method.rerotate_keys and method.compresses:
+            start_pos = rerotate(cache, kept_positions(kept, shared_cut, cache), hooks.rotary.inv_freq)
         per_head = kept_per_head(cache)
         kv_bytes = cache_bytes(cache)
         patch = method.scorer.decode_patch(model, cache) if method.scorer is not None else nullcontext()
         with patch:
-            gen = decode(model, cache, tail, last_logits, len(prompt), max_new_tokens, tokenizer, stop_strings)
+            gen = decode(model, cache, tail, last_logits, start_pos, max_new_tokens, tokenizer, stop_strings)
         meter.sample()
         n_heads = sum(len(h) for h in per_head)
         outcomes.append(Outcome(
@@ -238,6 +317,47 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         ))
         del cache
     return outcomes
+
+
+def _chunked_outcome(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail: list[int],
+                     ratio: float, max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
+                     meter: MemoryMeter) -> Outcome:
+    """One ratio's outcome with ``method.prefill_chunk``: the cache is compressed while the prompt is prefilled."""
+    done = chunked_prefill(model, hooks, prompt, method, seed, ratio)
+    meter.sample()
+    cache = done.prefill.cache
+    start_pos = len(prompt)
+    if method.rerotate_keys:
+        start_pos = rerotate(cache, done.kept, hooks.rotary.inv_freq)
+    per_head, kv_bytes = kept_per_head(cache), cache_bytes(cache)
+    patch = method.scorer.decode_patch(model, cache)
+    with patch:
+        gen = decode(model, cache, tail, done.prefill.last_logits, start_pos, max_new_tokens, tokenizer, stop_strings)
+    meter.sample()
+    n_heads = sum(len(h) for h in per_head)
+    return Outcome(
+        keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
+        kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes,
+        kv_bytes_full=full_cache_bytes(cache, len(prompt)), prefill_s=done.prefill.prefill_s,
+        compress_s=done.compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
+        budgets=done.budgets.tolist(), kept=list(done.kept) if keep_indices else None,
+        extras={**done.prefill.extras, "prefill_chunk": method.prefill_chunk},
+    )
+
+
+def kept_positions(kept: list, prefill_kept: list | None, cache: DynamicCache) -> list[Tensor]:
+    """Per layer, ``[H, n]`` prompt positions of the entries a pruned cache holds (a layer kept whole: all of
+    them, or those its prefill cut it to)."""
+    out = []
+    for layer, (idx, cache_layer) in enumerate(zip(kept, cache.layers)):
+        if isinstance(idx, list):
+            raise ValueError("rerotate_keys needs one kept count per layer; this method kept a ragged layer")
+        n_heads, held = cache_layer.keys.shape[1], cache_layer.keys.shape[2]
+        cut = prefill_kept[layer] if prefill_kept is not None else None
+        base = torch.arange(held) if cut is None else torch.as_tensor(cut).reshape(-1).cpu()
+        base = base.expand(n_heads, -1) if base.dim() == 1 else base
+        out.append(base if idx is None else base.gather(1, idx.cpu()))
+    return out
 
 
 def _diagnostic_kept(kept: list, prefill_kept: list | None) -> list:

@@ -308,6 +308,8 @@ def compress(model, method: Method | str, keep_ratio: float | None = None, seed:
         stack = contextlib.ExitStack()
         stack.enter_context(hooks.scoring(built.scorer, seed))
         if built.scorer is not None:
+            # the user's prompt (no ids when the model is fed embeddings); no question split is known
+            built.scorer.begin_prefill([] if ids.is_floating_point() else ids[0].tolist(), 0)
             stack.enter_context(built.scorer.prefill_patch(model, ratio))
         prefill.append(stack)
         return args, kwargs

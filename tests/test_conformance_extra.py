@@ -57,6 +57,7 @@ def _scores(group: str, case: dict, method, keep_ratio: float):
     from harness.pipeline import prefill
 
     ids = GROUPS[group]["meta"]["input_ids"]
+    n_question = len(ids["question"]) if case["query_aware"] else 0  # what a query-aware run tells the scorer
     ids = ids["context"] + ids["question"] if case["query_aware"] else ids["context"]
     assert len(ids) == case["k_len"]
     shared = method.shares_across_ratios
@@ -65,7 +66,8 @@ def _scores(group: str, case: dict, method, keep_ratio: float):
     if key not in _PREFILLS:
         model = _model(case["family"])
         with install(model) as hooks:
-            pre = prefill(model, hooks, ids, method, seed=0, keep_ratio=1.0 if shared else keep_ratio)
+            pre = prefill(model, hooks, ids, method, seed=0, keep_ratio=1.0 if shared else keep_ratio,
+                          n_question=n_question)
         _PREFILLS[key] = pre.scores
     return _PREFILLS[key]
 
