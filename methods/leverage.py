@@ -66,9 +66,10 @@ def cholesky_with_jitter(gram: Tensor, ridge: float, tries: int = 5) -> Tensor:
 def leverage_scores(keys: Tensor, sketch: Tensor | None, ridge: float) -> Tensor:
     """Steps 1-3 of the module docstring: ``[B, H, N]`` ridge leverage of pre-RoPE ``keys [B, H, N, d]``,
     optionally right-sketched by ``sketch [B, H, d, k]``."""
-    x = keys.float() - keys.float().mean(dim=-2, keepdim=True)
+    x = keys.to(torch.promote_types(keys.dtype, torch.float32))  # float32 at least (float64 stays)
+    x = x - x.mean(dim=-2, keepdim=True)
     if sketch is not None:
-        x = x @ sketch
+        x = x @ sketch.to(x.dtype)
     xt = x.transpose(-2, -1)
     gram = xt @ x
     factor = cholesky_with_jitter(0.5 * (gram + gram.transpose(-2, -1)), ridge)
