@@ -259,7 +259,8 @@ def run(argv: list[str]) -> str:
     meta = {**cal.meta, **model_identity(cal.model), "n_layers": filters.shape[0], "n_kv_heads": filters.shape[1],
             "head_dim": filters.shape[2], "queries": "post-RoPE, every position of context + question + answer",
             "sign": "filter = -u (u: first right singular vector, mean query projection >= 0); score = -<filter, k>",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m methods.qfilter", *argv])}
     path = save_filters(cal.own["out"], filters, meta)
     return (f"{path}: Q-Filters {tuple(filters.shape)} from {len(cal.prompts)} {cal.source} samples of "
             f"{cal.meta['context_length']} tokens")
