@@ -1,5 +1,6 @@
 """Run in kvpress's environment (.peers/kvpress-venv/bin/python tools/conformance/dump_cam.py): kvpress 0.5.5's
-CAMPress bulk merge-and-prune on seeded tensors, for tests/test_conformance_cam.py.
+merging presses on seeded tensors, for tests/test_conformance_cam.py: CAMPress's bulk merge-and-prune (cam.json)
+and MergingPress's similarity merge (merging.json).
 
 CAMPress is a decoding press (it compresses every ``compression_interval`` decoding steps), so the standard
 prefill-under-press comparison does not apply; its merge is called directly, as its forward hook would call it:
@@ -19,8 +20,10 @@ from torch import nn
 
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.merging_press import MergingPress
 
 OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "kvpress" / "cam.json"
+OUT_MERGING = OUT.with_name("merging.json")
 N_TOKENS, N_KV, DIM = 48, 2, 8
 
 
@@ -84,3 +87,37 @@ cases = [case(seed, cr, m, g) for seed, (cr, m, g) in enumerate(
 OUT.write_text(json.dumps({"kvpress": "0.5.5", "press": "CAMPress(base_press=KnormPress(), target_size, merge_budget)",
                            "cases": cases}))
 print(f"wrote {len(cases)} cases to {OUT}")
+
+
+def merging_case(seed, compression_ratio, threshold, fraction):
+    """MergingPress(KnormPress) on seeded keys / values: its compress, as ScorerPress's, prunes to the top-k of the
+    inner press's scores after folding the evicted values in. Keys are drawn with a few near-duplicates so that
+    similarities spread over [-1, 1]."""
+    torch.manual_seed(seed)
+    keys = torch.randn(1, N_KV, N_TOKENS, DIM)
+    keys[:, :, 1::3] = keys[:, :, 0::3][:, :, : keys[:, :, 1::3].shape[2]] + 0.3 * torch.randn_like(keys[:, :, 1::3])
+    keys = dyadic(keys * torch.linspace(0.5, 2.0, N_TOKENS)[None, None, :, None])
+    values = dyadic(torch.randn(1, N_KV, N_TOKENS, DIM))
+    press = MergingPress(press=KnormPress(compression_ratio=compression_ratio), similarity_threshold=threshold,
+                         merge_fraction=fraction)
+    module = nn.Module()
+    module.head_dim = DIM
+    out_keys, out_values = press.compress(module, None, keys.clone(), values.clone(), None, {})
+    scores = press.press.score(module, None, keys, values, None, {})
+    kept = scores.topk(int(N_TOKENS * (1 - compression_ratio)), dim=-1).indices
+    order = kept.sort(dim=-1)
+    # kvpress's output is in top-k order; sorted by position here, as kvbench's kept indices are
+    out_values = out_values.gather(2, order.indices[..., None].expand(-1, -1, -1, DIM))
+    assert torch.equal(out_keys.gather(2, order.indices[..., None].expand(-1, -1, -1, DIM)),
+                       keys.gather(2, order.values[..., None].expand(-1, -1, -1, DIM)))
+    return {"seed": seed, "compression_ratio": compression_ratio, "similarity_threshold": threshold,
+            "merge_fraction": fraction, "keys_64": sixty_fourths(keys), "values_64": sixty_fourths(values),
+            "kept": order.values.tolist(), "merged_values": rounded(out_values)}
+
+
+merging = [merging_case(seed, cr, t, f) for seed, (cr, t, f) in enumerate(
+    [(cr, t, f) for cr in (0.25, 0.5, 0.75) for t, f in ((0.0, 1.0), (0.3, 1.0), (0.0, 0.75), (0.2, 0.5))])]
+OUT_MERGING.write_text(json.dumps({"kvpress": "0.5.5",
+                                   "press": "MergingPress(press=KnormPress(compression_ratio), similarity_threshold, "
+                                            "merge_fraction)", "cases": merging}))
+print(f"wrote {len(merging)} cases to {OUT_MERGING}")
