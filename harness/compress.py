@@ -41,6 +41,16 @@ def registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], typ
 
 
 register_scorer = registrar(SCORERS)
+
+
+@dataclass(frozen=True)
+class KeyChannels:
+    """What a channel-pruning scorer keeps of one layer's keys (``Scorer.key_channels``): ``channels [H_kv, d]``,
+    sorted channel indices per KV head, for every cached entry but the last ``n_full``, which keep all of theirs
+    (ThinK's recent window; entries decoded later are stored whole too)."""
+
+    channels: Tensor
+    n_full: int = 0
 register_allocator = registrar(ALLOCATORS)
 
 
@@ -57,6 +67,9 @@ class LayerInputs:
     generator: torch.Generator  # seeded per (seed, sample, layer): the only randomness a scorer may use
     hidden_states: Tensor | None = None  # [B, T, hidden] input of the attention block, if the scorer asked
     rotary: nn.Module | None = None  # the model's rotary embedding (for scorers that rotate future queries)
+    # Prompt position of the first query: 0 for one prefill; a chunk's start in a chunked prefill, where the
+    # cache before the queries holds only the kept entries (so key index != position).
+    query_start: int = 0
 
     @property
     def n_groups(self) -> int:
@@ -106,6 +119,15 @@ class Scorer(Part):
         (0 where the question comes after compression: query-agnostic runs, ``kvbench.compress``). For prompt-guided
         scorers (Finch observes the question's attention)."""
 
+    def after_prefill(self, model: nn.Module, cache, ids: list[int]) -> list[Tensor | None] | None:
+        """Called by ``harness.pipeline.prefill`` (and ``kvbench.compress``) once the prefill's forward has returned,
+        outside the scoring hooks and before ``finish_prefill``, with the model, the prefilled cache (a
+        ``DynamicCache`` holding every layer's keys and values of ``ids``) and the prompt ids. A scorer that scores
+        from forwards of its own on that cache (KVzip's context reconstruction) returns the per-layer scores
+        ``[B, H_kv, T]`` that replace the hooks' ones; None (the default) keeps them. It must leave the cache as it
+        found it (a forward that appends entries truncates them again)."""
+        return None
+
     def bind_selector(self, selector: "Selector") -> None:
         """Called once when the method is built, for a scorer whose statistics depend on the tokens the selector
         protects (ExpectedAttention leaves the sinks out of its query statistics)."""
@@ -147,6 +169,104 @@ class Scorer(Part):
         the kept positions of what it returns are read; the inputs are the shared prefill cache, which other keep
         ratios prune too, so a merging scorer writes into copies. Default: both unchanged."""
         return keys, values
+
+    def key_channels(self, keep_ratio: float) -> "list[KeyChannels | None] | None":
+        """Per layer, the key channels the pruned cache keeps of the last prefill's keys at this ratio (ThinK
+        prunes dimensions, not tokens: ``harness.cache.prune`` then stores only those channels, and decoding
+        scores the old keys on the same channels of its queries), or None for every channel. Default: None."""
+        return None
+
+    def rerank(self, layer_idx: int, scores: Tensor, budgets: Tensor) -> Tensor:
+        """Budget-dependent selection: once the allocator has set a layer's budgets ``[H]``, the scores ``[H, T]``
+        the selector takes each head's top-``budget`` of (CriticalKV's two stages: the first share of a head's
+        budget by the scores, the rest by a second score; ChunkKV: whole chunks). ``scores`` are the layer's as
+        the allocator saw them, sinks and recent tokens at +inf; the selector keeps those whatever is returned.
+        Called by ``Method.plan`` for every ratio of a shared prefill, so it must not change what ``score`` stored:
+        a scorer that needs per-layer auxiliaries here (CriticalKV's ||W_o v||_1) keeps them from its ``score``
+        of the same layer in the last prefill. Default: the scores unchanged."""
+        return scores
+
+
+class WrappedScorer(Scorer):
+    """A scorer that modifies another scorer, ``self.base`` (CriticalKV, ChunkKV): configured as
+    ``scorer: {name: <wrapper>, base: <scorer node>, ...}``, the base built and checked like any scorer part
+    (``method.scorer.base=tova``, ``method.scorer.base.window=16``). Every extension point is forwarded to the
+    base by default, so any scorer can be wrapped; a wrapper overrides what it changes (``score``, ``rerank``)."""
+
+    # The __init__ parameters that are scorer nodes (built into scorers by ``methods.build_method``).
+    SCORER_PARAMS: tuple[str, ...] = ("base",)
+    # Allocators that belong to the wrapper's mechanism (ChunkKV's ``chunk``): the rows' label does not add them.
+    OWN_ALLOCATORS: tuple[str, ...] = ()
+
+    def __init__(self, base: Scorer):
+        self.base = base
+
+    @property
+    def needs_hidden_states(self) -> bool:  # type: ignore[override]
+        return self.base.needs_hidden_states
+
+    @property
+    def shares_across_ratios(self) -> bool:  # type: ignore[override]
+        return self.base.shares_across_ratios
+
+    @property
+    def budget_rule(self) -> str:  # type: ignore[override]
+        return self.base.budget_rule
+
+    @budget_rule.setter
+    def budget_rule(self, rule: str) -> None:  # Method sets it on its parts: the base counts with it too
+        self.base.budget_rule = rule
+
+    def bind_model(self, model: nn.Module) -> None:
+        self.base.bind_model(model)
+
+    def input_files(self) -> dict[str, Path]:
+        # the base's keys are one level down: method.scorer.checkpoint -> method.scorer.base.checkpoint
+        return {key.replace("method.scorer.", "method.scorer.base.", 1): path
+                for key, path in self.base.input_files().items()}
+
+    def score(self, inputs: LayerInputs) -> Tensor | None:
+        return self.base.score(inputs)
+
+    def begin_prefill(self, ids: list[int], n_question: int) -> None:
+        self.base.begin_prefill(ids, n_question)
+
+    def after_prefill(self, model: nn.Module, cache, ids: list[int]) -> list[Tensor | None] | None:
+        return self.base.after_prefill(model, cache, ids)
+
+    def bind_selector(self, selector: "Selector") -> None:
+        self.base.bind_selector(selector)
+
+    def query_rows(self, layer_idx: int) -> Tensor | None:
+        return self.base.query_rows(layer_idx)
+
+    def finish_prefill(self, scores: list[Tensor | None]) -> list[Tensor | None]:
+        return self.base.finish_prefill(scores)
+
+    def prefill_kept(self) -> list[Tensor | None] | None:
+        return self.base.prefill_kept()
+
+    def row_extras(self) -> dict[str, Any]:
+        return self.base.row_extras()
+
+    def prefill_patch(self, model: nn.Module, keep_ratio: float):
+        return self.base.prefill_patch(model, keep_ratio)
+
+    def decode_patch(self, model: nn.Module, cache):
+        return self.base.decode_patch(model, cache)
+
+    def merge(self, layer_idx: int, keys: Tensor, values: Tensor, kept: Tensor | list[Tensor]
+              ) -> tuple[Tensor, Tensor]:
+        return self.base.merge(layer_idx, keys, values, kept)
+
+    def rerank(self, layer_idx: int, scores: Tensor, budgets: Tensor) -> Tensor:
+        return self.base.rerank(layer_idx, scores, budgets)
+
+    @property
+    def label(self) -> str:
+        """``wrapper(base)``, e.g. ``criticalkv(snapkv)``: the rows' name when the config sets no label."""
+        base = self.base.label if isinstance(self.base, WrappedScorer) else self.base.registered_name
+        return f"{self.registered_name}({base})"
 
 
 class Allocator(Part):
@@ -322,6 +442,9 @@ class Method:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk} needs the heads of a layer to keep "
                                  f"as many entries each; allocator {self.allocator.registered_name} budgets per "
                                  "head (use a uniform or per-layer allocator)")
+            if self.allocator.per_layer_budgets:
+                raise ValueError(f"method.prefill_chunk={self.prefill_chunk} compresses every layer to one budget; "
+                                 f"allocator {self.allocator.registered_name} budgets per layer (use uniform)")
             if not self.scorer.shares_across_ratios:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk}: scorer "
                                  f"{self.scorer.registered_name} changes the prefill itself; it cannot also be "
@@ -362,6 +485,10 @@ class Method:
             return keys, values
         return self.scorer.merge(layer_idx, keys, values, kept)
 
+    def key_channels(self, keep_ratio: float) -> "list[KeyChannels | None] | None":
+        """The scorer's ``key_channels`` at this ratio (``harness.cache.prune``'s ``channels``)."""
+        return None if self.scorer is None else self.scorer.key_channels(keep_ratio)
+
     def plan(self, scores: list[Tensor | None], keep_ratio: float) -> tuple[Tensor, list[Tensor | list[Tensor] | None]]:
         """Budgets ``[L, H]`` and kept indices per layer (``None`` for a layer kept whole).
 
@@ -380,11 +507,13 @@ class Method:
                 raise RuntimeError(f"allocator {self.allocator.registered_name} returned budgets {tuple(sub.shape)}")
             budgets[scored] = sub
         kept: list[Tensor | list[Tensor] | None] = []
-        for layer_scores, layer_budgets in zip(squeezed, budgets):
+        for layer_idx, (layer_scores, layer_budgets) in enumerate(zip(squeezed, budgets)):
             if layer_scores is None or bool((layer_budgets >= layer_scores.shape[-1]).all()):
                 kept.append(None)
                 continue
-            kept.append(self.selector.select(layer_scores, layer_budgets))
+            # budget-dependent selection (CriticalKV's stages, ChunkKV's chunks); the default returns the scores
+            ranked = self.scorer.rerank(layer_idx, self.selector.protect(layer_scores), layer_budgets)
+            kept.append(self.selector.select(ranked, layer_budgets))
         return budgets, kept
 
 

@@ -117,8 +117,15 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         scores = list(hooks.scores)
     if method.scorer is None:
         return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s)
+    prefill_s = elapsed - score_s
+    start = time.perf_counter()
+    rescored = method.scorer.after_prefill(model, cache_of(out), list(ids))  # KVzip: its reconstruction forwards
+    if rescored is not None:
+        scores = [None if s is None else s.float() for s in rescored]
+        _sync(device)
+        score_s += time.perf_counter() - start
     scores = method.scorer.finish_prefill(scores)
-    return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), elapsed - score_s, score_s,
+    return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), prefill_s, score_s,
                    method.scorer.row_extras(), method.scorer.prefill_kept())
 
 
@@ -141,9 +148,9 @@ def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: i
 
     The schedule is BlockPress's (the KeyDiff paper's block prompt processing): the first ``budget`` tokens fill
     the cache, then each chunk is appended and the method scores the cached entries plus the chunk (its queries
-    are the chunk's) and keeps ``budget`` of them, ``budget = n_keep(T, keep_ratio)`` of the whole prompt. Layers
-    may keep different counts (the allocator's, e.g. PyramidKV's shape for the cache at hand); the heads of a layer
-    keep as many each (``Method`` refuses per-head allocators), so the cache stays dense for the next chunk."""
+    are the chunk's) and keeps ``budget`` of them, ``budget = n_keep(T, keep_ratio)`` of the whole prompt. Every
+    layer and head keeps that count (``Method`` refuses per-head and per-layer allocators: a budget shaped for the
+    cache at hand is not the prompt's), so the cache stays dense for the next chunk."""
     device = model.device
     n_tokens, chunk = len(ids), int(method.prefill_chunk)
     budget = n_keep(n_tokens, keep_ratio, method.budget_rule)
@@ -158,12 +165,16 @@ def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: i
         step = torch.tensor([ids[start:end]], device=device)
         _sync(device)
         began = time.perf_counter()
-        with hooks.scoring(method.scorer, seed):
-            out = model(input_ids=step, position_ids=torch.arange(start, end, device=device)[None],
-                        **with_cache(cache), use_cache=True, logits_to_keep=1)
-            _sync(device)
-            elapsed, score_s = time.perf_counter() - began, hooks.score_seconds
-            scores = method.scorer.finish_prefill(list(hooks.scores))
+        hooks.query_start = start
+        try:
+            with hooks.scoring(method.scorer, seed):
+                out = model(input_ids=step, position_ids=torch.arange(start, end, device=device)[None],
+                            **with_cache(cache), use_cache=True, logits_to_keep=1)
+                _sync(device)
+                elapsed, score_s = time.perf_counter() - began, hooks.score_seconds
+                scores = method.scorer.finish_prefill(list(hooks.scores))
+        finally:
+            hooks.query_start = 0
         prefill_s += elapsed - score_s
         cache = cache_of(out)
         new = torch.arange(start, end)
@@ -292,15 +303,17 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         start = time.perf_counter()
         budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
                          else (None, [None] * len(shared.cache.layers)))
-        cache = prune(shared.cache, kept, method.merge)  # a merging method folds evicted entries in
+        # a merging method folds evicted entries in; a channel-pruning one (ThinK) stores fewer key channels
+        cache = prune(shared.cache, kept, method.merge, method.key_channels(ratio))
+        positions = kept_positions(kept, shared.prefill_kept, shared.cache) if method.rerotate_keys else None
         _sync(device)
         compress_s = score_s + time.perf_counter() - start
         shared_cut = shared.prefill_kept
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
         start_pos = len(prompt)
-        if method.rerotate_keys and method.compresses:
-            start_pos = rerotate(cache, kept_positions(kept, shared_cut, cache), hooks.rotary.inv_freq)
+        if positions is not None and method.compresses:
+            start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
         per_head = kept_per_head(cache)
         kv_bytes = cache_bytes(cache)
         patch = method.scorer.decode_patch(model, cache) if method.scorer is not None else nullcontext()
@@ -346,8 +359,8 @@ def _chunked_outcome(model, tokenizer, hooks: Hooks, method: Method, prompt: lis
 
 
 def kept_positions(kept: list, prefill_kept: list | None, cache: DynamicCache) -> list[Tensor]:
-    """Per layer, ``[H, n]`` prompt positions of the entries a pruned cache holds (a layer kept whole: all of
-    them, or those its prefill cut it to)."""
+    """Per layer, ``[H, n]`` prompt positions of the entries ``prune(cache, kept)`` holds, ``cache`` being the
+    prefill's (a layer kept whole: all of them, or those its prefill cut it to)."""
     out = []
     for layer, (idx, cache_layer) in enumerate(zip(kept, cache.layers)):
         if isinstance(idx, list):

@@ -330,8 +330,10 @@ def compress(model, method: Method | str, keep_ratio: float | None = None, seed:
         n_tokens = int(ids.shape[1])
         state.kv_bytes_full = full_cache_bytes(cache, n_tokens)
         if built.compresses:
+            rescored = built.scorer.after_prefill(model, cache, ids[0].tolist())  # KVzip's reconstruction
+            scores = scores if rescored is None else [None if s is None else s.float() for s in rescored]
             budgets, kept = built.plan(built.scorer.finish_prefill(scores), ratio)
-            cache.layers[:] = prune(cache, kept, built.merge).layers
+            cache.layers[:] = prune(cache, kept, built.merge, built.key_channels(ratio)).layers
             state.budgets = budgets.tolist()
             decoding.enter_context(built.scorer.decode_patch(model, cache))
         else:
