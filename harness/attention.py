@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from harness.cache import RaggedKV, bottom_right_causal
+from harness.cache import ChannelKV, RaggedKV, bottom_right_causal
 from harness.compress import LayerInputs, Scorer
 
 ATTN_NAME = "kvbench"
@@ -75,9 +75,30 @@ def attention_masks(modules: list[nn.Module], fn: MaskFn) -> Iterator[None]:
                 _MASKS[m] = old
 
 
+def channel_attention(query: Tensor, keys: ChannelKV, values: Tensor, scaling: float) -> Tensor:
+    """Attention over a layer whose older keys hold only some channels (``harness.cache.ChannelLayer``): their
+    logits are the queries' dot products on the same channels of each KV head; returns ``[B, L, H_q, D]``."""
+    batch, n_q_heads, q_len, _ = query.shape
+    n_kv = keys.full.shape[1]
+    group = n_q_heads // n_kv
+    mask = bottom_right_causal(q_len, keys.length, query.device) if q_len > 1 else None
+    outs = []
+    for h in range(n_kv):
+        q = query[:, h * group : (h + 1) * group]
+        old = q[..., keys.channels[h]] @ keys.pruned[:, h : h + 1].transpose(-1, -2)
+        new = q @ keys.full[:, h : h + 1].transpose(-1, -2)
+        logits = torch.cat([old, new], dim=-1).float() * scaling
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        outs.append(logits.softmax(dim=-1).to(values.dtype) @ values[:, h : h + 1])
+    return torch.cat(outs, dim=1).transpose(1, 2).contiguous()
+
+
 def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    if isinstance(key, ChannelKV):
+        return channel_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, kv_len = query.shape[2], key.shape[2]
     # A method may set its own mask or additive bias (``attention_masks``). Otherwise: plain prefill and
     # one-token decoding get mask None, exactly what stock sdpa gets (bit-identical outputs), and a multi-token
@@ -141,6 +162,7 @@ class Hooks:
         self.hidden: dict[int, Tensor] = {}
         self.score_seconds = 0.0
         self.seed = 0
+        self.query_start = 0  # prompt position of the scored queries' first row (harness.pipeline.chunked_prefill)
         self._handles: list = []
 
     @contextmanager
@@ -175,6 +197,7 @@ class Hooks:
             generator=gen,
             hidden_states=self.hidden.get(layer),
             rotary=self.rotary,
+            query_start=self.query_start,
         )
         with torch.no_grad():
             scores = self.scorer.score(inputs)

@@ -79,6 +79,63 @@ class RaggedLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.head_keys + self.head_values)
 
 
+@dataclass
+class ChannelKV:
+    """The keys of a layer whose older entries hold only some key channels, handed to the attention function:
+    ``pruned [B, H_kv, T_p, d]`` over ``channels [H_kv, d]`` (sorted indices into head_dim, per KV head), then
+    ``full [B, H_kv, T_f, D]`` (the entries that keep every channel: a recent window and everything decoded)."""
+
+    pruned: Tensor
+    channels: Tensor
+    full: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.pruned.shape[-2] + self.full.shape[-2]
+
+
+class ChannelLayer(CacheLayerMixin):
+    """A cache layer that stores fewer key channels for its older entries (ThinK): the pruned keys really are
+    ``d < D`` wide, so ``nbytes`` is what is held; new entries are appended whole."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, pruned: Tensor, channels: Tensor, full_keys: Tensor, values: Tensor):
+        super().__init__()
+        self.pruned, self.channels, self.full_keys, self.values = pruned, channels, full_keys, values
+        self.dtype, self.device = values.dtype, values.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # already initialised
+        return None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[ChannelKV, Tensor]:
+        self.full_keys = torch.cat([self.full_keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return ChannelKV(self.pruned, self.channels, self.full_keys), self.values
+
+    def get_seq_length(self) -> int:
+        return self.pruned.shape[-2] + self.full_keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pruned, self.full_keys, self.values))
+
+
+def channel_layer(keys: Tensor, values: Tensor, channels: Tensor, n_full: int) -> ChannelLayer:
+    """A dense layer's ``keys [B, H, T, D]`` cut to ``channels [H, d]`` but for the last ``n_full`` entries."""
+    n_pruned = max(0, keys.shape[-2] - n_full)
+    index = channels.to(keys.device)[None, :, None, :].expand(keys.shape[0], -1, n_pruned, -1)
+    pruned = keys[:, :, :n_pruned].gather(-1, index)
+    return ChannelLayer(pruned, channels.to(keys.device), keys[:, :, n_pruned:], values)
+
+
 def _dense_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
     layer = DynamicLayer()
     layer.dtype, layer.device = keys.dtype, keys.device
@@ -88,7 +145,7 @@ def _dense_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
 
 
 def layer_bytes(layer) -> int:
-    if isinstance(layer, RaggedLayer):
+    if isinstance(layer, (RaggedLayer, ChannelLayer)):
         return layer.nbytes()
     if getattr(layer, "keys", None) is None:
         return 0
@@ -106,6 +163,8 @@ def kept_per_head(cache: DynamicCache) -> list[list[int]]:
     for layer in cache.layers:
         if isinstance(layer, RaggedLayer):
             out.append(layer.lengths)
+        elif isinstance(layer, ChannelLayer):
+            out.append([layer.get_seq_length()] * layer.values.shape[1])
         else:
             out.append([layer.keys.shape[-2]] * layer.keys.shape[1])
     return out
@@ -116,13 +175,17 @@ def kept_per_head(cache: DynamicCache) -> list[list[int]]:
 MergeFn = Callable[[int, Tensor, Tensor, "Tensor | list[Tensor]"], "tuple[Tensor, Tensor]"]
 
 
-def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None], merge: MergeFn | None = None) -> DynamicCache:
+def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None], merge: MergeFn | None = None,
+          channels: list | None = None) -> DynamicCache:
     """A new cache with, per layer, only the kept entries.
 
     ``kept[l]`` is ``None`` (keep the layer whole: its tensors are shared, and decoding's ``torch.cat``
     never writes into them), an ``[H, b]`` index tensor (dense layer), or a list of per-head index tensors
     (ragged layer). ``merge`` (a method's ``Method.merge``) rewrites each pruned layer's keys and values before
-    the kept positions are gathered; it never sees a layer kept whole. The source cache is not modified.
+    the kept positions are gathered; it never sees a layer kept whole. ``channels[l]`` (a method's
+    ``Method.key_channels``: ``harness.compress.KeyChannels`` or None) stores only those key channels of the
+    layer's kept entries (a ``ChannelLayer``; a ragged layer cannot be channel-pruned). The source cache is not
+    modified.
     """
     new = DynamicCache()
     layers = []
@@ -139,5 +202,39 @@ def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None], merge: 
             head_keys = [keys[:, h : h + 1, i.to(keys.device)] for h, i in enumerate(idx)]
             head_values = [values[:, h : h + 1, i.to(values.device)] for h, i in enumerate(idx)]
             layers.append(RaggedLayer(head_keys, head_values))
+        cut = channels[layer_idx] if channels is not None else None
+        if cut is not None:
+            if isinstance(layers[-1], RaggedLayer):
+                raise ValueError(f"layer {layer_idx}: key channels cannot be pruned on a ragged layer")
+            dense = layers.pop()
+            layers.append(channel_layer(dense.keys, dense.values, cut.channels, cut.n_full))
     new.layers = layers
     return new
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rerotate(cache: DynamicCache, positions: list[Tensor], inv_freq: Tensor) -> int:
+    """Rotate the kept keys of a pruned cache, in place, from their prompt positions to ``0 .. n - 1`` in the
+    order they are cached (KeyRerotationPress, StreamingLLM's rolling cache); returns ``n``, where decoding
+    continues. ``positions[l]`` is ``[H, n]``: the prompt position of each cached entry of layer ``l``.
+
+    RoPE rotates each channel pair by ``position * inv_freq``, so moving a key from ``p`` to ``j`` is one more
+    rotation by ``(j - p) * inv_freq``; a rope's attention factor (YaRN) is already in the key and is not applied
+    again. Every layer and head must hold the same ``n`` (one position to decode from)."""
+    counts = {int(p.shape[-1]) for p in positions}
+    if len(counts) != 1:
+        raise ValueError(f"rerotate_keys needs one kept count in every layer; got {sorted(counts)}")
+    (n,) = counts
+    for layer, pos in zip(cache.layers, positions):
+        keys = layer.keys
+        target = torch.arange(n, device=keys.device, dtype=torch.float32)
+        delta = (target[None, :] - pos.to(keys.device).float())[None, :, :, None]  # [1, H, n, 1]
+        angles = delta * inv_freq.to(keys.device).float()  # [1, H, n, D / 2]
+        angles = torch.cat((angles, angles), dim=-1)
+        k = keys.float()
+        layer.keys = (k * angles.cos() + _rotate_half(k) * angles.sin()).to(keys.dtype)
+    return n

@@ -376,11 +376,19 @@ def select(scores: Tensor, budgets: Tensor, n_sink: int = 0, n_recent: int = 0) 
     """Kept token indices of one layer, sorted ascending.
 
     ``scores`` is ``[H, T]`` (batch 1), ``budgets`` ``[H]``. Returns an ``[H, b]`` tensor when every head keeps
-    the same number ``b``, else a list of ``H`` 1-D tensors (a ragged layer).
+    the same number ``b``, else a list of ``H`` 1-D tensors (a ragged layer). A head whose budget is smaller than
+    the protected tokens keeps the protected tokens with the best ``scores`` (ChunkKV's whole best chunks of the
+    window; scores that are +inf there already leave the choice to top-k's tie-breaking).
     """
-    scores = protect(scores, n_sink, n_recent)
     n_tokens = scores.shape[-1]
     budgets = budgets.clamp(1, n_tokens)
+    protected = protect(scores, n_sink, n_recent)
+    forced = protect(torch.zeros_like(scores[:1]), n_sink, n_recent).isinf()  # [1, T]
+    short = budgets.to(scores.device) < int(forced.sum())
+    if bool(short.any()):
+        inside = scores.masked_fill(~forced, -math.inf)  # only protected tokens compete
+        protected = torch.where(short[:, None], inside, protected)
+    scores = protected
     if bool((budgets == budgets[0]).all()):
         return scores.topk(int(budgets[0]), dim=-1).indices.sort(dim=-1).values
     return [s.topk(int(b)).indices.sort().values for s, b in zip(scores, budgets)]

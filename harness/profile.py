@@ -53,6 +53,7 @@ from harness.errors import KvbenchError
 from harness.models import model_identity, model_name
 from harness.profiles import Profile, load_profile, save_profile
 from harness.schema import Count
+from methods._calibration import calibration_prompts  # noqa: F401  (shared with the methods' calibration commands)
 from methods._attention import attention_probs
 
 DEFAULT_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -192,43 +193,6 @@ def measure_curves(model, method, prompts: list[tuple[list[int], list[int]]], gr
             total = curves if total is None else total + curves
             del pre
     return total / len(prompts)
-
-
-def calibration_prompts(tokenizer, cfg, n_samples: int | None, context_length: int, seed: int, future_tokens: int,
-                        chat: bool, random: bool = False) -> tuple[list[tuple[list[int], list[int]]], str]:
-    """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids.
-
-    A task that cannot be built (unknown, data missing or corrupt) is an error, never a silent switch to
-    random tokens: the profile would then describe other inputs than its metadata says."""
-    if not random:
-        import tasks
-        from harness.runner import task_params
-        from tasks.base import PromptEncoder
-
-        task_name = str(cfg.task.name)
-        try:
-            task = tasks.get_task(task_name, **task_params(cfg.task))
-        except KeyError:
-            raise KvbenchError(f"task={task_name!r} is not a task kvbench-profile can calibrate on; allowed: random, "
-                               f"{', '.join(tasks.available())}") from None
-        encoder = PromptEncoder.for_task(tokenizer, task, chat)
-        out = []
-        for sample in task.samples(encoder, context_length, n_samples, seed):
-            ctx, q = encoder.encode_sample(sample)
-            answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids if sample.answers else []
-            out.append((list(ctx), list(q) + list(answer)))
-        if not out:
-            raise KvbenchError(f"task={task_name!r} gave no calibration samples (n_samples={n_samples})")
-        return out, task_name
-    gen = torch.Generator().manual_seed(seed)
-    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 256
-    low = min(8, vocab - 1)
-    out = []
-    for _ in range(n_samples):
-        ids = torch.randint(low, vocab, (context_length,), generator=gen).tolist()
-        n_future = min(future_tokens, context_length // 4)
-        out.append((ids[: context_length - n_future], ids[context_length - n_future :]))
-    return out, "random"
 
 
 def parse_ratios(text: str) -> list[float]:

@@ -2,8 +2,9 @@
 ``python -m methods.duo_attention``): kvbench's own overrides (``model=``, ``task=``, ``context_length=``,
 ``n_samples=``, ``seed=``) composed and checked as ``kvbench`` checks them, the command's own keys (``out=``, ...)
 checked by a pydantic model, the model loaded, and calibration prompts built from kvbench's generated tasks
-(``harness.profile.calibration_prompts``: context ids, question + reference answer ids) or random ids
-(``task=random``).
+(``calibration_prompts``, which ``kvbench-profile`` uses too: context ids, question + reference answer ids) or
+random ids (``task=random``). Methods import no command module (harness/__init__.py: layers), so the few command
+helpers these need (the one-line error, the interrupt) are here.
 
 Bad input is one line ``<prog>: error: ...`` and exit 2, as everywhere in kvbench.
 """
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import KvbenchError
@@ -46,15 +48,25 @@ def split_args(argv: list[str], own_keys: set[str]) -> tuple[dict[str, str], lis
     return own, overrides
 
 
+def check_groups(overrides: list[str]) -> None:
+    """A ``model=`` / ``task=`` choice that is no config is one line naming the allowed ones (as ``kvbench`` says)."""
+    import conf
+
+    for arg in overrides:
+        group, _, value = arg.lstrip("+").partition("=")
+        if group in ("model", "task") and value and value not in (allowed := conf.options(group)):
+            near = [a for a in allowed if "/" in value and a.startswith(value.rsplit("/", 1)[0] + "/")]
+            shown = near or sorted({a.split("/", 1)[0] + ("/<name>" if "/" in a else "") for a in allowed})
+            raise KvbenchError(f"{group}={value!r} is not known; allowed: {', '.join(shown)}")
+
+
 def prepare(argv: list[str], options: type[BaseModel], future_tokens: int = 64) -> Calibration:
     """Compose, check, load the model and build the calibration prompts (a ``KvbenchError`` for bad input)."""
     from omegaconf import OmegaConf
 
     from conf import CONF_DIR
-    from harness.cli import check_group_overrides
     from harness.models import load_model, model_name
     from harness.overrides import Composer
-    from harness.profile import calibration_prompts
     from harness.schema import to_error, validate
 
     own_keys = set(options.model_fields) - {"task"}
@@ -63,7 +75,7 @@ def prepare(argv: list[str], options: type[BaseModel], future_tokens: int = 64) 
         checked = options.model_validate(own).model_dump()
     except ValidationError as err:
         raise to_error(err, own, known=options.model_fields) from None
-    check_group_overrides(overrides)
+    check_groups(overrides)
     with Composer(CONF_DIR, "config") as composer:
         cfg = composer.compose(overrides)
     validate(cfg)
@@ -90,14 +102,55 @@ def main(prog: str, doc: str, run: Callable[[list[str]], str], argv: list[str] |
     if argv and argv[0] in ("-h", "--help"):
         print(doc)
         return
-    from harness.cli import fail, interrupts_reported
-
-    with interrupts_reported(prog, lambda: " (nothing written)"):
-        try:
-            line = run(argv)
-        except KvbenchError as err:
-            fail(str(err), prog=prog)
+    try:
+        line = run(argv)
+    except KvbenchError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (nothing written)", file=sys.stderr)
+        sys.exit(130)
     print(line)
+
+
+def calibration_prompts(tokenizer, cfg, n_samples: int | None, context_length: int, seed: int, future_tokens: int,
+                        chat: bool, random: bool = False) -> tuple[list[tuple[list[int], list[int]]], str]:
+    """(context ids, future ids) pairs from the task (question + answer teacher-forced), or random ids.
+
+    A task that cannot be built (unknown, data missing or corrupt) is an error, never a silent switch to
+    random tokens: the profile would then describe other inputs than its metadata says."""
+    if not random:
+        from omegaconf import OmegaConf
+
+        import tasks
+        from tasks.base import PromptEncoder
+
+        task_name = str(cfg.task.name)
+        try:
+            params = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items()
+                      if k not in ("name", "exclude")}  # harness.runner.task_params
+            task = tasks.get_task(task_name, **params)
+        except KeyError:
+            raise KvbenchError(f"task={task_name!r} is not a task kvbench-profile can calibrate on; allowed: random, "
+                               f"{', '.join(tasks.available())}") from None
+        encoder = PromptEncoder.for_task(tokenizer, task, chat)
+        out = []
+        for sample in task.samples(encoder, context_length, n_samples, seed):
+            ctx, q = encoder.encode_sample(sample)
+            answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids if sample.answers else []
+            out.append((list(ctx), list(q) + list(answer)))
+        if not out:
+            raise KvbenchError(f"task={task_name!r} gave no calibration samples (n_samples={n_samples})")
+        return out, task_name
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 256
+    low = min(8, vocab - 1)
+    out = []
+    for _ in range(n_samples):
+        ids = torch.randint(low, vocab, (context_length,), generator=gen).tolist()
+        n_future = min(future_tokens, context_length // 4)
+        out.append((ids[: context_length - n_future], ids[context_length - n_future :]))
+    return out, "random"
 
 
 # ----------------------------------------------------------------------------------------------------------------

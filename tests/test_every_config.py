@@ -79,6 +79,8 @@ def test_method_config_builds_and_runs_one_sample(tmp_path, name):
         assert squeezed["kv_bytes"] == squeezed["kv_bytes_full"]
     elif name == "spkv":  # decides its own budget per input; it never keeps more than the context
         assert squeezed["kept_tokens"] <= squeezed["context_tokens"]
+    elif name == "think":  # prunes key channels, not tokens: every token stays, in narrower keys
+        assert squeezed["kept_tokens"] == squeezed["context_tokens"] and squeezed["kv_bytes"] < squeezed["kv_bytes_full"]
     else:  # the budget the ratio asks for, on average over heads (a ragged method moves entries between heads)
         assert squeezed["kv_bytes"] < squeezed["kv_bytes_full"]
         assert squeezed["kept_tokens"] <= n_keep(squeezed["context_tokens"], 0.25, method.budget_rule) + 1e-6
