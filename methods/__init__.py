@@ -16,9 +16,9 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError
 
 import conf
-from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method, Selector
+from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method, Selector, WrappedScorer
 from harness.errors import KvbenchError
-from harness.schema import STRICT, Fraction, NonNegative, check_params, to_error
+from harness.schema import STRICT, Count, Flag, Fraction, NonNegative, check_params, to_error
 
 # A method config (conf/method/<name>.yaml) is nested by part; each part receives only its own keys:
 #   name, label, preset, budget_rule      the method's own keys
@@ -62,6 +62,8 @@ class MethodKeys(BaseModel):
     preset: str | None = None
     # how ratios become counts (harness.compress.BudgetRule): null = floor; every kvpress preset sets kvpress
     budget_rule: BudgetRule | None = None
+    prefill_chunk: Count | None = None  # prefill this many tokens at a time, compressing after each chunk
+    rerotate_keys: Flag = False  # kept keys rotated to positions 0 .. n - 1 after eviction
     scorer: Any = None
     allocator: Any = None
     selector: Any = None
@@ -75,24 +77,93 @@ def _unknown(where: str, key: str, allowed: list[str], hint: str = "") -> Kvbenc
                         f"{guess} (keys: {shown})")
 
 
-def _part_config(kind: str, node: Any) -> dict[str, Any] | None:
-    """A part's config as a dict ``{name, ...}`` (a bare name is ``{name: <it>}``); None for no part."""
+def _part_config(kind: str, node: Any, where: str | None = None) -> dict[str, Any] | None:
+    """A part's config as a dict ``{name, ...}`` (a bare name is ``{name: <it>}``); None for no part. ``where``:
+    the node's dotted key (``method.scorer.base`` for a wrapped scorer's base; default ``method.<kind>``)."""
+    where = where or f"method.{kind}"
     if node is None:
         return None
     if isinstance(node, str):
         node = {"name": node}
     if not isinstance(node, dict):
-        raise KvbenchError(f"method.{kind} must be a {kind} name or a config node (name: ..., parameters); "
+        raise KvbenchError(f"{where} must be a {kind} name or a config node (name: ..., parameters); "
                            f"got {node!r}")
     name = node.get("name")
     registry = PART_KINDS[kind]
     if name is None and kind == "scorer":
         if len(node) > 1:
-            raise KvbenchError(f"method.scorer has parameters but no name; allowed: {', '.join(sorted(registry))}")
+            raise KvbenchError(f"{where} has parameters but no name; allowed: {', '.join(sorted(registry))}")
         return None
     if not isinstance(name, str) or name not in registry:
-        raise KvbenchError(f"method.{kind}.name={name!r} is not known; allowed: {', '.join(sorted(registry))}")
+        raise KvbenchError(f"{where}.name={name!r} is not known; allowed: {', '.join(sorted(registry))}")
     return dict(node)
+
+
+def _scorer_params(cls: type) -> tuple[str, ...]:
+    """The parameters of a scorer class that are scorer nodes themselves (a wrapper's ``base``)."""
+    return cls.SCORER_PARAMS if isinstance(cls, type) and issubclass(cls, WrappedScorer) else ()
+
+
+def _checked_part(kind: str, node: dict, where: str) -> dict:
+    """One part node ``{name, ...}`` checked: its keys against its class's parameters, their values against the
+    annotations; a wrapped scorer's base (``where.base``) checked the same way, recursively."""
+    cls = PART_KINDS[kind][node["name"]]
+    params = {k: v for k, v in node.items() if k != "name"}
+    allowed = parameters(cls)
+    swap = f" ({where}=<name> swaps the part, starting from its own defaults)"
+    for key in params:
+        if not allowed:
+            raise KvbenchError(f"{where}.{key}: {kind} {node['name']!r} takes no parameters{swap}")
+        if key not in allowed:
+            raise _unknown(where, key, allowed, hint=swap)
+    nested = {}
+    for key in _scorer_params(cls):
+        sub = _part_config("scorer", params.pop(key, None), f"{where}.{key}")
+        if sub is None:
+            raise KvbenchError(f"{where}.{key} must name the scorer that {node['name']} wraps; allowed: "
+                               f"{', '.join(sorted(SCORERS))}")
+        nested[key] = _checked_part("scorer", sub, f"{where}.{key}")
+    # each value checked against the class's annotated signature before anything is built
+    checked = check_params(where, cls, params)
+    return {"name": node["name"], **{k: nested[k] if k in nested else checked[k] for k in node if k != "name"}}
+
+
+def _build_part(kind: str, node: dict):
+    """A part built from its checked node (a wrapped scorer's base first)."""
+    cls = PART_KINDS[kind][node["name"]]
+    params = {k: v for k, v in node.items() if k != "name"}
+    for key in _scorer_params(cls):
+        if key in params:
+            params[key] = _build_part("scorer", params[key])
+        else:  # the class's default, a scorer name or node
+            params[key] = _build_part("scorer", _part_config("scorer", inspect.signature(cls).parameters[key].default))
+    return cls(**params)
+
+
+def _preset_values(node: Any, preset: str) -> dict | None:
+    """What ``method.preset=<preset>`` sets for a scorer node: its class's ``PRESETS[preset]`` and, for a wrapped
+    scorer, each base's own preset with the base's scorer values under ``scorer.<base key>`` (SnapKV's window)
+    and its other values (selector, allocator, budget_rule) beside the wrapper's, which win where both set a key.
+    None when neither the scorer nor any base has that preset."""
+    from omegaconf import OmegaConf
+
+    node = _part_config("scorer", node)
+    if node is None:
+        return None
+    cls = SCORERS[node["name"]]
+    own = copy.deepcopy(cls.PRESETS.get(preset))
+    merged: dict = {}
+    found = own is not None
+    for key in _scorer_params(cls):
+        sub = _preset_values(node.get(key, inspect.signature(cls).parameters[key].default), preset)
+        if sub is None:
+            continue
+        found = True
+        base_scorer = sub.pop("scorer", {})
+        merged = OmegaConf.to_container(OmegaConf.merge(merged, sub, {"scorer": {key: base_scorer}}))
+    if not found:
+        return None
+    return OmegaConf.to_container(OmegaConf.merge(merged, own or {}))
 
 
 def _with_preset(cfg: Any) -> tuple[dict, dict]:
@@ -109,16 +180,44 @@ def _with_preset(cfg: Any) -> tuple[dict, dict]:
     if not preset:
         return configured, configured
     scorer = _part_config("scorer", configured.get("scorer"))
-    presets = SCORERS[scorer["name"]].PRESETS if scorer else {}
-    if preset not in presets:
+    values = _preset_values(scorer, preset) if scorer else None  # a wrapper's and its base's presets
+    if values is None:
+        presets = _preset_names(scorer) if scorer else set()
         allowed = ", ".join(sorted(presets)) or "none for this method"
         raise KvbenchError(f"method.preset={preset!r} is not known for {configured.get('name')}; allowed: {allowed}")
     unresolved = OmegaConf.to_container(node, resolve=False)
     for kind in ("scorer", "allocator"):  # a part given by name alone becomes a node the preset can fill
         if isinstance(unresolved.get(kind), str):
             unresolved[kind] = {"name": unresolved[kind]}
-    merged = OmegaConf.merge(OmegaConf.create(unresolved), OmegaConf.create(presets[preset]))
+    _name_bases(unresolved.get("scorer"))
+    merged = OmegaConf.merge(OmegaConf.create(unresolved), OmegaConf.create(values))
     return configured, OmegaConf.to_container(merged, resolve=True)
+
+
+def _preset_names(node: Any) -> set[str]:
+    """The presets a scorer node has: its class's and, for a wrapper, its bases'."""
+    node = _part_config("scorer", node)
+    if node is None:
+        return set()
+    cls = SCORERS[node["name"]]
+    names = set(cls.PRESETS)
+    for key in _scorer_params(cls):
+        names |= _preset_names(node.get(key, inspect.signature(cls).parameters[key].default))
+    return names
+
+
+def _name_bases(node: Any) -> None:
+    """A wrapper's base given by name alone (or left to the class default) becomes a ``{name: ...}`` node in place,
+    recursively, so a preset can set the base's values."""
+    if not isinstance(node, dict) or node.get("name") not in SCORERS:
+        return
+    cls = SCORERS[node["name"]]
+    for key in _scorer_params(cls):
+        base = node.get(key, inspect.signature(cls).parameters[key].default)
+        if isinstance(base, str):
+            base = {"name": base}
+        node[key] = base
+        _name_bases(base)
 
 
 def _checked(cfg: dict) -> dict:
@@ -149,17 +248,7 @@ def _checked(cfg: dict) -> dict:
     for kind in PART_KINDS:
         node = _part_config(kind, cfg.get(kind))
         if node is not None:
-            cls = PART_KINDS[kind][node["name"]]
-            params = {k: v for k, v in node.items() if k != "name"}
-            allowed = parameters(cls)
-            swap = f" (method.{kind}=<name> swaps the part, starting from its own defaults)"
-            for key in params:
-                if not allowed:
-                    raise KvbenchError(f"method.{kind}.{key}: {kind} {node['name']!r} takes no parameters{swap}")
-                if key not in allowed:
-                    raise _unknown(f"method.{kind}", key, allowed, hint=swap)
-            # each value checked against the class's annotated signature before anything is built
-            out[kind] = {"name": node["name"], **check_params(f"method.{kind}", cls, params)}
+            out[kind] = _checked_part(kind, node, f"method.{kind}")
         elif kind in cfg:
             out[kind] = None
     return out
@@ -227,20 +316,29 @@ def build_method(cfg) -> Method:
     recorded = _checked(configured)  # what the run dir records: the preset by name, not its values
     run_cfg = recorded if run_cfg is configured else _checked(run_cfg)
     scorer_cfg, allocator_cfg = run_cfg.get("scorer"), run_cfg.get("allocator") or {"name": "uniform"}
-    build = lambda kind, node: PART_KINDS[kind][node["name"]](**{k: v for k, v in node.items() if k != "name"})
-    scorer = build("scorer", scorer_cfg) if scorer_cfg else None
-    allocator = build("allocator", allocator_cfg)
+    scorer = _build_part("scorer", scorer_cfg) if scorer_cfg else None
+    allocator = _build_part("allocator", allocator_cfg)
     label = run_cfg.get("label") or run_cfg["name"]
-    if not run_cfg.get("label") and allocator_cfg["name"] != "uniform" and scorer is not None:
+    if isinstance(scorer, WrappedScorer) and label in (run_cfg["name"], scorer.registered_name):
+        # a wrapper's rows name what it wraps (criticalkv(snapkv)), so a swapped base is traced in the rows
+        label = scorer.label
+        if allocator_cfg["name"] not in ("uniform", *scorer.OWN_ALLOCATORS):
+            label = f"{label}+{allocator_cfg['name']}"
+    elif not run_cfg.get("label") and allocator_cfg["name"] != "uniform" and scorer is not None:
         label = f"{run_cfg['name']}+{allocator_cfg['name']}"
-    return Method(
-        name=label,
-        scorer=scorer,
-        allocator=allocator,
-        selector=Selector(**run_cfg["selector"]),
-        budget_rule=run_cfg.get("budget_rule") or "floor",
-        config=recorded,
-    )
+    try:
+        return Method(
+            name=label,
+            scorer=scorer,
+            allocator=allocator,
+            selector=Selector(**run_cfg["selector"]),
+            budget_rule=run_cfg.get("budget_rule") or "floor",
+            config=recorded,
+            prefill_chunk=run_cfg.get("prefill_chunk"),
+            rerotate_keys=bool(run_cfg.get("rerotate_keys", False)),
+        )
+    except ValueError as err:  # an option the composition cannot honour (Method.__post_init__)
+        raise KvbenchError(str(err)) from None
 
 
 def config_names() -> list[str]:

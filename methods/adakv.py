@@ -54,6 +54,9 @@ def adakv_layer_budgets(scores: torch.Tensor, keep_ratio: float, alpha: float, n
 
 @register_allocator("adakv")
 class AdaKVAllocator(Allocator):
+    per_head_budgets = True
+    per_layer_budgets = True
+
     def __init__(self, alpha: Fraction | None = 0.2, window: NonNegative | None = 0):
         self.alpha = 0.2 if alpha is None else float(alpha)
         self.window = int(window or 0)

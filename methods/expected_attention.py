@@ -100,14 +100,20 @@ class ExpectedAttentionScorer(Scorer):
         batch, n_kv, n_tokens, d = keys.shape
         n_sink = min(self.n_sink, n_tokens - 1)
         device = keys.device
-        # 1. pre-RoPE query statistics (queries sit at positions 0..T-1: one prefill into an empty cache)
-        start = n_sink if self.query_window is None else max(n_sink, n_tokens - self.query_window)
-        pos = torch.arange(start, n_tokens, device=device)[None]
+        # 1. pre-RoPE query statistics over the queries after the sinks. One prefill: the queries are the cache's
+        # T rows at positions 0..T-1; a chunked prefill's are its last rows, at positions query_start.. (the
+        # cache before them holds the kept entries, so a key's index is not its position).
+        q_len = queries.shape[2]
+        first = max(0, n_sink - (n_tokens - q_len))
+        if self.query_window is not None:
+            first = max(first, q_len - self.query_window)
+        pos = inputs.query_start + torch.arange(first, q_len, device=device)[None]
         cos, sin = inputs.rotary(queries, pos)  # [1, N, d]
-        pre = unrotate(queries[:, :, start:].float(), cos[:, None].float(), sin[:, None].float())
+        pre = unrotate(queries[:, :, first:].float(), cos[:, None].float(), sin[:, None].float())
         mu, cov = query_statistics(pre, self.use_covariance)
         # 2. average RoPE over the future positions
-        future = torch.arange(n_tokens, n_tokens + self.n_future_positions, device=device)[None]
+        next_pos = inputs.query_start + q_len
+        future = torch.arange(next_pos, next_pos + self.n_future_positions, device=device)[None]
         cos_f, sin_f = inputs.rotary(mu, future)
         rot = average_rotation(cos_f[0].float(), sin_f[0].float())
         mu = mu @ rot.T

@@ -231,6 +231,9 @@ class LKVScorer(Scorer):
 class LKVAllocator(Allocator):
     """LKV-H: learned budget shares of a checkpoint (any scorer may use them)."""
 
+    per_head_budgets = True
+    per_layer_budgets = True
+
     def __init__(self, checkpoint: str | None = None, min_budget: Count = 1):
         self.checkpoint = checkpoint
         self.config, tensors = load_checkpoint(checkpoint, "lkv")

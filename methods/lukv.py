@@ -57,6 +57,9 @@ def lukv_budgets(profile: Profile, n_tokens: list[int], n_heads: int, keep_ratio
 
 @register_allocator("lukv")
 class LUKVAllocator(Allocator):
+    per_head_budgets = True
+    per_layer_budgets = True
+
     def __init__(self, profile: str | None = None):
         if not profile:
             raise KvbenchError(

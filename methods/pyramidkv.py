@@ -51,6 +51,8 @@ def pyramid_budget(n_tokens: int, keep_ratio: float, layer: int, n_layers: int, 
 
 @register_allocator("pyramid")
 class PyramidAllocator(Allocator):
+    per_layer_budgets = True
+
     def __init__(self, beta: Annotated[float, Field(ge=1.0)] | None = 20, window: NonNegative | None = 0):
         self.beta = 20.0 if beta is None else float(beta)
         self.window = int(window or 0)

@@ -312,6 +312,9 @@ class SPKVAllocator(Allocator):
     """Per head, the number of entries scored above the threshold (the window scores +inf): keep_ratio is
     ignored, the budget is the input's own."""
 
+    per_head_budgets = True
+    per_layer_budgets = True
+
     def __init__(self, threshold: Fraction = 0.1):
         self.threshold = float(threshold)
 

@@ -68,8 +68,27 @@ def _scores(group: str, case: dict, method, keep_ratio: float):
         with install(model) as hooks:
             pre = prefill(model, hooks, ids, method, seed=0, keep_ratio=1.0 if shared else keep_ratio,
                           n_question=n_question)
-        _PREFILLS[key] = pre.scores
+        # the method that prefilled plans too: a scorer may keep per-layer auxiliaries of its prefill for its
+        # budget-dependent step (Scorer.rerank: CriticalKV's value norms)
+        _PREFILLS[key] = (pre.scores, method)
     return _PREFILLS[key]
+
+
+def _ids(group: str, case: dict) -> list[int]:
+    ids = GROUPS[group]["meta"]["input_ids"]
+    return ids["context"] + ids["question"] if case["query_aware"] else ids["context"]
+
+
+def _chunked_kept(case: dict, method, keep_ratio: float) -> list[list[list[int]]]:
+    """Prompt positions each layer and head keeps after our chunked prefill (``method.prefill_chunk``)."""
+    from harness.attention import install
+    from harness.pipeline import chunked_prefill
+
+    group = next(g for g, data in GROUPS.items() if case in data["cases"])
+    model = _model(case["family"])
+    with install(model) as hooks:
+        done = chunked_prefill(model, hooks, _ids(group, case), method, 0, keep_ratio)
+    return [layer.sort(dim=-1).values for layer in done.kept]
 
 
 @pytest.mark.parametrize("group,index", CASES)
@@ -77,8 +96,16 @@ def test_extra_kept_sets_match_kvpress(group: str, index: int):
     case = GROUPS[group]["cases"][index]
     method = _method(case)
     keep_ratio = 1 - case["compression_ratio"]
-    budgets, kept = method.plan(_scores(group, case, method, keep_ratio), keep_ratio)
-    problems = _differences(kept, case["kept"], case["near_ties"], case["k_len"], case["global_cut"])
+    if method.prefill_chunk is not None:
+        kept = _chunked_kept(case, method, keep_ratio)
+        budgets = torch.tensor([[len(h) for h in layer] for layer in kept])
+    else:
+        scores, method = _scores(group, case, method, keep_ratio)
+        budgets, kept = method.plan(scores, keep_ratio)
+    layers = case.get("compare_layers", range(len(case["kept"])))
+    pick = lambda per_layer: [per_layer[i] for i in layers]  # noqa: E731
+    problems = _differences(pick(kept), pick(case["kept"]), pick(case["near_ties"]), case["k_len"],
+                            case["global_cut"])
     assert not problems, (f"{_case_id(group, case)} ({case['press']} {case['params']}, budgets "
                           f"{budgets.tolist()}):\n  " + "\n  ".join(problems))
 
@@ -96,3 +123,35 @@ def test_every_group_file_has_its_fixture():
         for press, cells in grid.items():
             assert {c[0] for c in cells} == {"llama", "qwen3"} and {c[1] for c in cells} == {False, True}, press
             assert len({c[2] for c in cells}) >= 3 and len(cells) == 4 * len({c[2] for c in cells}), press
+
+
+REROTATED = [pytest.param(group, i, id=_case_id(group, case)) for group, data in GROUPS.items()
+             for i, case in enumerate(data["cases"]) if "key_channels" in case]
+
+
+@pytest.mark.parametrize("group,index", REROTATED)
+def test_rerotated_keys_match_kvpress(group: str, index: int):
+    """``method.rerotate_keys``: channels 0 and d/2 (the fastest and the slowest rotating pair) of every cached
+    key equal kvpress's KeyRerotationPress, row for row in cache order."""
+    from harness.cache import prune, rerotate
+    from harness.pipeline import kept_positions
+
+    case = GROUPS[group]["cases"][index]
+    method = _method(case)
+    assert method.rerotate_keys
+    keep_ratio = 1 - case["compression_ratio"]
+    scores, method = _scores(group, case, method, keep_ratio)
+    _, kept = method.plan(scores, keep_ratio)
+    from harness.attention import install
+    from harness.pipeline import prefill
+
+    model = _model(case["family"])
+    with install(model) as hooks:
+        full = prefill(model, hooks, _ids(group, case), method, seed=0)
+        cache = prune(full.cache, kept)
+        n = rerotate(cache, kept_positions(kept, None, full.cache), hooks.rotary.inv_freq)
+    assert n == len(case["key_channels"][0][0])
+    for layer, (ours, ref) in enumerate(zip(cache.layers, case["key_channels"])):
+        half = ours.keys.shape[-1] // 2
+        got = ours.keys[0][:, :, [0, half]]
+        assert torch.allclose(got, torch.tensor(ref), atol=2e-4, rtol=1e-4), f"layer {layer}"

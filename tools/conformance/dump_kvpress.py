@@ -228,6 +228,34 @@ def match_rows(full: torch.Tensor, kept: torch.Tensor) -> list[int]:
     return eq.int().argmax(-1).tolist()
 
 
+def match_rerotated(full_k: torch.Tensor, full_v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
+                    inv_freq: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Positions of the rows of a re-rotated cache (row j holds the entry of position p_j, its key rotated from
+    p_j to j): the position whose value equals row j's and whose key, rotated by j - p, equals row j's key, and
+    the positions that stay ambiguous. Layer 0 holds the same entry for every occurrence of a token once
+    re-rotated (R(j - p) R(p) k = R(j) k), so there the row is the first candidate after the previous row's, and
+    all its candidates are reported ambiguous (near ties: either side may keep any of them)."""
+    out, ambiguous = [], []
+    for j in range(kept_k.shape[0]):
+        cands = torch.nonzero((full_v == kept_v[j]).all(-1)).flatten().tolist()
+        hits = []
+        for p in cands:
+            ang = (j - p) * inv_freq.float()
+            ang = torch.cat((ang, ang))
+            k = full_k[p].float()
+            half = k.shape[-1] // 2
+            rot = k * ang.cos() + torch.cat((-k[half:], k[:half])) * ang.sin()
+            if torch.allclose(rot, kept_k[j].float(), atol=1e-4, rtol=1e-4):
+                hits.append(p)
+        later = [h for h in hits if not out or h > out[-1]]
+        if not later:
+            raise RuntimeError(f"re-rotated row {j}: no matching position among {cands}")
+        out.append(later[0])
+        if len(hits) > 1:
+            ambiguous += hits
+    return out, sorted(set(ambiguous))
+
+
 NEAR_TIE_RTOL = 1e-5
 
 
@@ -761,11 +789,18 @@ def generic_params(press) -> dict:
     return out
 
 
-def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> dict:
+def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float, full_values=None) -> dict:
     """One (press, ratio, ids) case: prefill under the press (or ``spec["run"](model, ids, press) -> cache``),
     kept rows matched to the uncompressed prefill's keys, or read from ``module.masked_key_indices`` where the
     press masks instead of pruning (AdaKV-style global cuts: ``global_cut`` true). With ``topk`` the press's
-    ``score`` is captured: ties / near ties at each head's cut, and a cross-check that kvpress kept its top-k."""
+    ``score`` is captured: ties / near ties at each head's cut, and a cross-check that kvpress kept its top-k.
+
+    Optional spec keys: ``match: "rerotated"`` matches rows of a cache whose kept keys were re-rotated
+    (``match_rerotated``); ``key_channels: true`` records channels 0 and d/2 of every cached key (the fastest and slowest
+    rotating pair) in cache order, so the changed keys themselves can be compared; ``layers``: the layers the
+    comparison applies to (recorded as ``compare_layers``; e.g. layer 0 only, where a simulation and a real
+    chunked prefill see the same keys); ``ties_by_token``: at layer 0 the positions of a token both kept and
+    dropped are near ties (a key-norm score ties every occurrence of a token there)."""
     press = spec["factory"](cr)
     record: dict = {}
     if spec.get("topk"):
@@ -785,7 +820,7 @@ def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> d
     with torch.no_grad():
         cache = runner(model, ids, press) if runner else prefill(model, ids, press)
     k_len = len(ids)
-    kept, ties, near_ties, gaps = [], [], [], []
+    kept, ties, near_ties, gaps, channels = [], [], [], [], []
     global_cut = False
     for li, module in enumerate(modules):
         fk = full_keys[li][0]
@@ -799,8 +834,18 @@ def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> d
             mask = torch.ones(n_heads, k_len, dtype=torch.bool)
             mask[h, s] = False
             layer_kept = [torch.nonzero(mask[hh]).flatten().tolist() for hh in range(n_heads)]
+        elif spec.get("match") == "rerotated":
+            inv_freq = model.model.rotary_emb.inv_freq
+            cv, fv = cache.layers[li].values[0], full_values[li][0]
+            matched = [match_rerotated(fk[hh], fv[hh], ck[hh], cv[hh], inv_freq) for hh in range(n_heads)]
+            layer_kept = [m[0] for m in matched]
+            ambiguous = [m[1] for m in matched]
         else:
             layer_kept = [sorted(match_rows(fk[hh], ck[hh])) for hh in range(n_heads)]
+        if spec.get("key_channels"):
+            half = ck.shape[-1] // 2
+            channels.append([[[float(f"{float(v):.6e}") for v in row] for row in ck[hh][:, [0, half]]]
+                             for hh in range(n_heads)])
         layer_ties, layer_near, layer_gaps = [], [], []
         for hh, idx in enumerate(layer_kept):
             if li in record and masked is None:
@@ -815,6 +860,19 @@ def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> d
             layer_ties.append(t)
             layer_near.append(nt)
             layer_gaps.append(fmt_gap(g))
+        if spec.get("match") == "rerotated":
+            layer_near = [sorted(set(n) | set(a)) for n, a in zip(layer_near, ambiguous)]
+        if spec.get("ties_by_token") and li == 0:
+            # a key-norm score at layer 0 (before any attention): every occurrence of a token has the same key up
+            # to its rotation, hence the same norm, so a token kept at one position and dropped at another is an
+            # exact tie (which occurrence survives is float rounding)
+            for hh, idx in enumerate(layer_kept):
+                kept_ids = {ids[i] for i in idx}
+                dropped_ids = {ids[i] for i in range(k_len) if i not in set(idx)}
+                both = kept_ids & dropped_ids
+                layer_near[hh] = sorted(set(layer_near[hh]) | {i for i in range(k_len) if ids[i] in both})
+        if spec.get("near_ties"):  # a group's own rule for ties the press broke before its last cut
+            layer_near = spec["near_ties"](press, li, layer_kept, layer_near)
         kept.append(layer_kept)
         ties.append(layer_ties)
         near_ties.append(layer_near)
@@ -822,7 +880,9 @@ def run_extra_case(model, full_keys, ids: list[int], spec: dict, cr: float) -> d
     return {"press": spec["press"], "params": generic_params(press), "compression_ratio": cr,
             "method": spec["method"], "overrides": spec.get("overrides", {}), "attn_implementation": spec["attn"],
             "k_len": k_len, "kept": kept, "ties": ties, "near_ties": near_ties, "cut_gap": gaps,
-            "global_cut": global_cut, "scores_checked": bool(record)}
+            "global_cut": global_cut, "scores_checked": bool(record),
+            **({"key_channels": channels} if spec.get("key_channels") else {}),
+            **({"compare_layers": list(spec["layers"])} if spec.get("layers") is not None else {})}
 
 
 def dump_extra(root: Path, group: str, ctx: list[int], q: list[int]) -> dict:
@@ -835,11 +895,14 @@ def dump_extra(root: Path, group: str, ctx: list[int], q: list[int]) -> dict:
         models = {attn: load_model(model_dir, attn) for attn in sorted({s["attn"] for s in specs})}
         for query_aware in (False, True):
             ids = ctx + q if query_aware else ctx
-            full = {attn: [c.keys.clone() for c in prefill(m, ids).layers] for attn, m in models.items()}
+            prefilled = {attn: prefill(m, ids).layers for attn, m in models.items()}
+            full = {attn: [c.keys.clone() for c in layers] for attn, layers in prefilled.items()}
+            full_values = {attn: [c.values.clone() for c in layers] for attn, layers in prefilled.items()}
             for spec in specs:
                 for cr in RATIOS:
                     torch.manual_seed(SEED)  # a press that draws from the global generator draws the same
-                    case = run_extra_case(models[spec["attn"]], full[spec["attn"]], ids, spec, cr)
+                    case = run_extra_case(models[spec["attn"]], full[spec["attn"]], ids, spec, cr,
+                                          full_values[spec["attn"]])
                     cases.append({"family": family, "query_aware": query_aware, **case})
                     print(f"{group:14s} {family:6s} {spec['press']:32s} cr={cr:<5} aware={int(query_aware)} "
                           f"kept/layer={[sum(len(h) for h in l) for l in case['kept']]} "
