@@ -2,8 +2,8 @@
 https://openreview.net/forum?id=LCTmppB165, code github.com/zyxxmu/cam): an evicted token's value is not dropped
 but, with a probability set by its attention, spread over the kept tokens that follow it.
 
-Per layer and KV head, after a base scorer and the selector chose the kept tokens (any scorer that only scores;
-``base``, StreamingLLM by default, the integration of CaM's official code):
+Per layer and KV head, after a base scorer and the selector chose the kept tokens (any scorer, wrapped:
+``method.scorer.base=<scorer>``; StreamingLLM by default, the integration of CaM's official code):
 
 1. ``A``: the cumulative attention every prefill query gave each token (the paper's ``A_bar``, Algorithm 1),
    averaged over the query heads of the KV head's group (as kvpress).
@@ -28,17 +28,18 @@ How this differs, and why:
   follow the paper's Eq. 14 (mean), as kvpress does.
 * kvpress keeps one token set for all KV heads (its base scores averaged over the heads, ``shared_heads: true``
   under ``method.preset=kvpress``); our default selects per head, as the base scorer scores.
-* The base scorer is built with its class defaults; the selector is the method config's (4 sinks).
+* The selector is the method config's (4 sinks, StreamingLLM's); a base with a window of its own (SnapKV) needs
+  ``method.selector.n_recent`` as its method config sets it.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from harness.compress import KVPRESS_BUDGET, LayerInputs, register_scorer
+from harness.compress import KVPRESS_BUDGET, LayerInputs, WrappedScorer, register_scorer
 from harness.schema import Count
 from methods._attention import attention_column_sums, per_kv_head
-from methods._merge import Base, MergingScorer, evicted_of, heads_of
+from methods._merge import evicted_of, heads_of
 
 
 def cam_merge(values: Tensor, kept: Tensor, attn: Tensor, uniform: Tensor, merge_budget: int) -> Tensor:
@@ -70,18 +71,20 @@ def cam_merge(values: Tensor, kept: Tensor, attn: Tensor, uniform: Tensor, merge
 
 
 @register_scorer("cam")
-class CaMScorer(MergingScorer):
+class CaMScorer(WrappedScorer):
     # kvpress's CAMPress: one kept set for every KV head (its base scores averaged over the heads), its counts.
     PRESETS = {"kvpress": {"scorer": {"shared_heads": True}, **KVPRESS_BUDGET}}
 
-    def __init__(self, base: Base = "streaming_llm", merge_budget: Count = 32, shared_heads: bool = False):
+    def __init__(self, base="streaming_llm", merge_budget: Count = 32, shared_heads: bool = False):
         super().__init__(base)
         self.merge_budget = int(merge_budget)
         self.shared_heads = bool(shared_heads)
         self.stats: dict[int, tuple[Tensor, Tensor]] = {}  # per layer of the last prefill: (A, u), each [H_kv, T]
 
-    def score(self, inputs: LayerInputs) -> Tensor:
+    def score(self, inputs: LayerInputs) -> Tensor | None:
         scores = self.base.score(inputs)
+        if scores is None:  # a layer the base keeps whole: nothing is evicted there, nothing merges
+            return None
         n_kv = inputs.keys.shape[1]
         attn = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling), n_kv)
         uniform = torch.rand(attn.shape, generator=inputs.generator).to(attn.device)

@@ -2,7 +2,8 @@
 arXiv:2210.09461, and D2O, Wan et al., 2024, arXiv:2406.13035): each evicted entry's value is blended into the kept
 entry of the same head whose key is most cosine-similar; keys are kept as they are (RoPE positions stay right).
 
-Per KV head, after a base scorer and the selector chose the kept entries (``base``, any scorer that only scores):
+Per KV head, after a base scorer and the selector chose the kept entries (any scorer, wrapped:
+``method.scorer.base=<scorer>``):
 
 1. For each evicted entry ``e``: its target ``t(e)`` = argmax over kept ``j`` of ``cos(k_e, k_j)``, ``s_e`` that cosine.
 2. It merges if ``s_e >= similarity_threshold`` and, with ``merge_fraction < 1``, if ``s_e`` is at least the
@@ -13,7 +14,7 @@ Per KV head, after a base scorer and the selector chose the kept entries (``base
 
 No paper proposes exactly this (kvpress marks it an automated agent's contribution), so its defaults are kvpress's
 (threshold 0, fraction 1) and ``method.preset=kvpress`` only switches the counts. kvpress wraps a ``ScorerPress``
-the user passes; here the base is named (StreamingLLM by default, as ``cam``), built with its class defaults.
+the user passes; here the base is a scorer node (StreamingLLM by default, as ``cam``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from harness.compress import KVPRESS_COUNTS_ONLY, register_scorer
+from harness.compress import KVPRESS_COUNTS_ONLY, WrappedScorer, register_scorer
 from harness.schema import Fraction
-from methods._merge import Base, MergingScorer, evicted_of, heads_of
+from methods._merge import evicted_of, heads_of
 
 EPS = 1e-6  # kvpress's: safe for float16 and bfloat16
 MergeFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # (0, 1]: the share of candidates that merge
@@ -55,10 +56,10 @@ def similarity_merge(keys: Tensor, values: Tensor, kept: Tensor, threshold: floa
 
 
 @register_scorer("merging")
-class SimilarityMergingScorer(MergingScorer):
+class SimilarityMergingScorer(WrappedScorer):
     PRESETS = KVPRESS_COUNTS_ONLY  # defaults are kvpress 0.5.5's: preset=kvpress only sets its counts
 
-    def __init__(self, base: Base = "streaming_llm", similarity_threshold: Fraction = 0.0,
+    def __init__(self, base="streaming_llm", similarity_threshold: Fraction = 0.0,
                  merge_fraction: MergeFraction = 1.0):
         super().__init__(base)
         self.similarity_threshold = float(similarity_threshold)

@@ -42,6 +42,10 @@ def test_part_config_lists_the_class_parameters_with_its_defaults(kind, name):
     cls = KINDS[kind][name]
     defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    # a wrapped scorer's base is a scorer node: its file names it in its defaults list (- /method/scorer@base: x)
+    chosen = {k.split("@", 1)[1]: v for entry in raw.pop("defaults", []) if isinstance(entry, dict)
+              for k, v in entry.items() if "@" in k}
+    raw = {**{k: chosen[k] for k in defaults if k in chosen}, **raw}
     assert list(raw) == list(defaults), f"{kind}/{name}.yaml keys differ from {cls.__name__}.__init__"
     for key, value in raw.items():
         if isinstance(value, str) and value.startswith("${"):  # follows another key of the method (n_sink)

@@ -109,6 +109,6 @@ def test_merge_is_a_declared_extension_point_doing_nothing_by_default():
 def test_cam_presets_and_bad_values():
     method = methods.load("cam", preset="kvpress")
     assert method.scorer.shared_heads and method.budget_rule == "kvpress"
-    for bad in ({"merge_budget": 0}, {"base": "asl"}, {"base": "cam"}, {"shared_heads": "maybe"}):
+    for bad in ({"merge_budget": 0}, {"base": "nope"}, {"shared_heads": "maybe"}):
         with pytest.raises(KvbenchError):
             methods.load("cam", **bad)

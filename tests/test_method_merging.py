@@ -65,6 +65,6 @@ def test_merging_method_prunes_merged_values():
 
 
 def test_merging_bad_values():
-    for bad in ({"merge_fraction": 0.0}, {"similarity_threshold": 1.5}, {"base": "merging"}):
+    for bad in ({"merge_fraction": 0.0}, {"similarity_threshold": 1.5}, {"base": "nope"}):
         with pytest.raises(KvbenchError):
             methods.load("merging", **bad)
