@@ -106,6 +106,10 @@ class Scorer(Part):
     needs_hidden_states = False  # True: ``LayerInputs.hidden_states`` is captured for this scorer
     # False where the scores depend on the keep ratio or the prefill itself changes (then one prefill per ratio).
     shares_across_ratios = True
+    # False for a scorer that cannot score a chunk's queries against an already compressed cache
+    # (``method.prefill_chunk``): one that scores from its own forwards after the prefill (``after_prefill``:
+    # KVzip) or prunes channels of the whole prefill (``key_channels``: ThinK).
+    supports_chunked_prefill = True
     # Parameter presets, ``{"kvpress": {"scorer": {...}, "selector": {...}, "budget_rule": "kvpress"}}``: values
     # of this method's parts and method-level keys that ``method.preset=<name>`` sets over the config's.
     PRESETS: dict[str, dict[str, Any]] = {}
@@ -180,7 +184,8 @@ class Scorer(Part):
         """Budget-dependent selection: once the allocator has set a layer's budgets ``[H]``, the scores ``[H, T]``
         the selector takes each head's top-``budget`` of (CriticalKV's two stages: the first share of a head's
         budget by the scores, the rest by a second score; ChunkKV: whole chunks). ``scores`` are the layer's as
-        the allocator saw them, sinks and recent tokens at +inf; the selector keeps those whatever is returned.
+        the allocator saw them, sinks and recent tokens at +inf; the selector keeps those whatever is returned
+        (where a budget is smaller than them, those of them with the best returned scores: ``select``).
         Called by ``Method.plan`` for every ratio of a shared prefill, so it must not change what ``score`` stored:
         a scorer that needs per-layer auxiliaries here (CriticalKV's ||W_o v||_1) keeps them from its ``score``
         of the same layer in the last prefill. Default: the scores unchanged."""
@@ -208,6 +213,10 @@ class WrappedScorer(Scorer):
     @property
     def shares_across_ratios(self) -> bool:  # type: ignore[override]
         return self.base.shares_across_ratios
+
+    @property
+    def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
+        return self.base.supports_chunked_prefill
 
     @property
     def budget_rule(self) -> str:  # type: ignore[override]
@@ -259,6 +268,9 @@ class WrappedScorer(Scorer):
               ) -> tuple[Tensor, Tensor]:
         return self.base.merge(layer_idx, keys, values, kept)
 
+    def key_channels(self, keep_ratio: float) -> "list[KeyChannels | None] | None":
+        return self.base.key_channels(keep_ratio)
+
     def rerank(self, layer_idx: int, scores: Tensor, budgets: Tensor) -> Tensor:
         return self.base.rerank(layer_idx, scores, budgets)
 
@@ -281,6 +293,11 @@ class Allocator(Part):
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def bind_scorer(self, scorer: "Scorer | None") -> None:
+        """Called once when the method is built, for an allocator whose budgets read what its scorer measured
+        during the prefill besides the per-token scores (SimLayerKV's layer laziness); such an allocator refuses
+        (``KvbenchError``) a scorer that does not measure it."""
 
     def n_keep(self, n_tokens: int, keep_ratio: float) -> int:
         return n_keep(n_tokens, keep_ratio, self.budget_rule)
@@ -453,6 +470,9 @@ class Method:
             if self.allocator.per_layer_budgets:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk} compresses every layer to one budget; "
                                  f"allocator {self.allocator.registered_name} budgets per layer (use uniform)")
+            if not self.scorer.supports_chunked_prefill:
+                raise ValueError(f"method.prefill_chunk={self.prefill_chunk}: scorer {self.scorer.registered_name} "
+                                 "scores the whole prefill at once; it cannot be prefilled in chunks")
             if not self.scorer.shares_across_ratios:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk}: scorer "
                                  f"{self.scorer.registered_name} changes the prefill itself; it cannot also be "
@@ -465,6 +485,7 @@ class Method:
             part.budget_rule = self.budget_rule
         if self.scorer is not None:
             self.scorer.bind_selector(self.selector)
+            self.allocator.bind_scorer(self.scorer)
 
     @property
     def parts(self) -> list[Part]:

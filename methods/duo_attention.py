@@ -353,6 +353,9 @@ def duo_budgets(head_scores: Tensor, n_tokens: list[int], keep_ratio: float, sin
 
 @register_allocator("duo_attention")
 class DuoAttentionAllocator(_Patterned, Allocator):
+    per_head_budgets = True  # retrieval and streaming heads keep different counts, in any layer
+    per_layer_budgets = True
+
     def __init__(self, patterns: str | None = None, sink_size: NonNegative | None = None,
                  recent_size: NonNegative | None = None, budget: Literal["memory", "heads"] = "memory"):
         self._init_pattern(patterns, sink_size, recent_size, "allocator")

@@ -52,6 +52,7 @@ class ThinKScorer(Scorer):
     them at a ratio."""
 
     PRESETS = {"kvpress": {"scorer": {"recent": 0}, **KVPRESS_BUDGET}}
+    supports_chunked_prefill = False  # channels are chosen once over the whole prefill
 
     def __init__(self, window: Count = 32, recent: NonNegative = 32):
         self.window, self.recent = int(window), int(recent)
