@@ -74,13 +74,15 @@ PART_GROUPS = tuple(k.replace(".", "/") for k in METHOD_PARTS)
 def check_group_overrides(argv: list[str]) -> None:
     for arg in argv:
         m = re.fullmatch(rf"\+{{0,2}}({'|'.join(PART_GROUPS + GROUPS)})=(.*)", arg)
-        if not m:
+        # a wrapped scorer's base, as harness.overrides.aliases spells method.scorer.base=<name> for Hydra
+        base = re.fullmatch(r"\+{0,2}method/scorer@(method\.scorer(?:\.base)+)=(.*)", arg)
+        if not m and not base:
             continue
-        group, value = m.groups()
+        group, value = ("method/scorer", base.group(2)) if base else m.groups()
         if "(" in value or not value:  # Hydra sweep functions: let Hydra expand them
             continue
         allowed = group_options(group)
-        key = group.replace("/", ".") if group in PART_GROUPS else group
+        key = base.group(1) if base else group.replace("/", ".") if group in PART_GROUPS else group
         for choice in value.split(","):
             if choice not in allowed:
                 typed = choice.strip("'\"") if choice[:1] in "'\"" and choice[-1:] == choice[:1] else choice

@@ -1,0 +1,34 @@
+"""ChunkKV (kvpress ChunkKVPress, chunk_length 20) on Knorm and on SnapKV: kvbench method chunkkv (base knorm
+without the recent window, or base snapkv). ChunkKVPress keeps whole chunks, not a top-k of a score: kept sets
+are compared exactly, outside the tokens of chunks tied with the last kept one (``_wrapped_ties.chunkkv_near_ties``:
+SnapKV's window chunks all score max + 1)."""
+import importlib.util
+from pathlib import Path
+
+
+def _ties():
+    spec = importlib.util.spec_from_file_location("wrapped_ties", Path(__file__).with_name("_wrapped_ties.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cases():
+    from kvpress.presses.chunkkv_press import ChunkKVPress
+    from kvpress.presses.knorm_press import KnormPress
+    from kvpress.presses.snapkv_press import SnapKVPress
+
+    ties = _ties()
+
+    def press(base):
+        return ties.capture(ChunkKVPress(base), base)
+
+    return [
+        {"press": "ChunkKVPress(KnormPress)", "attn": "sdpa", "method": "chunkkv",
+         "overrides": {"base": "knorm", "n_recent": 0},
+         "factory": lambda cr: press(KnormPress(compression_ratio=cr)), "topk": False,
+         "near_ties": ties.chunkkv_near_ties},
+        {"press": "ChunkKVPress(SnapKVPress)", "attn": "sdpa", "method": "chunkkv", "overrides": {},
+         "factory": lambda cr: press(SnapKVPress(compression_ratio=cr)), "topk": False,
+         "near_ties": ties.chunkkv_near_ties},
+    ]
