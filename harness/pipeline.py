@@ -140,7 +140,8 @@ class ChunkedPrefill:
 
 
 @torch.no_grad()
-def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float) -> ChunkedPrefill:
+def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep_ratio: float,
+                    n_question: int = 0) -> ChunkedPrefill:
     """The prompt prefilled ``method.prefill_chunk`` tokens at a time, the cache compressed back to the budget after
     every chunk, so it never holds more than budget + chunk entries per head (real chunked prefill: later chunks
     attend to the compressed cache, unlike kvpress's BlockPress, which computes the whole prefill first and
@@ -152,6 +153,7 @@ def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: i
     layer and head keeps that count (``Method`` refuses per-head and per-layer allocators: a budget shaped for the
     cache at hand is not the prompt's), so the cache stays dense for the next chunk."""
     device = model.device
+    method.scorer.begin_prefill(list(ids), n_question)
     n_tokens, chunk = len(ids), int(method.prefill_chunk)
     budget = n_keep(n_tokens, keep_ratio, method.budget_rule)
     bounds = [0, min(budget, n_tokens)] + list(range(budget + chunk, n_tokens, chunk)) + [n_tokens]
@@ -192,7 +194,7 @@ def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: i
                     raise ValueError(f"method.prefill_chunk: layer {layer} came back ragged (per-head budgets)")
                 if idx is not None:
                     positions[layer] = positions[layer].gather(1, idx.cpu())
-            cache = prune(cache, kept)
+            cache = prune(cache, kept, method.merge)
         compress_s += score_s + time.perf_counter() - began
         extras = method.scorer.row_extras()
     pre = Prefill(cache, [], out.logits[:, -1], n_tokens, prefill_s, 0.0, extras)
@@ -289,7 +291,7 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
         meter = MemoryMeter(device)
         if method.compresses and method.prefill_chunk is not None:
             outcomes.append(_chunked_outcome(model, tokenizer, hooks, method, prompt, tail, ratio, max_new_tokens,
-                                             stop_strings, seed, keep_indices, meter))
+                                             stop_strings, seed, keep_indices, meter, len(q_ids) if query_aware else 0))
             continue
         if shared is None or not method.shares_across_ratios:
             shared = prefill(model, hooks, prompt, method, seed, ratio, len(q_ids) if query_aware else 0)
@@ -334,9 +336,9 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
 
 def _chunked_outcome(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail: list[int],
                      ratio: float, max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
-                     meter: MemoryMeter) -> Outcome:
+                     meter: MemoryMeter, n_question: int) -> Outcome:
     """One ratio's outcome with ``method.prefill_chunk``: the cache is compressed while the prompt is prefilled."""
-    done = chunked_prefill(model, hooks, prompt, method, seed, ratio)
+    done = chunked_prefill(model, hooks, prompt, method, seed, ratio, n_question)
     meter.sample()
     cache = done.prefill.cache
     start_pos = len(prompt)

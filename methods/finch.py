@@ -42,6 +42,7 @@ def finch_scores(inputs: LayerInputs, window: int, normalize: bool) -> Tensor:
     """Steps 2-4 of the module docstring for an observation window of the last ``window`` tokens."""
     n_tokens = inputs.keys.shape[2]
     window = max(1, min(window, n_tokens - 1)) if n_tokens > 1 else n_tokens
+    window = min(window, inputs.queries.shape[2])  # a chunked prefill's chunk may be shorter than the window
     n_prefix = n_tokens - window
     batch, n_kv = inputs.keys.shape[:2]
     if n_prefix == 0:

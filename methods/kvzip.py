@@ -141,6 +141,7 @@ def resolve_tokenizer(path: str | None, model: nn.Module):
 
 @register_scorer("kvzip")
 class KVzipScorer(Scorer):
+    supports_chunked_prefill = False  # its scores come from reconstruction forwards over the whole prefill
     PRESETS = {"kvpress": {"scorer": {"chunk_size": 2048, "n_sink": 4, "next_prompt": KVPRESS_NEXT_PROMPT},
                            "selector": {"n_sink": 4}, "budget_rule": "kvpress"}}
 
@@ -164,6 +165,10 @@ class KVzipScorer(Scorer):
         found = find_input(self.tokenizer, Path.is_dir)
         file = found / "tokenizer.json" if found is not None else None
         return {"method.scorer.tokenizer": file} if file is not None and file.is_file() else {}
+
+    def use_tokenizer(self, tokenizer, model: nn.Module) -> None:
+        """Encode the prompts with ``tokenizer`` on ``model`` (a command that has the model's tokenizer at hand)."""
+        self._tok, self._tok_for = tokenizer, id(model)
 
     def bind_model(self, model: nn.Module) -> None:
         self._tokenizer(model)  # a missing or bad tokenizer is refused before the run starts
@@ -256,44 +261,41 @@ class KVzipScorer(Scorer):
 
 
 def global_budgets(scores: list[Tensor], keep_ratio: float, rule: str, scope: str = "model") -> Tensor:
-    """Budgets ``[L, H]``: the number of each (layer, head)'s entries among the top ``n`` of all scores, ``n`` of
-    every entry of the model (``scope='model'``) or of each layer (``'layer'``). ``n``: ``floor(N * keep)``
-    (floor), or kvpress's ``N - int(N * cr)`` with ``cr = 1 - keep`` (kvpress). Every head keeps at least one
-    entry (taken from the largest budgets of its scope; kvpress would mask a head whole)."""
-    stacked = torch.stack([s.detach().float() for s in scores])  # [L, H, T]
+    """Budgets ``[L, H]``: the number of each (layer, head)'s entries among the top ``n`` of all scores of its
+    scope: every entry of the model (``scope='model'``), of its layer (``'layer'``) or of its head (``'head'``: the
+    uniform budget). ``n`` of ``N`` entries: ``floor(N * keep)`` (floor), or kvpress's ``N - int(N * cr)`` with
+    ``cr = 1 - keep`` (kvpress). Every head keeps at least one entry (taken from the first largest budget of its
+    scope; kvpress would mask a head whole)."""
+    stacked = torch.nan_to_num(torch.stack([s.detach().float() for s in scores]), nan=-math.inf)  # [L, H, T]
     n_layers, n_heads, n_tokens = stacked.shape
-    stacked = torch.nan_to_num(stacked, nan=-math.inf)
-    groups = [stacked.reshape(1, -1)] if scope == "model" else [s.reshape(1, -1) for s in stacked]
-    budgets = []
-    for flat in groups:
-        total = flat.shape[-1]
+    groups = {"model": stacked.reshape(1, -1), "layer": stacked.reshape(n_layers, -1),
+              "head": stacked.reshape(n_layers * n_heads, -1)}[scope]
+    out = torch.zeros(groups.shape[0], groups.shape[1] // n_tokens, dtype=torch.long)
+    for g, flat in enumerate(groups):
+        total = flat.numel()
         if rule == "kvpress":  # kvpress prunes int(N * cr) entries, cr = 1 - keep as the caller typed it
             n = total - int(total * (1.0 - float(keep_ratio)))
         else:
             n = math.floor(total * kept_fraction(keep_ratio, rule) + 1e-6)
-        n = max(1, min(total, n))
-        kept = flat[0].topk(n).indices
-        counts = torch.bincount(kept // n_tokens, minlength=total // n_tokens)
-        budgets.append(counts)
-    out = torch.cat(budgets).reshape(n_layers, n_heads).long()
-    for group in (out.view(1, -1) if scope == "model" else out):
-        while bool((group == 0).any()):
-            empty = int((group == 0).nonzero()[0])
-            group[empty] += 1
-            group[int(group.argmax())] -= 1
-    return out.cpu()
+        kept = flat.topk(max(1, min(total, n))).indices
+        out[g] = torch.bincount(kept // n_tokens, minlength=out.shape[1]).cpu()
+        while bool((out[g] == 0).any()):
+            empty = int((out[g] == 0).nonzero()[0])
+            out[g, empty] += 1
+            out[g, int(out[g].argmax())] -= 1
+    return out.reshape(n_layers, n_heads)
 
 
 @register_allocator("global")
 class GlobalAllocator(Allocator):
-    """One top-k over every layer and KV head (KVzip, FastKVzip): layers and heads keep different counts.
-    ``scope: layer``: one top-k per layer over its heads, each layer keeping its share (kvpress's
-    ``layerwise=True``, AdaKV without a floor)."""
+    """One top-k over every layer and KV head (KVzip, FastKVzip, KVzap's threshold): layers and heads keep
+    different counts. ``scope: layer``: one top-k per layer over its heads (kvpress's ``layerwise=True``, AdaKV
+    without a floor); ``scope: head``: every head its own top-k, the uniform budget (kvpress's ScorerPress)."""
 
     per_head_budgets = True
     per_layer_budgets = True
 
-    def __init__(self, scope: Literal["model", "layer"] = "model"):
+    def __init__(self, scope: Literal["model", "layer", "head"] = "model"):
         self.scope = str(scope)
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:

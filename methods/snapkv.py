@@ -22,7 +22,8 @@ def snap_scores(inputs: LayerInputs, window: int, kernel: int, pool: str, probs:
     ``probs``: that window attention when the caller already computed it (``attention_probs`` of the last
     ``min(window, T)`` queries)."""
     n_tokens = inputs.keys.shape[2]
-    window = min(window, n_tokens)
+    # the window is the last queries there are: a chunked prefill's chunk may be shorter than the window
+    window = min(window, n_tokens, inputs.queries.shape[2])
     n_prefix = n_tokens - window
     batch, n_kv = inputs.keys.shape[:2]
     if n_prefix == 0:

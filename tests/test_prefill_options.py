@@ -79,6 +79,8 @@ def test_chunked_prefill_answers_through_the_command_path(tiny_llama):
     ("snapkv", {"allocator": "adakv", "prefill_chunk": 32}, "budgets per head"),
     ("pyramidkv", {"prefill_chunk": 32}, "budgets per layer"),
     ("asl", {"prefill_chunk": 32}, "changes the prefill itself"),
+    ("kvzip", {"prefill_chunk": 32, "allocator": "uniform"}, "whole prefill at once"),
+    ("think", {"prefill_chunk": 32}, "whole prefill at once"),
     ("pyramidkv", {"rerotate_keys": True}, "one kept count"),
     ("snapkv", {"allocator": "adakv", "rerotate_keys": True}, "one kept count"),
 ])
@@ -133,3 +135,20 @@ def test_rerotate_decodes_from_the_kept_count(tiny_llama, monkeypatch):
         with install(model) as hooks:
             pipeline.run_sample(model, tokenizer, hooks, method, _ids(100), _ids(4, 1), [0.2], False, 2, [], seed=0)
     assert starts == [100, 20]
+
+
+def test_a_chunk_shorter_than_the_window_observes_the_chunk(tiny_llama):
+    """SnapKV with window 32 on 8-token chunks: the observation window is the chunk's 8 queries at their own
+    positions (not 32 rows misplaced onto the mask), so the kept set equals SnapKV with window 8 on the same
+    chunks outside the protected recent tokens."""
+    from harness.attention import install
+    from harness.pipeline import chunked_prefill
+
+    model, _ = tiny_llama
+    kept = {}
+    for window in (32, 8):
+        method = methods.load("snapkv", "selector.n_recent=8", prefill_chunk=8, window=window)
+        with install(model) as hooks:
+            kept[window] = chunked_prefill(model, hooks, _ids(100), method, 0, 0.4).kept
+    for a, b in zip(kept[32], kept[8]):
+        assert torch.equal(a.sort(dim=-1).values, b.sort(dim=-1).values)
