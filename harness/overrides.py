@@ -32,7 +32,7 @@ _PART_ALIAS = re.compile(rf"^({'|'.join(re.escape(k) for k in PART_GROUPS)})=(?!
 # ``method.scorer.base=<name>`` (a wrapped scorer's base, ``WrappedScorer``; ``.base.base`` one level deeper) picks
 # the base's part config the same way: Hydra's ``method/scorer@method.scorer.base=<name>``, so a base parameter can
 # follow it (``method.scorer.base=tova method.scorer.base.<key>=...``) and the old base's keys are gone.
-_BASE_ALIAS = re.compile(r"^(method\.scorer(?:\.base)+)=(?![{\[])(.+)$")
+_BASE_ALIAS = re.compile(r"^(method\.scorer(?:\.base)+)=(?![{\[])(?!null$)(.+)$")  # null: the checker's error
 
 
 def aliases(overrides: list[str]) -> list[str]:

@@ -319,10 +319,12 @@ def build_method(cfg) -> Method:
     scorer = _build_part("scorer", scorer_cfg) if scorer_cfg else None
     allocator = _build_part("allocator", allocator_cfg)
     label = run_cfg.get("label") or run_cfg["name"]
-    if isinstance(scorer, WrappedScorer) and label in (run_cfg["name"], scorer.registered_name):
+    own = (run_cfg["name"], scorer.registered_name, f"{scorer.registered_name}+{allocator_cfg['name']}") if scorer else ()
+    if isinstance(scorer, WrappedScorer) and label in own:  # no label of the user's (_drop_stale's is by parts)
         # a wrapper's rows name what it wraps (criticalkv(snapkv)), so a swapped base is traced in the rows
         label = scorer.label
-        if allocator_cfg["name"] not in ("uniform", *scorer.OWN_ALLOCATORS):
+        usual = scorer.OWN_ALLOCATORS or ("uniform",)  # ChunkKV's own is chunk: uniform is a swap there
+        if allocator_cfg["name"] not in usual:
             label = f"{label}+{allocator_cfg['name']}"
     elif not run_cfg.get("label") and allocator_cfg["name"] != "uniform" and scorer is not None:
         label = f"{run_cfg['name']}+{allocator_cfg['name']}"
