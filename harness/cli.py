@@ -75,7 +75,7 @@ def check_group_overrides(argv: list[str]) -> None:
     for arg in argv:
         m = re.fullmatch(rf"\+{{0,2}}({'|'.join(PART_GROUPS + GROUPS)})=(.*)", arg)
         # a wrapped scorer's base, as harness.overrides.aliases spells method.scorer.base=<name> for Hydra
-        base = re.fullmatch(r"\+{0,2}method/scorer@(method\.scorer(?:\.base)+)=(.*)", arg)
+        base = re.fullmatch(r"\+{0,2}method/scorer@(method\.scorer(?:\.(?:base|second))+)=(.*)", arg)
         if not m and not base:
             continue
         group, value = ("method/scorer", base.group(2)) if base else m.groups()

@@ -29,10 +29,11 @@ PART_GROUPS = ("method.scorer", "method.allocator")
 _PART_ALIAS = re.compile(rf"^({'|'.join(re.escape(k) for k in PART_GROUPS)})=(?![{{\[])(.*)$")
 
 
-# ``method.scorer.base=<name>`` (a wrapped scorer's base, ``WrappedScorer``; ``.base.base`` one level deeper) picks
+# ``method.scorer.base=<name>`` (a wrapped scorer's base, ``WrappedScorer.SCORER_PARAMS``: ``base``, and ``second``
+# for ``composed``; ``.base.base`` one level deeper) picks
 # the base's part config the same way: Hydra's ``method/scorer@method.scorer.base=<name>``, so a base parameter can
 # follow it (``method.scorer.base=tova method.scorer.base.<key>=...``) and the old base's keys are gone.
-_BASE_ALIAS = re.compile(r"^(method\.scorer(?:\.base)+)=(?![{\[])(?!null$)(.+)$")  # null: the checker's error
+_BASE_ALIAS = re.compile(r"^(method\.scorer(?:\.(?:base|second))+)=(?![{\[])(?!null$)(.+)$")  # null: the checker's
 
 
 def aliases(overrides: list[str]) -> list[str]:
@@ -194,10 +195,12 @@ class Composer:
             raise KvbenchError(f"cannot read a config file: {err.filename!r}: {err.strerror or err}") from None
         except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:  # Hydra raises all four
             text = str(err)
-            wrapped = re.search(r"Could not override 'method/scorer@(method\.scorer(?:\.base)*)\.base'", text)
+            wrapped = re.search(r"Could not override 'method/scorer@(method\.scorer(?:\.(?:base|second))*)"
+                                r"\.(base|second)'", text)
             if wrapped:  # method.scorer.base=<name> where the scorer is no wrapper (harness.compress.WrappedScorer)
-                raise KvbenchError(f"{wrapped.group(1)}.base: the scorer {wrapped.group(1)} wraps no other scorer "
-                                   f"(only a wrapping scorer, e.g. criticalkv or chunkkv, has a base)") from None
+                raise KvbenchError(f"{wrapped.group(1)}.{wrapped.group(2)}: the scorer {wrapped.group(1)} has no "
+                                   f"{wrapped.group(2)} scorer (only a wrapping scorer, e.g. criticalkv, chunkkv, "
+                                   "composed, has a base)") from None
             bad = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
             if bad:
                 key = bad.group(1)
