@@ -30,7 +30,9 @@ import math
 import torch
 from torch import Tensor
 
-from harness.compress import KVPRESS_BUDGET, Allocator, WrappedScorer, n_keep, register_allocator, register_scorer
+from harness.compress import (KVPRESS_BUDGET, KVPRESS_COUNTS_ONLY, Allocator, WrappedScorer, n_keep,
+                              register_allocator, register_scorer)
+from harness.errors import KvbenchError
 from harness.schema import Count
 
 
@@ -129,3 +131,83 @@ class ChunkAllocator(Allocator):
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:
         return torch.stack([torch.full((s.shape[0],), chunk_budget(s, self.chunk_length, keep_ratio, self.budget_rule),
                                        dtype=torch.long) for s in scores])
+
+
+EPSILON = 1e-8  # kvpress's EntropyGatedChunkKVPress: keeps the normalised scores and their log finite
+
+
+def chunk_entropies(summed: Tensor, chunk_length: int) -> Tensor:
+    """Normalised entropy in [0, 1] of each chunk's head-summed token scores ``[T]`` (a chunk with negative scores
+    is shifted to start at 0; the short last chunk is normalised by its own length, 0 for a single token)."""
+    n_tokens = summed.numel()
+    out = []
+    for start in range(0, n_tokens, chunk_length):
+        block = summed[start : start + chunk_length]
+        if block.numel() == 1:
+            out.append(torch.zeros((), dtype=summed.dtype))
+            continue
+        block = block - block.min().clamp(max=0.0)
+        p = block / (block.sum() + EPSILON)
+        h = -(p * (p + EPSILON).log()).sum()
+        out.append((h / math.log(block.numel())).clamp(0.0, 1.0))
+    return torch.stack(out)
+
+
+def entropy_gated_keep(scores: Tensor, chunk_length: int, low_entropy_length: int, budget: int) -> Tensor:
+    """The kept positions ``[T]`` (bool) of kvpress's EntropyGatedChunkKVPress for one layer's scores ``[H, T]``
+    (protected entries at max + 1): chunks in decreasing mean head-summed score (ties: the earlier chunk) are kept
+    whole while the budget lasts, except a chunk both important (score >= the median chunk score) and spiky
+    (entropy < the median entropy), of which only its top ``low_entropy_length`` tokens are kept; the budget left
+    over goes to the best remaining tokens, so exactly ``budget`` tokens are kept."""
+    summed = padded(scores).sum(dim=0)
+    n_tokens = summed.numel()
+    means = chunk_means(scores, chunk_length)
+    entropy = chunk_entropies(summed, chunk_length)
+    important = means >= means.median()  # torch's median: the lower of the two middle values, as kvpress
+    spiky = entropy < entropy.median()
+    keep = torch.zeros(n_tokens, dtype=torch.bool)
+    left = budget
+    for chunk in torch.sort(means, descending=True, stable=True).indices.tolist():
+        if left <= 0:
+            break
+        start, end = chunk * chunk_length, min(n_tokens, (chunk + 1) * chunk_length)
+        n = min(end - start, left)
+        if bool(important[chunk]) and bool(spiky[chunk]):
+            n = min(n, low_entropy_length)
+        if n == end - start:
+            keep[start:end] = True
+        else:
+            keep[start + summed[start:end].topk(n).indices] = True
+        left -= n
+    if left > 0:
+        rest = (~keep).nonzero().flatten()
+        keep[rest[summed[rest].topk(min(left, rest.numel())).indices]] = True
+    return keep
+
+
+@register_scorer("entropy_chunkkv")
+class EntropyGatedChunkKVScorer(ChunkKVScorer):
+    """ChunkKV whose important but spiky chunks keep only their best tokens, the budget saved spent on more chunks
+    (kvpress's EntropyGatedChunkKVPress, no paper of its own): the budget is the allocator's (uniform: exactly
+    ``n_keep(T)`` per head, not whole chunks). Defaults are kvpress's (chunks of 10, 4 tokens of a spiky chunk)."""
+
+    OWN_ALLOCATORS = ()
+    PRESETS = KVPRESS_COUNTS_ONLY
+
+    def __init__(self, base="snapkv", chunk_length: Count = 10, low_entropy_length: Count = 4):
+        super().__init__(base, chunk_length)
+        self.low_entropy_length = int(low_entropy_length)
+        if self.low_entropy_length >= self.chunk_length:
+            raise KvbenchError(f"method.scorer.low_entropy_length={low_entropy_length} must be smaller than "
+                               f"method.scorer.chunk_length={chunk_length} (the tokens a spiky chunk keeps)")
+
+    def rerank(self, layer_idx: int, scores: Tensor, budgets: Tensor) -> Tensor:
+        if scores.shape[-1] < self.chunk_length:
+            return self.base.rerank(layer_idx, scores, budgets)
+        rows, done = [], {}
+        for budget in budgets.tolist():  # every head of a layer keeps the same tokens for the same budget
+            if budget not in done:
+                keep = entropy_gated_keep(scores, self.chunk_length, self.low_entropy_length, int(budget))
+                done[budget] = keep.double().to(scores.device)
+            rows.append(done[budget])
+        return torch.stack(rows)

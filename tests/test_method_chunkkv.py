@@ -98,3 +98,34 @@ def test_config_and_preset():
     assert m.allocator.chunk_length == 5 and m.name == "chunkkv(knorm)"
     m = methods.load("chunkkv", allocator="uniform")
     assert m.name == "chunkkv(snapkv)+uniform"
+
+
+def test_entropy_gated_spiky_chunk_keeps_its_best_tokens():
+    from methods.chunkkv import EntropyGatedChunkKVScorer, chunk_entropies
+
+    # chunks of 4: A = 10 0 0 0 (mean 2.5, entropy 0), B = 2 2 2 2 (mean 2, entropy 1), C = 1 .9 .8 .6 (mean .825,
+    # entropy just below 1). Medians: score 2 -> A and B important; entropy C's -> only A spiky.
+    row = [10.0, 0, 0, 0, 2, 2, 2, 2, 1, 0.9, 0.8, 0.6]
+    entropy = chunk_entropies(torch.tensor(row), 4)
+    assert entropy[0] < 1e-6 and entropy[1] == 1.0 and 0.98 < entropy[2] < 1.0
+    scorer = EntropyGatedChunkKVScorer(base=Fixed([row]), chunk_length=4, low_entropy_length=1)
+    method = Method("m", scorer, UniformAllocator(), Selector())
+    inputs = LayerInputs(0, 1, torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), None,
+                         torch.Generator())
+    # budget 6: A keeps only its best token (0), B whole (4..7), the last one from C (8); plain ChunkKV would keep
+    # A whole and 2 tokens of B
+    budgets, kept = method.plan([scorer.score(inputs)], 0.5)
+    assert budgets.tolist() == [[6]] and kept[0].tolist() == [[0, 4, 5, 6, 7, 8]]
+    assert plan([row], 4, 0.5, allocator=UniformAllocator())[1] == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_entropy_gated_config():
+    m = methods.load("entropy_chunkkv")
+    assert m.name == "entropy_chunkkv(snapkv)" and (m.scorer.chunk_length, m.scorer.low_entropy_length) == (10, 4)
+    m = methods.load("entropy_chunkkv", preset="kvpress")
+    assert (m.scorer.chunk_length, m.scorer.base.window, m.selector.n_recent) == (10, 64, 64)
+    import pytest
+    from harness.errors import KvbenchError
+
+    with pytest.raises(KvbenchError, match="low_entropy_length=10 must be smaller"):
+        methods.load("entropy_chunkkv", "scorer.low_entropy_length=10")

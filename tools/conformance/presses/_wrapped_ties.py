@@ -141,3 +141,35 @@ def chunkkv_near_ties(press, layer: int, kept: list[list[int]], near: list[list[
     tied = cut_near(means[0], n_chunks_kept)
     tokens = {t for c in tied for t in range(c * length, min(n_tokens, (c + 1) * length))}
     return _merge(near, [set(tokens) for _ in range(base.shape[1])])
+
+
+def entropy_chunkkv_near_ties(press, layer: int, kept: list[list[int]], near: list[list[int]]) -> list[list[int]]:
+    """EntropyGatedChunkKV: chunks tied (or nearly) with the chunk where kvpress's greedy pass runs out of budget
+    (its order among equal chunk means is torch.argsort's)."""
+    scores = press._base_record[layer]["scores"].sum(dim=1)[0].float()
+    n_tokens = scores.numel()
+    length = press.chunk_length
+    n_full = n_tokens // length
+    if n_full == 0:
+        return near
+    means = scores[: n_full * length].view(n_full, length).mean(dim=1)
+    if n_tokens % length:
+        means = torch.cat([means, scores[n_full * length :].mean().unsqueeze(0)])
+    budget = max(1, int(n_tokens * (1 - press.compression_ratio)))
+    touched, partial, n_partial = 0, None, 0
+    for chunk in torch.argsort(means, descending=True).tolist():  # the chunks' lengths bound the count touched
+        if budget <= 0:
+            break
+        touched += 1
+        size = min(n_tokens, (chunk + 1) * length) - chunk * length
+        partial, n_partial = (chunk, budget) if budget < size else (None, 0)
+        budget -= min(size, budget)
+    tied = cut_near(means, touched)
+    inner: set[int] = set()
+    if partial is not None:  # the budget ran out inside a chunk: which chunk that is may be a tie too
+        before = cut_near(means, touched - 1)
+        tied |= before | ({partial} if before else set())
+        start = partial * length
+        inner = {start + i for i in cut_near(scores[start : start + length], n_partial)}  # its top-n's own ties
+    tokens = inner | {t for c in tied for t in range(c * length, min(n_tokens, (c + 1) * length))}
+    return _merge(near, [set(tokens) for _ in kept])
