@@ -15,8 +15,9 @@ On any scorer (``scorer: {name: chunkkv, base: snapkv}``; ``method.scorer.base=<
 
 Protected tokens (the selector's sinks and recent window) enter the chunk means as ``max + 1`` (the largest finite
 base score of the layer plus one), which is what kvpress's SnapKV puts in its window before ChunkKV averages; the
-selector keeps them in any case. Where the budget is smaller than the window (few chunks kept), our selector still
-keeps window tokens (``n_recent`` is always kept) where kvpress keeps whole tied window chunks.
+selector keeps them in any case. Where the budget is smaller than the window (few chunks kept), the selector keeps
+the protected tokens ``rerank`` ranks best, i.e. the best whole window chunks (equal ones: the earlier), where
+kvpress keeps whichever of the tied window chunks torch.topk returns.
 
 Defaults: chunk_length 10, the paper's default ("a robust default across tasks and models"); kvpress's ChunkKVPress
 uses 20 (``method.preset=kvpress``, with the base's own kvpress values: SnapKV's window 64, kernel 5, avg-pool).
