@@ -50,6 +50,10 @@ class ComposedScorer(WrappedScorer):
         return self.base.shares_across_ratios and self.second.shares_across_ratios
 
     @property
+    def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
+        return self.base.supports_chunked_prefill and self.second.supports_chunked_prefill
+
+    @property
     def budget_rule(self) -> str:  # type: ignore[override]
         return self.base.budget_rule
 
