@@ -168,3 +168,9 @@ def test_prefill_uses_the_scores_after_prefill_returns(tiny):
     assert all(s.dtype == torch.float32 and s[0, 0].tolist() == list(range(len(ids))) for s in pre.scores)
     budgets, kept = method.plan(pre.scores, 0.5)
     assert kept[0][0].tolist() == list(range(len(ids) - len(ids) // 2, len(ids)))  # the later positions win
+
+
+def test_global_budgets_head_scope_is_uniform():
+    scores = [torch.rand(2, 10, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    assert global_budgets(scores, 0.25, "floor", scope="head").tolist() == [[2, 2]] * 3
+    assert global_budgets(scores, 0.75, "kvpress", scope="head").tolist() == [[8, 8]] * 3  # 10 - int(2.5)
