@@ -85,9 +85,15 @@ def test_method_config_builds_and_runs_one_sample(tmp_path, name):
         assert squeezed["kept_tokens"] <= squeezed["context_tokens"]
     elif name == "think":  # prunes key channels, not tokens: every token stays, in narrower keys
         assert squeezed["kept_tokens"] == squeezed["context_tokens"] and squeezed["kv_bytes"] < squeezed["kv_bytes_full"]
+        # keys keep the channel share s = 0.25 except the last `recent` whole; values stay whole
+        recent, n_tokens = method.scorer.recent, squeezed["context_tokens"]
+        want = (1 + 0.25) / 2 + (1 - 0.25) * min(recent, n_tokens) / (2 * n_tokens)
+        assert squeezed["kv_bytes"] / squeezed["kv_bytes_full"] == pytest.approx(want, abs=0.01)
     else:  # the budget the ratio asks for, on average over heads (a ragged method moves entries between heads)
         assert squeezed["kv_bytes"] < squeezed["kv_bytes_full"]
         assert squeezed["kept_tokens"] <= n_keep(squeezed["context_tokens"], 0.25, method.budget_rule) + 1e-6
+        # the bytes held are the ratio's, whatever moves between layers and heads (whole chunks: ChunkKV rounds)
+        assert abs(squeezed["kv_bytes"] / squeezed["kv_bytes_full"] - 0.25) <= 0.02, name
 
 
 @pytest.mark.parametrize("name, overrides, label", [
