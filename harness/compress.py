@@ -466,7 +466,7 @@ class Method:
             if self.allocator.per_head_budgets:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk} needs the heads of a layer to keep "
                                  f"as many entries each; allocator {self.allocator.registered_name} budgets per "
-                                 "head (use a uniform or per-layer allocator)")
+                                 "head (use the uniform allocator)")
             if self.allocator.per_layer_budgets:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk} compresses every layer to one budget; "
                                  f"allocator {self.allocator.registered_name} budgets per layer (use uniform)")
