@@ -753,8 +753,11 @@ def extra_groups() -> list[str]:
 
 
 def _load_group(group: str):
+    """A press group's module; its folder is importable, so groups share helpers (``import _wrapped_ties``)."""
     import importlib.util
 
+    if str(PRESS_GROUPS) not in sys.path:
+        sys.path.insert(0, str(PRESS_GROUPS))
     spec = importlib.util.spec_from_file_location(f"kvpress_group_{group}", PRESS_GROUPS / f"{group}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

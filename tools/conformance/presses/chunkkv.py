@@ -2,23 +2,13 @@
 without the recent window, or base snapkv). ChunkKVPress keeps whole chunks, not a top-k of a score: kept sets
 are compared exactly, outside the tokens of chunks tied with the last kept one (``_wrapped_ties.chunkkv_near_ties``:
 SnapKV's window chunks all score max + 1)."""
-import importlib.util
-from pathlib import Path
-
-
-def _ties():
-    spec = importlib.util.spec_from_file_location("wrapped_ties", Path(__file__).with_name("_wrapped_ties.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import _wrapped_ties as ties  # tools/conformance/presses/ is on the path (dump_kvpress._load_group)
 
 
 def cases():
     from kvpress.presses.chunkkv_press import ChunkKVPress
     from kvpress.presses.knorm_press import KnormPress
     from kvpress.presses.snapkv_press import SnapKVPress
-
-    ties = _ties()
 
     def press(base):
         return ties.capture(ChunkKVPress(base), base)

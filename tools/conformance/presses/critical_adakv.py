@@ -2,22 +2,12 @@
 0.5): kvbench method critical_adakv. kvpress masks (module.masked_key_indices) instead of pruning: a global cut,
 compared per layer in total and per head outside the near ties, which ``_wrapped_ties.critical_adakv_near_ties``
 recomputes at each of kvpress's cuts (safeguard, global budget, stage 1, stage 2)."""
-import importlib.util
-from pathlib import Path
-
-
-def _ties():
-    spec = importlib.util.spec_from_file_location("wrapped_ties", Path(__file__).with_name("_wrapped_ties.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import _wrapped_ties as ties  # tools/conformance/presses/ is on the path (dump_kvpress._load_group)
 
 
 def cases():
     from kvpress.presses.criticalkv_press import CriticalAdaKVPress
     from kvpress.presses.snapkv_press import SnapKVPress
-
-    ties = _ties()
 
     def press(cr):
         base = SnapKVPress(compression_ratio=cr)

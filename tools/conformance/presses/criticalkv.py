@@ -2,23 +2,13 @@
 kvbench method criticalkv (base snapkv, or base knorm without the recent window). CriticalKVPress's ``score`` is
 the final two-stage score, whose top-k kvpress keeps (topk: the cut's ties are recorded); stage 1's ties (SnapKV's
 window larger than stage 1) are added by ``_wrapped_ties.criticalkv_near_ties``."""
-import importlib.util
-from pathlib import Path
-
-
-def _ties():
-    spec = importlib.util.spec_from_file_location("wrapped_ties", Path(__file__).with_name("_wrapped_ties.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import _wrapped_ties as ties  # tools/conformance/presses/ is on the path (dump_kvpress._load_group)
 
 
 def cases():
     from kvpress.presses.criticalkv_press import CriticalKVPress
     from kvpress.presses.knorm_press import KnormPress
     from kvpress.presses.snapkv_press import SnapKVPress
-
-    ties = _ties()
 
     def press(base):
         wrapper = CriticalKVPress(base)

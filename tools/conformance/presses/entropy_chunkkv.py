@@ -2,23 +2,13 @@
 and on SnapKV: kvbench method entropy_chunkkv (base knorm without the recent window, or base snapkv). Not a top-k
 of a score: kept sets compared exactly, outside the chunks tied with the one where kvpress's greedy pass runs out of
 budget (``_wrapped_ties.entropy_chunkkv_near_ties``: SnapKV's window chunks all score max + 1)."""
-import importlib.util
-from pathlib import Path
-
-
-def _ties():
-    spec = importlib.util.spec_from_file_location("wrapped_ties", Path(__file__).with_name("_wrapped_ties.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import _wrapped_ties as ties  # tools/conformance/presses/ is on the path (dump_kvpress._load_group)
 
 
 def cases():
     from kvpress.presses.entropy_gated_chunkkv_press import EntropyGatedChunkKVPress
     from kvpress.presses.knorm_press import KnormPress
     from kvpress.presses.snapkv_press import SnapKVPress
-
-    ties = _ties()
 
     def press(base):
         return ties.capture(EntropyGatedChunkKVPress(base), base)
