@@ -375,6 +375,9 @@ def test_generation_matches_kvpress(index: int, monkeypatch):
         return gen
 
     monkeypatch.setattr(pipeline, "decode", spy)
+    prefills: list = []
+    prefill = pipeline.prefill
+    monkeypatch.setattr(pipeline, "prefill", lambda *a, **k: prefills.append(prefill(*a, **k)) or prefills[-1])
     with install(model) as hooks:
         (outcome,) = pipeline.run_sample(model, tokenizer, hooks, method, ids[f"{mode}_context_ids"],
                                          ids[f"{mode}_question_ids"], [1 - case["compression_ratio"]], False,
@@ -383,9 +386,32 @@ def test_generation_matches_kvpress(index: int, monkeypatch):
     want = list(case["generated_ids"])
     if want and want[-1] in eos:  # kvpress keeps the eos it stops on; we stop before it
         want = want[:-1]
+    if tokens != [want] and method.compresses:
+        tied = _tied_cuts(prefills[0].scores, outcome.budgets, method)
+        if tied:  # which of the tied entries survive is torch.topk's choice, on either side: machine-dependent
+            pytest.skip(f"{_gen_id(case)}: exact ties at the cut ({tied}); kept sets are compared up to ties by "
+                        "test_kept_sets_match_kvpress / test_shapes_match_kvpress")
     assert tokens == [want], (f"{_gen_id(case)}: ours {tokens[0]}, kvpress {want} (kvpress's top-1 - top-2 "
                               f"logit margins {case['margins']}; budgets {outcome.budgets})")
     assert outcome.prediction == case["answer"]
+
+
+def _tied_cuts(scores: list, budgets: list, method) -> list[str]:
+    """(layer, head) where the budget's cut splits a group of exactly equal scores (e.g. Knorm's repeated tokens in
+    layer 0, whose keys differ only by their rotation), so that two correct implementations may keep different
+    entries."""
+    tied = []
+    for layer, (layer_scores, layer_budgets) in enumerate(zip(scores, budgets)):
+        if layer_scores is None:
+            continue
+        protected = method.selector.protect(layer_scores[0] if layer_scores.dim() == 3 else layer_scores)
+        for head, (row, budget) in enumerate(zip(protected, layer_budgets)):
+            if budget >= row.numel():
+                continue
+            ranked = row.double().sort(descending=True).values
+            if ranked[budget - 1] == ranked[budget]:
+                tied.append(f"layer {layer} head {head}: {int((row.double() == ranked[budget]).sum())} tied")
+    return tied
 
 
 # ------------------------------------------------------------------------------------------------------------
