@@ -27,3 +27,22 @@ def layer_inputs(queries, keys, values=None, layer_idx=0, seed=0):
     values = keys.clone() if values is None else values
     return LayerInputs(layer_idx=layer_idx, n_layers=1, queries=queries, keys=keys, values=values,
                        module=_Module(keys.shape[-1]), generator=torch.Generator().manual_seed(seed))
+
+
+def refused_in_process(capsys, *args) -> str:
+    """``kvbench args``'s one refusal line, run in this process (the preflight refuses before Hydra starts, so no
+    subprocess is needed): exit status 2 and one ``kvbench: error: ...`` line."""
+    import sys
+
+    from harness import cli
+
+    argv = list(sys.argv)
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            cli.main([*args])
+        finally:
+            sys.argv = argv
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: "), lines
+    return lines[0]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import refused_in_process  # noqa: F401  (used below)
 
 from harness import cli
 from harness.errors import KvbenchError
@@ -37,20 +38,6 @@ def kvbench(*args, cwd=ROOT, timeout=300, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
-
-
-def refused_in_process(capsys, *args) -> str:
-    """The preflight's one line for ``args`` (it refuses before Hydra starts, so no subprocess is needed)."""
-    argv = list(sys.argv)
-    with pytest.raises(SystemExit) as exit_info:
-        try:
-            cli.main([*args])
-        finally:
-            sys.argv = argv
-    assert exit_info.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvbench: error: "), lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
