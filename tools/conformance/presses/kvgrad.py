@@ -3,26 +3,9 @@ KVgradPress reads ``AutoTokenizer.from_pretrained(model.config.name_or_path)``: 
 byte-level tokenizer of ``llama_g1`` while the press runs and kvbench reads the same dir; it masks with one cut over
 every layer and head (``global_cut``). chunk_size 64 besides the default 512: several chunks, each with its own
 backward pass, on the 200 / 220 ids."""
-from pathlib import Path
-
-import torch
-
-TOKENIZER = "tests/fixtures/kvpress/models/llama_g1"
 
 
-def _run(model, ids, press):
-    from transformers import DynamicCache
-
-    assert (Path(TOKENIZER) / "tokenizer.json").is_file(), f"run from the repository root ({TOKENIZER})"
-    saved = model.config.name_or_path
-    model.config.name_or_path = TOKENIZER
-    cache = DynamicCache()
-    try:
-        with press(model):
-            model.model(input_ids=torch.tensor([ids]), past_key_values=cache)
-    finally:
-        model.config.name_or_path = saved
-    return cache
+from kvzip import TOKENIZER, _run  # noqa: F401  (KVzip's group: the same tokenizer and runner)
 
 
 def cases():
