@@ -6,6 +6,7 @@ prefill per ratio). Methods whose prefill depends on the ratio get one prefill p
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from contextlib import nullcontext
@@ -282,19 +283,54 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
                keep_ratios: list[float], query_aware: bool, max_new_tokens: int, stop_strings: list[str],
                seed: int, keep_indices: bool = False) -> list[Outcome]:
     """Outcomes for each keep ratio of one prompt (context ids, question ids)."""
-    device = model.device
     prompt = ctx_ids + q_ids if query_aware else ctx_ids
     tail = [] if query_aware else q_ids
-    outcomes: list[Outcome] = []
+    return _run(model, tokenizer, hooks, method, prompt, [tail], keep_ratios, max_new_tokens, stop_strings, seed,
+                keep_indices, len(q_ids) if query_aware else 0)[0]
+
+
+def run_questions(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int], questions: list[list[int]],
+                  keep_ratios: list[float], max_new_tokens: int, stop_strings: list[str], seed: int,
+                  keep_indices: bool = False) -> list[list[Outcome]]:
+    """Several questions about one context (``questions_per_context``): the context is prefilled and compressed
+    once per keep ratio (once for all ratios where the method shares its scores), and each question is answered
+    from its own copy of the pruned cache, so no question sees another's tokens: the same answers as one
+    query-agnostic run per question. Outcomes per question, then per ratio; each carries the context's whole
+    prefill and compress times (shared by the questions) and its own decode time."""
+    return _run(model, tokenizer, hooks, method, ctx_ids, questions, keep_ratios, max_new_tokens, stop_strings,
+                seed, keep_indices, 0)
+
+
+def _decode_each(model, tokenizer, method: Method, cache, tails: list[list[int]], last_logits: Tensor,
+                 start_pos: int, max_new_tokens: int, stop_strings: list[str]) -> list[Generation]:
+    """Each tail decoded on ``cache``: the last one on the cache itself, the others on a copy of it (decoding
+    appends to the cache it is given)."""
+    out = []
+    for j, tail in enumerate(tails):
+        own = cache if j == len(tails) - 1 else copy.deepcopy(cache)
+        patch = method.scorer.decode_patch(model, own) if method.scorer is not None else nullcontext()
+        with patch:
+            out.append(decode(model, own, tail, last_logits, start_pos, max_new_tokens, tokenizer, stop_strings))
+    return out
+
+
+def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tails: list[list[int]],
+         keep_ratios: list[float], max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
+         n_question: int) -> list[list[Outcome]]:
+    """Outcomes [tail][ratio] of ``prompt`` prefilled and compressed, then each tail decoded on its own cache."""
+    device = model.device
+    outcomes: list[list[Outcome]] = [[] for _ in tails]
     shared: Prefill | None = None
     for i, ratio in enumerate(keep_ratios):
         meter = MemoryMeter(device)
         if method.compresses and method.prefill_chunk is not None:
-            outcomes.append(_chunked_outcome(model, tokenizer, hooks, method, prompt, tail, ratio, max_new_tokens,
-                                             stop_strings, seed, keep_indices, meter, len(q_ids) if query_aware else 0))
+            for j, o in enumerate(_chunked_outcomes(model, tokenizer, hooks, method, prompt, tails, ratio,
+                                                    max_new_tokens, stop_strings, seed, keep_indices, meter,
+                                                    n_question)):
+                outcomes[j].append(o)
             continue
         if shared is None or not method.shares_across_ratios:
-            shared = prefill(model, hooks, prompt, method, seed, ratio, len(q_ids) if query_aware else 0)
+            shared = prefill(model, hooks, prompt, method, seed, ratio, n_question)
             prefill_s, score_s = shared.prefill_s, shared.score_s
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
@@ -318,26 +354,28 @@ def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int
             start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
         per_head = kept_per_head(cache)
         kv_bytes = cache_bytes(cache)
-        patch = method.scorer.decode_patch(model, cache) if method.scorer is not None else nullcontext()
-        with patch:
-            gen = decode(model, cache, tail, last_logits, start_pos, max_new_tokens, tokenizer, stop_strings)
+        gens = _decode_each(model, tokenizer, method, cache, tails, last_logits, start_pos, max_new_tokens,
+                            stop_strings)
         meter.sample()
         n_heads = sum(len(h) for h in per_head)
-        outcomes.append(Outcome(
-            keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
-            kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
-            prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
-            budgets=budgets.tolist() if budgets is not None else [],
-            kept=_diagnostic_kept(kept, shared_cut) if keep_indices else None, extras=extras,
-        ))
+        peak = meter.delta()
+        for j, gen in enumerate(gens):
+            outcomes[j].append(Outcome(
+                keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
+                kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
+                prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
+                budgets=budgets.tolist() if budgets is not None else [],
+                kept=_diagnostic_kept(kept, shared_cut) if keep_indices else None, extras=extras,
+            ))
         del cache
     return outcomes
 
 
-def _chunked_outcome(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail: list[int],
-                     ratio: float, max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
-                     meter: MemoryMeter, n_question: int) -> Outcome:
-    """One ratio's outcome with ``method.prefill_chunk``: the cache is compressed while the prompt is prefilled."""
+def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tails: list[list[int]],
+                      ratio: float, max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
+                      meter: MemoryMeter, n_question: int) -> list[Outcome]:
+    """One ratio's outcome per tail with ``method.prefill_chunk``: the cache is compressed while the prompt is
+    prefilled."""
     done = chunked_prefill(model, hooks, prompt, method, seed, ratio, n_question)
     meter.sample()
     cache = done.prefill.cache
@@ -345,19 +383,20 @@ def _chunked_outcome(model, tokenizer, hooks: Hooks, method: Method, prompt: lis
     if method.rerotate_keys:
         start_pos = rerotate(cache, done.kept, hooks.rotary.inv_freq)
     per_head, kv_bytes = kept_per_head(cache), cache_bytes(cache)
-    patch = method.scorer.decode_patch(model, cache)
-    with patch:
-        gen = decode(model, cache, tail, done.prefill.last_logits, start_pos, max_new_tokens, tokenizer, stop_strings)
+    full_bytes = full_cache_bytes(cache, len(prompt))
+    gens = _decode_each(model, tokenizer, method, cache, tails, done.prefill.last_logits, start_pos, max_new_tokens,
+                        stop_strings)
     meter.sample()
     n_heads = sum(len(h) for h in per_head)
-    return Outcome(
+    peak = meter.delta()
+    return [Outcome(
         keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
         kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes,
-        kv_bytes_full=full_cache_bytes(cache, len(prompt)), prefill_s=done.prefill.prefill_s,
-        compress_s=done.compress_s, decode_s=gen.decode_s, peak_mem_bytes=meter.delta(),
+        kv_bytes_full=full_bytes, prefill_s=done.prefill.prefill_s,
+        compress_s=done.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
         budgets=done.budgets.tolist(), kept=list(done.kept) if keep_indices else None,
         extras={**done.prefill.extras, "prefill_chunk": method.prefill_chunk},
-    )
+    ) for gen in gens]
 
 
 def kept_positions(kept: list, prefill_kept: list | None, cache: DynamicCache) -> list[Tensor]:

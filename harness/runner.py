@@ -27,7 +27,7 @@ from harness.io import RowStore, atomic_write_json, atomic_write_text, os_error
 from harness.lock import RunLock
 from harness.metrics import summarize
 from harness.models import inspect_model, load_model
-from harness.pipeline import run_sample
+from harness.pipeline import run_questions, run_sample
 from harness.schema import RunSettings, validate
 from tasks.base import PromptEncoder
 
@@ -42,8 +42,13 @@ class RowCounter:
 VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: published numbers, not run inputs
 
 
+# Keys added since run dirs were first written, with the value an older dir's rows were made with: a dir whose
+# config lacks one still resumes under that value.
+ADDED_KEYS = {"questions_per_context": 1}
+
+
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
+    return {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def normalized(cfg: DictConfig, settings: RunSettings, method=None) -> dict:
@@ -167,12 +172,28 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
                            f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
+    if settings.questions_per_context > 1:
+        check_questions(cfg, settings, task_names)
     limit = inspect_model(cfg.model)["max_position_embeddings"] if model_files else None
     if limit and settings.context_length > limit:
         raise KvbenchError(
             f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
         )
     return settings, method, task_names
+
+
+def check_questions(cfg: DictConfig, settings: RunSettings, task_names: list[str]) -> None:
+    """``questions_per_context=K > 1``: query-agnostic, and every task's contexts carry K questions."""
+    k = settings.questions_per_context
+    if settings.query_aware:
+        raise KvbenchError(f"questions_per_context={k} compresses each context once for all its questions, so the "
+                           "question cannot be prefilled with it; pass query_aware=false (or questions_per_context=1)")
+    for name in task_names:
+        suite = None if name == cfg.task.name else str(cfg.task.name)
+        limit = tasks.get_task(name, suite=suite, **task_params(cfg.task)).max_questions_per_context()
+        if limit is not None and k > limit:
+            raise KvbenchError(f"questions_per_context={k} is more than the contexts of {name} carry (at most "
+                               f"{limit} different questions each); allowed: 1..{limit}")
 
 
 def check_protected(method, settings: RunSettings) -> None:
@@ -205,17 +226,25 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     model, tokenizer = load_model(cfg.model)
     method.bind_model(model)  # a checkpoint or profile made for another model is refused
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
+    limit = getattr(model.config, "max_position_embeddings", None)
     loaded = []
     for name in task_names:
         suite = None if name == cfg.task.name else str(cfg.task.name)  # a suite's data_dir is for those that read
         task = tasks.get_task(name, suite=suite, **task_params(cfg.task))
         encoder = PromptEncoder.for_task(tokenizer, task, settings.model.chat)
-        samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
+        if settings.questions_per_context > 1:
+            samples = task.question_samples(encoder, settings.context_length, settings.n_samples,
+                                            settings.questions_per_context, settings.seed)
+        else:
+            samples = task.samples(encoder, settings.context_length, settings.n_samples, settings.seed)
         for sample in samples:
-            n_tokens = encoder.count_sample(sample)
-            if n_tokens > settings.context_length:
+            n_tokens, length = encoder.count_sample(sample), sample_length(sample, settings)
+            if limit and length > limit:
+                raise KvbenchError(f"{name}: context length {length} of sample {sample.sample_id} is larger than "
+                                   f"the model's maximum ({limit} positions); use lengths up to {limit}")
+            if n_tokens > length:
                 raise KvbenchError(
-                    f"context_length={settings.context_length} is smaller than the prompt of {name} "
+                    f"context_length={length} is smaller than the prompt of {name} "
                     f"({n_tokens} tokens for sample {sample.sample_id}); raise context_length"
                 )
         loaded.append((name, task, encoder, samples))
@@ -230,16 +259,17 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     try:
         with install(model) as hooks:
             for name, task, encoder, samples in loaded:
-                for sample in samples:
+                for group in context_groups(samples):
+                    # a ratio is run when any question of the context lacks its row (written rows are kept)
                     todo = [r for r in ratios
-                            if RowStore.key({"task": name, "sample_id": sample.sample_id, "method": method.name,
-                                             "keep_ratio": r}) not in store.done]
+                            if any(RowStore.key({"task": name, "sample_id": s.sample_id, "method": method.name,
+                                                 "keep_ratio": r}) not in store.done for s in group)]
                     if todo:
                         before = len(store.rows)
                         store.append(_sample_rows(settings, model, tokenizer, hooks, method, task, name, encoder,
-                                                  sample, todo, label))
+                                                  group, todo, label))
                         RowCounter.written += len(store.rows) - before
-                    bar.update(1)
+                    bar.update(len(group))
     finally:
         bar.close()  # ends the bar's line, so an interrupt message starts on its own line
     metrics = summarize(store.rows)
@@ -247,40 +277,79 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     return metrics
 
 
-def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, name, encoder, sample, ratios,
+def context_groups(samples: list) -> list[list]:
+    """Consecutive samples sharing ``meta["context_id"]`` (several questions about one context), each other
+    sample alone."""
+    groups: list[list] = []
+    for s in samples:
+        cid = s.meta.get("context_id")
+        if cid is not None and groups and groups[-1][0].meta.get("context_id") == cid:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, name, encoder, group, ratios,
                  label) -> list[dict]:
-    ctx_ids, q_ids = encoder.encode_sample(sample)
-    max_new = settings.max_new_tokens or sample.max_new_tokens
-    base = {
-        "task": name, "sample_id": sample.sample_id, "method": method.name, "model": label,
-        "context_length": settings.context_length, "seed": settings.seed, "query_aware": settings.query_aware,
-        "answers": list(sample.answers), "meta": _jsonable(sample.meta),
-    }
-    evidence = (encoder.context_token_indices(sample.context, sample.meta["evidence"])
-                if sample.meta.get("evidence") else None)
+    """The rows of one context's samples (one sample, or the questions of ``questions_per_context``)."""
+    first = group[0]
+    encoded = [encoder.encode_sample(s) for s in group]
+    ctx_ids = encoded[0][0]
+    max_new = settings.max_new_tokens or first.max_new_tokens
+    bases = []
+    for s in group:
+        base = {
+            "task": name, "sample_id": s.sample_id, "method": method.name, "model": label,
+            "context_length": sample_length(s, settings), "seed": settings.seed, "query_aware": settings.query_aware,
+            "answers": list(s.answers), "meta": _jsonable(s.meta),
+        }
+        if "context_id" in s.meta:
+            base.update({"context_id": s.meta["context_id"], "question_index": s.meta.get("question_index"),
+                         "questions_per_context": len(group)})
+        bases.append(base)
+    evidence = [encoder.context_token_indices(s.context, s.meta["evidence"]) if s.meta.get("evidence") else None
+                for s in group]
+    keep_indices = any(e is not None for e in evidence)
     try:
-        outcomes = run_sample(model, tokenizer, hooks, method, ctx_ids, q_ids, ratios, settings.query_aware,
-                              max_new, task.stop_strings(), seed=settings.seed, keep_indices=evidence is not None)
+        if len(group) == 1:
+            outcomes = [run_sample(model, tokenizer, hooks, method, ctx_ids, encoded[0][1], ratios,
+                                   settings.query_aware, max_new, task.stop_strings(), seed=settings.seed,
+                                   keep_indices=keep_indices)]
+        else:
+            outcomes = run_questions(model, tokenizer, hooks, method, ctx_ids, [q for _, q in encoded], ratios,
+                                     max_new, task.stop_strings(), seed=settings.seed, keep_indices=keep_indices)
     except (RuntimeError, torch.cuda.OutOfMemoryError, ValueError, IndexError) as err:
         # One failing sample (CUDA OOM, a generation error) must not end a sweep: record it and go on.
-        log.warning("sample %s failed: %s", sample.sample_id, _error_text(err))
+        log.warning("sample %s failed: %s", first.sample_id, _error_text(err))
         log.debug(traceback.format_exc())
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return [{**base, **_ratio_fields(r), "prediction": None, "score": None, "error": _error_text(err)}
-                for r in ratios]
+                for base in bases for r in ratios]
     rows = []
-    for o in outcomes:
-        if evidence is not None:
-            overall, by_layer = evidence_retention(o.kept, evidence)
-            o.extras = {**o.extras, "evidence_retention": overall, "evidence_retention_by_layer": by_layer}
-        rows.append({
-            **base, **_ratio_fields(o.keep_ratio), "prediction": o.prediction, "score": float(task.score(o.prediction, sample)),
-            "error": None, "context_tokens": o.context_tokens, "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes,
-            "kv_bytes_full": o.kv_bytes_full, "prefill_s": o.prefill_s, "compress_s": o.compress_s,
-            "decode_s": o.decode_s, "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **o.extras,
-        })
+    for s, base, marked, per_ratio in zip(group, bases, evidence, outcomes):
+        for o in per_ratio:
+            extras = o.extras
+            if marked is not None:
+                overall, by_layer = evidence_retention(o.kept, marked)
+                extras = {**extras, "evidence_retention": overall, "evidence_retention_by_layer": by_layer}
+            rows.append({
+                **base, **_ratio_fields(o.keep_ratio), "prediction": o.prediction,
+                "score": float(task.score(o.prediction, s)), "error": None, "context_tokens": o.context_tokens,
+                "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes, "kv_bytes_full": o.kv_bytes_full,
+                "prefill_s": o.prefill_s, "compress_s": o.compress_s, "decode_s": o.decode_s,
+                "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **extras,
+            })
     return rows
+
+
+def sample_length(sample, settings: RunSettings) -> int:
+    """The context length a sample was built for: ``meta["context_length"]`` (a task may build several lengths in
+    one run, e.g. a NIAH length x depth grid), else the run's ``context_length``. Its prompt must fit it."""
+    length = sample.meta.get("context_length")
+    return int(length) if isinstance(length, int) and not isinstance(length, bool) and length > 0 \
+        else settings.context_length
 
 
 def _ratio_fields(keep_ratio: float) -> dict:

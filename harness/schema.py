@@ -115,6 +115,9 @@ class RunSettings(BaseModel):
     seed: NonNegative
     query_aware: Flag
     max_new_tokens: Count | None = None
+    # >1: each context is prefilled and compressed once, then that many questions are answered about it, each
+    # from its own copy of the pruned cache (query-agnostic by construction; n_samples counts contexts)
+    questions_per_context: Count = 1
     overwrite: Flag = False
     progress: Flag = True
     model: ModelSettings

@@ -31,6 +31,22 @@ class Sample:
     # Task-specific facts: needle depth, evidence character spans in ``context`` (list of [start, end]),
     # all_classes for classification metrics, length bucket, haystack kind, ...
     meta: dict[str, Any] = field(default_factory=dict)
+    # Further questions about this very context (a task building several questions per context while it fits
+    # lengths: the prompt must fit with the longest); ``split_questions`` turns them into samples of their own.
+    more_questions: list["Sample"] = field(default_factory=list)
+
+
+def split_questions(sample: "Sample") -> list["Sample"]:
+    """A sample and its ``more_questions`` as samples of one context: ids ``<id>/q<j>``, each with
+    ``meta["context_id"]`` (the shared context's id) and ``meta["question_index"]`` (j)."""
+    out = []
+    for j, s in enumerate([sample, *sample.more_questions]):
+        meta = {**sample.meta, **(s.meta if s is not sample else {}),
+                "context_id": sample.sample_id, "question_index": j}
+        out.append(Sample(sample_id=f"{sample.sample_id}/q{j}", context=sample.context, question=s.question,
+                          answers=list(s.answers), answer_prefix=s.answer_prefix, max_new_tokens=s.max_new_tokens,
+                          meta=meta))
+    return out
 
 
 class PromptEncoder:
@@ -118,7 +134,9 @@ class PromptEncoder:
         return self.encode(sample.context, sample.question, sample.answer_prefix)
 
     def count_sample(self, sample: Sample) -> int:
-        return self.count(sample.context, sample.question, sample.answer_prefix)
+        """Prompt tokens of the sample; of its longest question when it carries ``more_questions``."""
+        return max(self.count(sample.context, s.question, s.answer_prefix)
+                   for s in (sample, *sample.more_questions))
 
     def text_sample(self, sample: Sample) -> str:
         return self.text(sample.context, sample.question, sample.answer_prefix)
@@ -168,6 +186,36 @@ class Task(ABC):
     def stop_strings(self) -> list[str]:
         """Generation stops once the decoded continuation contains one of these (besides EOS)."""
         return []
+
+    # -- several questions per context (``questions_per_context=K``) ----------------------------------------------
+    def max_questions_per_context(self) -> int | None:
+        """How many different questions one context of this task can carry: 1 (the default: one question per
+        context), a number (a generated task: e.g. the keys hidden in a RULER multi-key haystack), or None for a
+        ``finite`` task whose records are grouped by identical context (as many as share one)."""
+        return None if self.finite else 1
+
+    def question_samples(self, encoder: PromptEncoder, context_length: int, n_contexts: int | None,
+                         questions: int, seed: int) -> list[Sample]:
+        """Up to ``questions`` samples per context for ``n_contexts`` contexts, each sample's meta carrying
+        ``context_id`` and ``question_index`` (samples of one context are consecutive and share ``context``
+        exactly). The default groups a finite task's records by identical context, in the order of their first
+        record, keeping the first ``questions`` of each group (a context with fewer questions keeps those)."""
+        if self.max_questions_per_context() is not None:
+            raise KvbenchError(f"{self.name} builds one question per context; questions_per_context={questions} is "
+                               "for tasks whose contexts carry several (use questions_per_context=1)")
+        groups: dict[str, list[Sample]] = {}
+        for s in self.samples(encoder, context_length, None, seed):
+            groups.setdefault(s.context, []).append(s)
+        chosen = list(groups.values())[:n_contexts] if n_contexts is not None else list(groups.values())
+        out = []
+        for group in chosen:
+            first = group[0]
+            for j, s in enumerate(group[:questions]):
+                out.append(Sample(sample_id=s.sample_id, context=s.context, question=s.question,
+                                  answers=list(s.answers), answer_prefix=s.answer_prefix,
+                                  max_new_tokens=s.max_new_tokens,
+                                  meta={**s.meta, "context_id": first.sample_id, "question_index": j}))
+        return out
 
 
 def _checked_count(samples):
@@ -279,6 +327,10 @@ class LengthFittedTask(Task):
     max_new_tokens: int = 32
     n_min: int = 1  # smallest haystack size the fill rule tries
     length_rule: str = "kvbench"  # the rule ``fit`` applies, recorded in every sample's meta
+    # Questions per context ``build`` makes (``question_samples`` sets it for its call; the first question is the
+    # sample, the others its ``more_questions``). A task supporting more than one overrides
+    # ``max_questions_per_context``.
+    questions: int = 1
 
     def __init__(self, data_dir: str | None = None, **params: Any):
         super().__init__(data_dir=data_dir, **params)
@@ -300,7 +352,7 @@ class LengthFittedTask(Task):
     def _encoder_key(self, encoder: PromptEncoder, context_length: int) -> tuple:
         tok = encoder.tokenizer
         return (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), encoder.chat,
-                encoder.system_prompt, context_length)
+                encoder.system_prompt, context_length, self.questions)
 
     @staticmethod
     def count(encoder: PromptEncoder, s: Sample) -> int:
@@ -361,3 +413,18 @@ class LengthFittedTask(Task):
 
     def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
         return [self.sample(encoder, context_length, seed, i) for i in range(n_samples)]
+
+    def question_samples(self, encoder: PromptEncoder, context_length: int, n_contexts: int | None,
+                         questions: int, seed: int) -> list[Sample]:
+        """``questions`` samples for each of ``n_contexts`` contexts: ``build`` makes every question of a context
+        at once and the length is fitted to the longest prompt (``PromptEncoder.count_sample``)."""
+        limit = self.max_questions_per_context()
+        if limit is not None and questions > limit:
+            raise KvbenchError(f"{self.name}: questions_per_context={questions} is more than its contexts carry "
+                               f"(at most {limit} different questions each); allowed: 1..{limit}")
+        self.questions = questions
+        try:
+            contexts = self.samples(encoder, context_length, n_contexts, seed)
+        finally:
+            self.questions = 1
+        return [q for s in contexts for q in split_questions(s)]

@@ -58,10 +58,14 @@ class NiahTask(RulerTask):
                 values[-1].append(v)
                 needles.append((needle_sentence(type_v, keys[-1], v), ki, v))
         rng.shuffle(needles)
-        query_idx = rng.sample(range(self.num_k), cfg["num_needle_q"])
-        queries = [keys[i] for i in query_idx]
-        answers = [a for i in query_idx for a in values[i]]
-        queried = set(query_idx)
+        if self.questions == 1:
+            query_sets = [rng.sample(range(self.num_k), cfg["num_needle_q"])]
+        else:  # several questions about this haystack, each on keys of its own (questions_per_context)
+            per = self.keys_per_question()
+            drawn = rng.sample(range(self.num_k), per * self.questions)
+            query_sets = [drawn[j * per:(j + 1) * per] for j in range(self.questions)]
+        question_of = {ki: j for j, qs in enumerate(query_sets) for ki in qs}
+        queried = set(question_of)
 
         h = rng_for(*key, "haystack", n)  # draws that depend on the haystack size
         body = TextBuilder()
@@ -72,7 +76,7 @@ class NiahTask(RulerTask):
             marks: list = ["needle_spans"]
             if ki in queried:
                 b = len(text) - 1 - len(value)
-                marks.append(("evidence", b, b + len(value)))
+                marks.append((evidence_tag(question_of[ki]), b, b + len(value)))
             body.add(text, *marks)
 
         order: list[tuple[str, int, str]] = []  # needles in context order
@@ -116,10 +120,35 @@ class NiahTask(RulerTask):
             where = {id(nd): ix for ix, nd in placed}
             depths = [self.depth if self.depth is not None else depth_percent(where[id(nd)], n) for nd in order]
 
-        head, question, prefix = niah_prompt(type_v, queries, singular=cfg["num_needle_q"] * cfg["num_needle_v"] == 1)
-        first_q = next(i for i, nd in enumerate(order) if nd[1] in queried)
-        meta.update({"depth": depths[first_q], "depths": depths, "queries": queries})
-        return make_sample(head, body, question, prefix, answers, self.max_new_tokens, meta)
+        built = []
+        for j, query_idx in enumerate(query_sets):
+            queries = [keys[i] for i in query_idx]
+            answers = [a for i in query_idx for a in values[i]]
+            head, question, prefix = niah_prompt(type_v, queries, singular=len(query_idx) * cfg["num_needle_v"] == 1)
+            first_q = next(i for i, nd in enumerate(order) if nd[1] in query_idx)
+            one = make_sample(head, body, question, prefix, answers, self.max_new_tokens,
+                              {**meta, "depth": depths[first_q], "depths": depths, "queries": queries})
+            one.meta["evidence"] = one.meta.get(evidence_tag(j), [])
+            for k in range(1, len(query_sets)):
+                one.meta.pop(evidence_tag(k), None)
+            built.append(one)
+        built[0].more_questions = built[1:]
+        return built[0]
+
+    def max_questions_per_context(self) -> int:
+        """One question per key hidden in the haystack (multikey_1: 4 keys, one queried by each question;
+        multiquery: its 4 keys, asked one question at a time); a single-key haystack carries one question."""
+        return self.num_k
+
+    def keys_per_question(self) -> int:
+        """Keys each of ``questions`` questions asks: the task's own count where the haystack holds that many
+        distinct keys for every question, else one (niah_multiquery's 4 keys asked over several questions)."""
+        return min(self.cfg["num_needle_q"], self.num_k // self.questions)
+
+
+def evidence_tag(question: int) -> str:
+    """The TextBuilder mark of the values question ``question`` asks for (``evidence`` for the first)."""
+    return "evidence" if question == 0 else f"evidence_q{question}"
 
 
 NIAH_TASKS = [name for name, cfg in CONFIGS.items() if cfg["task"] == "niah"]
