@@ -223,3 +223,31 @@ def test_a_sample_longer_than_its_own_length_is_refused(tmp_path, monkeypatch):
     with pytest.raises(KvbenchError, match="context_length=128 is smaller than the prompt"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_longbench_questions_about_one_document_share_its_truncated_context(tmp_path, tiny):
+    import json
+
+    from tasks.longbench.task import task_class
+
+    _, tokenizer = tiny
+    doc = " ".join(f"Sentence {i} of the paper says the value is {i * 7}." for i in range(300))
+    records = [{"input": q, "context": c, "answers": [a], "length": 3000, "dataset": "qasper", "language": "en",
+                "all_classes": None, "_id": f"id{i}"}
+               for i, (q, c, a) in enumerate([("What is the value of sentence 3?", doc, "21"),
+                                              ("Another paper?", "A short other paper.", "no"),
+                                              ("And what is the value said by sentence 299, at the very end?", doc,
+                                               "2093")])]
+    (tmp_path / "qasper.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = task_class("qasper")(data_dir=str(tmp_path))
+    enc = PromptEncoder(tokenizer)
+    samples = task.question_samples(enc, 512, None, 4, seed=0)
+    assert [(s.sample_id, s.meta["context_id"], s.meta["question_index"]) for s in samples] == [
+        ("id0", "id0", 0), ("id2", "id0", 1), ("id1", "id1", 0)]
+    a, b = samples[0], samples[1]
+    assert a.context == b.context and a.meta["truncated"]  # one truncated document for both questions
+    assert a.question != b.question and b.question.rstrip().endswith("Answer:")
+    assert all(enc.count_sample(s) <= 512 for s in samples)
+    # the document is the one of the longest question's truncation: nothing longer than needed is cut
+    alone = task.build_sample(enc, records[2], 2, 512)
+    assert a.context == alone.context

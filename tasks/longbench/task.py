@@ -127,6 +127,28 @@ class LongBenchTask(Task):
         picked = select_indices(len(records), count, int(seed), self.name)
         return [self.build_sample(encoder, records[i], i, int(context_length)) for i in picked]
 
+    def question_samples(self, encoder: PromptEncoder, context_length: int, n_contexts: int | None,
+                         questions: int, seed: int) -> list[Sample]:
+        """Records grouped by their document (identical ``context`` field, as LongBench's several questions about
+        one paper or story), up to ``questions`` per document, ``n_contexts`` documents (seeded, in file order).
+        Every question of a document gets the same truncated context: the one truncated for its longest prompt,
+        so each prompt (that context + its own question) still fits ``context_length``."""
+        records = self.records()
+        documents: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            documents.setdefault(str(r["context"]), []).append(i)
+        groups = list(documents.values())
+        out: list[Sample] = []
+        for g in select_indices(len(groups), n_contexts, int(seed), f"{self.name}/contexts"):
+            built = [self.build_sample(encoder, records[i], i, int(context_length)) for i in groups[g][:questions]]
+            shared = min(built, key=lambda s: len(s.context)).context  # the most truncated: fits every question
+            for j, s in enumerate(built):
+                s.context = shared
+                s.meta.update({"context_id": built[0].sample_id, "question_index": j,
+                               "prompt_tokens": encoder.count(shared, s.question)})
+                out.append(s)
+        return out
+
     # ---------------------------------------------------------------------------------------- scoring
     def score(self, prediction: str, sample: Sample) -> float:
         return metrics.score(self.dataset, prediction, sample.answers, sample.meta.get("all_classes"))
