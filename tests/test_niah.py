@@ -113,6 +113,7 @@ def test_grid_and_defaults(enc):
     samples = task.samples(enc, 4096, 2, 0)
     cells = [(s.meta["context_length"], s.meta["depth"]) for s in samples]
     assert cells == [(512, 10)] * 2 + [(512, 90)] * 2 + [(768, 10)] * 2 + [(768, 90)] * 2
+    assert task.cells(4096) == [(512, 10), (512, 90), (768, 10), (768, 90)]
     assert len({s.sample_id for s in samples}) == 8 and samples[0].sample_id == "niah/L512/d10/s0/0"
     for s in samples:
         assert s.meta["fallback_haystack"] is True  # no data_dir: the shipped prose

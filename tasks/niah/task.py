@@ -139,7 +139,12 @@ class NiahTask(Task):
 
     # -- the grid ---------------------------------------------------------------------------------------------
     def lengths(self, context_length: int) -> list[int]:
+        """The grid's lengths: ``task.context_lengths``, else the run's ``context_length``."""
         return self.context_lengths if self.context_lengths is not None else [int(context_length)]
+
+    def cells(self, context_length: int) -> list[tuple[int, int | float]]:
+        """The (length, depth) cells, in sample order; ``samples`` makes ``n_samples`` of each."""
+        return [(length, depth) for length in self.lengths(context_length) for depth in self.depths]
 
     def samples(self, encoder: PromptEncoder, context_length: int, n_samples: int, seed: int) -> list[Sample]:
         """``n_samples`` samples per (length, depth) cell, lengths outer, depths inner: ``len(lengths) x
@@ -147,7 +152,7 @@ class NiahTask(Task):
         essays' beginning, as gkamradt's; i > 0 a sentence drawn from (seed, i))."""
         corpus = load_essays(self.data_dir)
         return [self.sample(encoder, corpus, length, depth, seed, i)
-                for length in self.lengths(context_length) for depth in self.depths for i in range(n_samples)]
+                for length, depth in self.cells(context_length) for i in range(n_samples)]
 
     def haystack_start(self, corpus: EssayCorpus, seed: int, index: int) -> int:
         """Character offset where the haystack of sample ``index`` starts: 0 for index 0 (gkamradt's haystack, the
