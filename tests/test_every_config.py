@@ -114,6 +114,8 @@ def _data_dir(option: str, node) -> str | None:
     """The repository's fixture for a task that reads files (official formats), None for one that does not."""
     if "data_dir" not in node:
         return None
+    if option.startswith("infinitebench"):  # the official files (the generated tasks read them when there)
+        return str(FIXTURES / "infinitebench")
     if option.startswith("longbench_v2"):
         return str(FIXTURES / "longbench_v2")
     if option.startswith("longbench"):

@@ -74,6 +74,8 @@ def test_a_broken_task_module_is_not_hidden(scratch_registry):
 SHIPPED_SUITES = {"ruler": 13, "ruler_kvpress": 13, "longbench": 21, "longbench_e": 13, "longbench_v2": 6}
 SHIPPED_SUITES["niah"] = 1  # a suite of one task named as the suite (task=niah)
 SHIPPED_MODULES = ["tasks.kvpress_ruler", "tasks.longbench", "tasks.longbench_v2", "tasks.niah", "tasks.ruler"]
+SHIPPED_SUITES["infinitebench"] = 12
+SHIPPED_MODULES += ["tasks.infinitebench"]
 
 
 def test_the_shipped_task_modules():
