@@ -172,25 +172,40 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
                            f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
     method = methods.build_method(cfg.method)
     task_names = suite_tasks(cfg.task)
+    built = build_tasks(cfg, task_names)  # every task option checked here, before any dir is made
     if settings.questions_per_context > 1:
-        check_questions(cfg, settings, task_names)
+        check_questions(settings, built)
     limit = inspect_model(cfg.model)["max_position_embeddings"] if model_files else None
     if limit and settings.context_length > limit:
         raise KvbenchError(
             f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
         )
+    for name, task in built.items():
+        longest = max(task.lengths(settings.context_length))
+        if limit and longest > limit:
+            raise KvbenchError(f"{name}: context length {longest} is larger than the model's maximum ({limit} "
+                               f"positions); use lengths up to {limit}")
     return settings, method, task_names
 
 
-def check_questions(cfg: DictConfig, settings: RunSettings, task_names: list[str]) -> None:
+def build_tasks(cfg: DictConfig, task_names: list[str]) -> dict:
+    """The tasks of a run by name, built with the task node's options (a suite's data_dir goes to the members
+    that read data). Building checks the options and data dir; no data is read yet."""
+    built = {}
+    for name in task_names:
+        suite = None if name == cfg.task.name else str(cfg.task.name)  # a suite's data_dir is for those that read
+        built[name] = tasks.get_task(name, suite=suite, **task_params(cfg.task))
+    return built
+
+
+def check_questions(settings: RunSettings, built: dict) -> None:
     """``questions_per_context=K > 1``: query-agnostic, and every task's contexts carry K questions."""
     k = settings.questions_per_context
     if settings.query_aware:
         raise KvbenchError(f"questions_per_context={k} compresses each context once for all its questions, so the "
                            "question cannot be prefilled with it; pass query_aware=false (or questions_per_context=1)")
-    for name in task_names:
-        suite = None if name == cfg.task.name else str(cfg.task.name)
-        limit = tasks.get_task(name, suite=suite, **task_params(cfg.task)).max_questions_per_context()
+    for name, task in built.items():
+        limit = task.max_questions_per_context()
         if limit is not None and k > limit:
             raise KvbenchError(f"questions_per_context={k} is more than the contexts of {name} carry (at most "
                                f"{limit} different questions each); allowed: 1..{limit}")
@@ -228,9 +243,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     limit = getattr(model.config, "max_position_embeddings", None)
     loaded = []
-    for name in task_names:
-        suite = None if name == cfg.task.name else str(cfg.task.name)  # a suite's data_dir is for those that read
-        task = tasks.get_task(name, suite=suite, **task_params(cfg.task))
+    for name, task in build_tasks(cfg, task_names).items():
         encoder = PromptEncoder.for_task(tokenizer, task, settings.model.chat)
         if settings.questions_per_context > 1:
             samples = task.question_samples(encoder, settings.context_length, settings.n_samples,

@@ -187,6 +187,12 @@ class Task(ABC):
         """Generation stops once the decoded continuation contains one of these (besides EOS)."""
         return []
 
+    def lengths(self, context_length: int) -> list[int]:
+        """The context lengths the task builds samples for in a run at ``context_length``: that one length, or a
+        grid of its own (NIAH's ``task.context_lengths``; each sample then records its length in
+        ``meta["context_length"]``). The runner checks them against the model's maximum before anything runs."""
+        return [int(context_length)]
+
     # -- several questions per context (``questions_per_context=K``) ----------------------------------------------
     def max_questions_per_context(self) -> int | None:
         """How many different questions one context of this task can carry: 1 (the default: one question per

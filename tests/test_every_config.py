@@ -168,8 +168,9 @@ def test_task_config_composes_and_builds_one_sample(option, encoder):
         suite = None if name == cfg.task.name else str(cfg.task.name)
         task = tasks.get_task(name, suite=suite, **task_params(cfg.task))
         samples = list(task.samples(encoder, context, 1, 0))
-        assert len(samples) == 1, name
-        sample = samples[0]
-        assert sample.context and sample.answers, name
-        assert encoder.count_sample(sample) <= context, name
-        json.dumps(list(sample.answers))  # rows store the answers as JSON
+        assert samples, name  # one per length of the task's grid (NIAH: per length x depth cell)
+        assert {s.meta.get("context_length", context) for s in samples} <= set(task.lengths(context)), name
+        for sample in samples:
+            assert sample.context and sample.answers, name
+            assert encoder.count_sample(sample) <= sample.meta.get("context_length", context), name
+            json.dumps(list(sample.answers))  # rows store the answers as JSON
