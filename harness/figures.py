@@ -1,14 +1,28 @@
-"""Figures drawn by the report when the runs hold what they need, each as PNG and PDF: score vs keep ratio per
-task group, a method x task heatmap, NIAH depth x length and head-budget heatmaps. Every file is written
-atomically (``save_figure``)."""
+"""Figures drawn by the report, each as PNG and PDF: score vs keep ratio and vs KV-cache size (mean over tasks, and
+per task group), a method x task heatmap and a head-budget heatmap; NIAH depth figures are in
+``harness.depth_figures``. Each ``draw_*`` function returns the matplotlib figure (the tests read its layout); the
+function of the same name without ``draw_`` writes it, atomically (``save_figure``).
+
+Conventions every figure keeps: the full cache is drawn once, as the reference at keep 1.0 (a dashed black line
+in line charts, its own row or panel in heatmaps), never as a method at each ratio of the sweep; scores are on
+0-100 (the report's x100) with one shared scale; a figure has one legend, outside its panels, and one colorbar.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from harness.io import atomic_path
+from harness.metrics import FULL_CACHE
+
+SCORE_LABEL = "score (0-100)"
+FULL_LABEL = "full cache (keep 1.0)"
+FULL_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.3}
+SCORE_CMAP = "niah_red_green"
+SCORE_LIMITS = (-4, 104)  # 0 and 100 stay visible above and below the markers
 
 
 def pyplot():
@@ -35,7 +49,28 @@ def save_figure(fig, out: Path, stem: str, **savefig_kw) -> list[Path]:
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
-    return save_figure(fig, out, stem, dpi=120, bbox_inches="tight")  # rotated tick labels stay inside
+    return save_figure(fig, out, stem, dpi=120, bbox_inches="tight")  # labels outside the axes stay inside
+
+
+def score_cmap():
+    """Red (0) - amber - green (100), the scale of the needle-in-a-haystack heatmaps people know: the colours of
+    gkamradt/LLMTest_NeedleInAHaystack viz/CreateVizFromLLMTesting.ipynb (commit 7b90d285651b68d39a94f3d3bd3672f8
+    4192c989, ``LinearSegmentedColormap.from_list(..., ["#F0496E", "#EBB839", "#0CD79F"])``). Cells not run are
+    light grey."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list(SCORE_CMAP, ["#F0496E", "#EBB839", "#0CD79F"]).with_extremes(bad="#dddddd")
+
+
+def score_image(ax, values: np.ndarray):
+    """A grid of scores (0-100) on ``ax`` on the scale every score heatmap shares."""
+    return ax.imshow(values, vmin=0, vmax=100, cmap=score_cmap(), aspect="auto", interpolation="nearest")
+
+
+def annotate(ax, values: np.ndarray, fontsize: float = 7) -> None:
+    for (y, x), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=fontsize, color="#222222")
 
 
 def task_group(task: str) -> str:
@@ -52,50 +87,134 @@ def task_group(task: str) -> str:
     return suite if name else task
 
 
-def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
-    """Score vs keep ratio per method, one panel per task group (columns) and model (rows). ``table`` is
-    ``report.score_table``'s (failed samples already excluded); a group's score is the mean over its tasks."""
-    t = table.dropna(subset=["score"]).copy()
-    if t.empty:
-        return []
-    t["group"] = t["task"].map(task_group)
-    models = sorted(t["model"].unique())
-    groups = sorted(t["group"].unique())
+def method_styles(methods) -> dict[str, dict]:
+    """A distinct colour + marker + line style per evicting method (more than 10: tab10 alone repeats); the full
+    cache has ``FULL_STYLE``."""
     plt = pyplot()
-    style = method_styles(sorted(t["method"].unique()))
-    fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.6 * len(models)),
-                             squeeze=False)
-    for i, model in enumerate(models):
-        for j, group in enumerate(groups):
-            ax = axes[i][j]
-            sub = t[(t["model"] == model) & (t["group"] == group)]
-            n_tasks = sub["task"].nunique()
-            for method, g in sub.groupby("method"):
-                g = g.groupby("keep_ratio")["score"].mean().sort_index()
-                ax.plot(g.index, g.values, label=method, **style[method])
-            ax.set_title(f"{model}: {group} ({n_tasks} task{'s' if n_tasks != 1 else ''})", fontsize=9)
-            ax.set_xlabel("keep ratio")
-            ax.set_ylabel("score")
-            ax.grid(alpha=0.3)
-            if len(sub):
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "score_vs_keep_ratio_by_group")
-
-
-def method_styles(methods: list[str]) -> dict[str, dict]:
-    """A distinct colour + marker + line style per method (more than 10 methods: tab10 alone repeats)."""
-    plt = pyplot()
-    colors = plt.cm.tab20.colors
+    colors = plt.cm.tab10.colors + plt.cm.Dark2.colors
     markers = "osD^v<>pX*"
-    return {m: {"color": colors[i % 20], "marker": markers[i % len(markers)],
-                "linestyle": "-" if "+" not in m else "--"} for i, m in enumerate(methods)}
+    evicting = sorted(m for m in set(methods) if m != FULL_CACHE)
+    return {m: {"color": colors[i % len(colors)], "marker": markers[i % len(markers)],
+                "linestyle": "-" if "+" not in m else "--"} for i, m in enumerate(evicting)}
+
+
+def panel_grid(n: int, max_cols: int, panel_w: float, panel_h: float, extra_w: float = 0.0, **kw):
+    """A constrained-layout figure of ``n`` panels wrapped into rows of at most ``max_cols``; unused cells hidden.
+    Returns the figure and the ``n`` axes in reading order."""
+    n_cols = max(1, min(n, max_cols))
+    n_rows = max(1, math.ceil(n / n_cols))
+    fig = pyplot().figure(figsize=(panel_w * n_cols + extra_w, panel_h * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, **kw)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, right of its panels (never over a line), each label once."""
+    seen = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    if seen:
+        labels = sorted(seen, key=lambda s: (s != FULL_LABEL, s))
+        fig.legend([seen[k] for k in labels], labels, loc="outside right upper", fontsize=8, frameon=False)
+
+
+def _score_axis(ax) -> None:
+    ax.set_ylim(*SCORE_LIMITS)
+    ax.grid(alpha=0.3)
+
+
+def _method_lines(ax, sub: pd.DataFrame, x: str, style: dict, full_at_x: bool = False) -> None:
+    """One line per evicting method (mean score at each ``x``) and the full cache's reference line (its mean),
+    with a point at its own ``x`` when ``full_at_x`` (the KV-size axis, where full has a size)."""
+    for method, g in sub[sub["method"] != FULL_CACHE].groupby("method"):
+        g = g.groupby(x)["score"].mean().sort_index()
+        ax.plot(g.index, g.values, label=method, markersize=5, **style[method])
+    full = sub[sub["method"] == FULL_CACHE].dropna(subset=["score"])
+    if len(full):
+        ax.axhline(full["score"].mean(), label=FULL_LABEL, **FULL_STYLE)
+        if full_at_x:
+            ax.plot(full[x].median(), full["score"].mean(), marker="*", markersize=11, color="black",
+                    linestyle="none")
+
+
+def _ratio_ticks(ax, ratios) -> None:
+    ratios = sorted({float(r) for r in ratios})
+    if 0 < len(ratios) <= 8:
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+
+
+def draw_score_lines(table: pd.DataFrame, x: str, xlabel: str, logx: bool = False):
+    """Score vs ``x`` (keep_ratio or kv_mib) per method, one panel per model; ``table`` holds model, method, ``x``
+    and score (mean over tasks, full at keep 1.0: ``metrics.full_once``)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    models = sorted(table["model"].unique())
+    style = method_styles(table["method"])
+    fig, axes = panel_grid(len(models), 3, 5.0, 3.8, extra_w=1.8, sharey=True)
+    for ax, model in zip(axes, models):
+        sub = table[table["model"] == model]
+        _method_lines(ax, sub, x, style, full_at_x=(x != "keep_ratio"))
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{SCORE_LABEL}, mean over tasks")
+        _score_axis(ax)
+        if logx:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlapped ("3x10^6 4x10^6")
+        else:
+            _ratio_ticks(ax, sub.loc[sub["method"] != FULL_CACHE, x])
+    _legend(fig, axes)
+    return fig
+
+
+def score_lines(table: pd.DataFrame, x: str, out: Path, stem: str, xlabel: str, logx: bool = False) -> list[Path]:
+    if table.dropna(subset=["score"]).empty:
+        return []
+    return _save(draw_score_lines(table.dropna(subset=["score"]), x, xlabel, logx), out, stem)
+
+
+def draw_score_by_group(table: pd.DataFrame):
+    """Score vs keep ratio per method, one panel per (model, task group), at most 4 panels a row. ``table`` is a
+    ``score_table`` with full at keep 1.0 (``metrics.full_once``); a group's score is the mean over its tasks."""
+    t = table.dropna(subset=["score"]).copy()
+    t["group"] = t["task"].map(task_group)
+    panels = sorted(t.groupby(["model", "group"]).groups)
+    several_models = t["model"].nunique() > 1
+    style = method_styles(t["method"])
+    fig, axes = panel_grid(len(panels), 4, 4.0, 3.3, extra_w=1.8, sharey=True)
+    for ax, (model, group) in zip(axes, panels):
+        sub = t[(t["model"] == model) & (t["group"] == group)]
+        n_tasks = sub["task"].nunique()
+        per_ratio = sub.groupby(["method", "keep_ratio"], as_index=False)["score"].mean()
+        _method_lines(ax, per_ratio, "keep_ratio", style)
+        name = f"{model}: {group}" if several_models else group
+        ax.set_title(f"{name} ({n_tasks} task{'s' if n_tasks != 1 else ''})", fontsize=9)
+        ax.set_xlabel("keep ratio")
+        ax.set_ylabel(SCORE_LABEL)
+        _score_axis(ax)
+        _ratio_ticks(ax, per_ratio.loc[per_ratio["method"] != FULL_CACHE, "keep_ratio"])
+    if not several_models:
+        fig.suptitle(f"{panels[0][0]}: score vs keep ratio by task group", fontsize=10)
+    _legend(fig, axes)
+    return fig
+
+
+def score_by_group(table: pd.DataFrame, out: Path) -> list[Path]:
+    if table.dropna(subset=["score"]).empty:
+        return []
+    return _save(draw_score_by_group(table), out, "score_vs_keep_ratio_by_group")
 
 
 def common_keep_ratio(table: pd.DataFrame) -> float | None:
     """The smallest keep ratio every evicting method (all but ``full``) ran; if none is shared, the smallest
     ratio run by the most methods."""
-    t = table[table["method"] != "full"]
+    t = table[table["method"] != FULL_CACHE]
     if t.empty:
         t = table
     if t.empty:
@@ -108,76 +227,49 @@ def common_keep_ratio(table: pd.DataFrame) -> float | None:
     return float(best.index.min())
 
 
-def task_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
-    """Score per method x task at the smallest common keep ratio, one panel per model; ``full`` (any ratio, it
-    evicts nothing) is drawn as a reference row."""
+def draw_task_heatmap(table: pd.DataFrame):
+    """Score per method x task at the smallest common keep ratio, one panel per model, the full cache as the top
+    row (the reference, separated by a line); None when there is nothing to draw."""
     t = table.dropna(subset=["score"])
     ratio = common_keep_ratio(t)
     if ratio is None:
-        return []
-    at = t[((t["keep_ratio"] - ratio).abs() < 1e-6) & (t["method"] != "full")]
-    full = t[t["method"] == "full"]
-    if at.empty or at["task"].nunique() < 1:
-        return []
+        return None
+    at = t[((t["keep_ratio"] - ratio).abs() < 1e-6) & (t["method"] != FULL_CACHE)]
+    full = t[t["method"] == FULL_CACHE]
+    if at.empty:
+        return None
     models = sorted(set(at["model"]))
-    plt = pyplot()
     n_tasks = at["task"].nunique()
-    fig, axes = plt.subplots(1, len(models), figsize=(max(4.0, 0.55 * n_tasks + 2.5) * len(models),
-                                                      0.45 * (at["method"].nunique() + 1) + 2.5), squeeze=False)
+    n_rows = at["method"].nunique() + 1
+    fig, axes = panel_grid(len(models), 2, max(3.0, 0.6 * n_tasks + 1.8), 0.42 * n_rows + 2.2, extra_w=0.8)
     im = None
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes, models):
         grid = at[at["model"] == model].pivot_table(index="method", columns="task", values="score", aggfunc="mean")
         f = full[full["model"] == model]
         if len(f):
-            grid.loc["full"] = f.groupby("task")["score"].mean().reindex(grid.columns)
-        im = _score_image(ax, grid)
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=60, ha="right", fontsize=7)
+            ref = f.groupby("task")["score"].mean().reindex(grid.columns).to_frame(FULL_LABEL).T
+            grid = pd.concat([ref, grid])
+        im = score_image(ax, grid.values)
+        annotate(ax, grid.values, fontsize=8)
+        if len(f):
+            ax.axhline(0.5, color="white", linewidth=3)
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=40, ha="right", fontsize=8)
         ax.set_yticks(range(grid.shape[0]), [str(m) for m in grid.index], fontsize=8)
-        for (y, x), v in np.ndenumerate(grid.values):
-            if not np.isnan(v):
-                ax.text(x, y, f"{v:.0f}", ha="center", va="center", fontsize=6)
-        ax.set_title(f"{model} @ keep ratio {ratio:g}", fontsize=9)
-    _score_colorbar(fig, axes, im)
-    return _save(fig, out, "task_heatmap")
+        ax.set_title(f"{model}: score at keep ratio {ratio:g}" + (" (full at 1.0)" if len(f) else ""), fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8, label=SCORE_LABEL)
+    return fig
 
 
-def _score_image(ax, grid: pd.DataFrame):
-    """A grid of scores (x100) drawn on ``ax`` on the scale every score heatmap shares (0-100, red to green)."""
-    return ax.imshow(grid.values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+def task_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
+    fig = draw_task_heatmap(table)
+    return [] if fig is None else _save(fig, out, "task_heatmap")
 
 
-def _score_colorbar(fig, axes, im) -> None:
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
-
-
-def niah_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Score by needle depth x context length, one panel per (method, keep ratio), for ruler/niah_* tasks."""
-    if "meta" not in df:
-        return []
-    sub = df[df["task"].str.startswith("ruler/niah") & ~df["failed"]].copy()
-    sub["depth"] = sub["meta"].map(lambda m: m.get("depth") if isinstance(m, dict) else None)
-    sub = sub.dropna(subset=["depth"])
-    if sub.empty or sub["depth"].nunique() < 2:
-        return []
-    plt = pyplot()
-    groups = list(sub.groupby(["method", "keep_ratio"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
-    for ax, ((method, ratio), g) in zip(axes[0], groups):
-        grid = g.pivot_table(index="depth", columns="context_length", values="score", aggfunc="mean") * 100
-        im = _score_image(ax, grid)
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=45)
-        ax.set_yticks(range(grid.shape[0]), [f"{d:g}" for d in grid.index])
-        ax.set_xlabel("context length")
-        ax.set_ylabel("needle depth (%)")
-        ax.set_title(f"{method} @ {ratio:g}", fontsize=9)
-    _score_colorbar(fig, axes, im)
-    return _save(fig, out, "niah_heatmap")
-
-
-def budget_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Mean share of the context each (layer, KV head) kept, for runs whose heads got different budgets."""
+def draw_budget_heatmap(df: pd.DataFrame):
+    """Mean share of the context each (layer, KV head) kept, for runs whose heads got different budgets, one
+    panel per (model, method, keep ratio), at most 4 a row, one colour scale; None when no run has such budgets."""
     if "budgets" not in df:
-        return []
+        return None
     ok = df[~df["failed"] & df["budgets"].map(lambda b: isinstance(b, list) and len(b) > 0)]
     if "model" not in ok:
         ok = ok.assign(model="")
@@ -192,13 +284,26 @@ def budget_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
         if np.ptp(mean) > 1e-9:  # uniform budgets say nothing
             panels.append((f"{model}: {method}" if several_models else method, ratio, mean))
     if not panels:
-        return []
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 4), squeeze=False)
-    for ax, (name, ratio, mean) in zip(axes[0], panels):
-        im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0)
+        return None
+    top = max(float(mean.max()) for _, _, mean in panels)
+    fig, axes = panel_grid(len(panels), 4, 3.0, 3.2, extra_w=0.8)
+    im = None
+    for ax, (name, ratio, mean) in zip(axes, panels):
+        im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0, vmax=top, interpolation="nearest")
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
-        ax.set_title(f"{name} @ {ratio:g}", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="kept share")
-    return _save(fig, out, "budget_heatmap")
+        _integer_ticks(ax, *mean.shape)
+        ax.set_title(f"{name} @ keep {ratio:g}", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of the context kept")
+    return fig
+
+
+def _integer_ticks(ax, n_rows: int, n_cols: int) -> None:
+    step = lambda n: max(1, math.ceil(n / 12))  # noqa: E731 (at most ~12 labels an axis)
+    ax.set_yticks(range(0, n_rows, step(n_rows)))
+    ax.set_xticks(range(0, n_cols, step(n_cols)))
+
+
+def budget_heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
+    fig = draw_budget_heatmap(df)
+    return [] if fig is None else _save(fig, out, "budget_heatmap")

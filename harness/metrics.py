@@ -4,6 +4,8 @@ LongBench report), the mean over tasks, and failed samples counted, never averag
 from __future__ import annotations
 
 SCORE_COLS = ["model", "method", "keep_ratio", "task"]
+FULL_CACHE = "full"  # the method that evicts nothing: one reference, whatever keep ratios its rows carry
+FULL_KEEP_RATIO = 1.0
 
 
 def mark_failed(df):
@@ -12,6 +14,15 @@ def mark_failed(df):
     df["keep_ratio"] = df["keep_ratio"].astype(float).round(6)
     df["failed"] = df["error"].notna() | df["score"].isna()
     return df
+
+
+def full_once(df):
+    """A copy of rows (or of a ``score_table``) where every row of the full cache has keep ratio 1.0. A sweep runs
+    ``full`` at each of its ratios although it evicts nothing; the views (summary.md, cost.md, figures) show it
+    once, as the reference at keep 1.0, averaging all its rows. ``summary.csv`` keeps the rows as run."""
+    out = df.copy()
+    out.loc[out["method"] == FULL_CACHE, "keep_ratio"] = FULL_KEEP_RATIO
+    return out
 
 
 def score_table(df, keys: list[str] = SCORE_COLS):

@@ -1,14 +1,19 @@
 """``kvbench-report DIR``: every run below DIR merged into tables and plots.
 
-Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, n_errors), ``summary.md``
-(methods x keep ratio, per task and mean, and mean evidence retention where tasks mark their evidence),
-``cost.md`` (time and memory relative to full cache), ``score_vs_keep_ratio.{png,pdf}`` (mean over tasks) and
-``score_vs_keep_ratio_by_group.{png,pdf}`` (one panel per task group), ``score_vs_kv_bytes.{png,pdf}``,
-``task_heatmap.{png,pdf}`` (method x task at the smallest common keep ratio), and when present
-``evidence_retention.csv`` / ``evidence_retention_by_layer.csv``, NIAH depth x length and head-budget heatmaps,
-suite tables (``tasks.report_hooks``) and, for runs made from a paper preset, ``published.{md,tex,csv}`` (ours
-beside the published numbers, ``harness.published``). Failed samples (``error`` set or no score) are counted
-in ``n_errors`` / ``n_failed`` and never averaged in, neither in scores nor in evidence retention.
+Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, n_errors; every row as run, the
+full cache at each keep ratio it was run at), ``summary.md`` (methods x keep ratio, per task and mean, mean
+evidence retention where tasks mark their evidence, and the score by question index where contexts carried
+several questions), ``cost.md`` (time and memory relative to full cache, and the time per question where contexts
+carried several), ``score_vs_keep_ratio.{png,pdf}`` (mean over tasks), ``score_vs_keep_ratio_by_group.{png,pdf}``
+(one panel per task group), ``score_vs_kv_bytes.{png,pdf}``, ``task_heatmap.{png,pdf}`` (method x task at the
+smallest common keep ratio), and when present ``evidence_retention.csv`` / ``evidence_retention_by_layer.csv``,
+needle-depth figures (``harness.depth_figures``), a head-budget heatmap, suite tables (``tasks.report_hooks``) and,
+for runs made from a paper preset, ``published.{md,tex,csv}`` (ours beside the published numbers,
+``harness.published``). Failed samples (``error`` set or no score) are counted in ``n_errors`` / ``n_failed`` and
+never averaged in, neither in scores nor in evidence retention.
+
+The full cache evicts nothing, so every view (summary.md, cost.md, the figures) shows it once, as keep 1.0, over
+all its rows (``metrics.full_once``), whatever ratios of the sweep it was run at.
 
 Duplicates: a run dir's ``predictions.jsonl`` counts each row key (task, sample_id, method, keep_ratio) once
 (``harness.io.read_rows`` keeps the first row of a key written twice). Rows of different run dirs are different
@@ -28,7 +33,8 @@ import pandas as pd
 
 from harness.errors import KvbenchError
 from harness.io import atomic_write_text, os_error, read_rows
-from harness.metrics import SCORE_COLS, mark_failed, mean_over_tasks, score_table  # noqa: F401 (report API)
+from harness.metrics import (FULL_CACHE, SCORE_COLS, full_once, mark_failed, mean_over_tasks,  # noqa: F401 (API)
+                             score_table)
 
 
 def load_rows(root: str | Path) -> pd.DataFrame:
@@ -85,16 +91,32 @@ def _fmt(x) -> str:
     return "–" if pd.isna(x) else f"{x:.1f}"
 
 
-def markdown_table(frame: pd.DataFrame, index_names: list[str]) -> str:
+def markdown_table(frame: pd.DataFrame, index_names: list[str], formats: dict | None = None) -> str:
+    """``frame`` as a markdown table; numbers as ``_fmt`` (one decimal) unless ``formats`` names a format
+    (``"{:.3g}"``) for their column."""
     cols = [c for c in frame.columns]
+    formats = formats or {}
     head = "| " + " | ".join(index_names + [str(c) for c in cols]) + " |"
     sep = "|" + "---|" * (len(index_names) + len(cols))
     lines = [head, sep]
     for idx, row in frame.iterrows():
         idx = idx if isinstance(idx, tuple) else (idx,)
-        cells = [str(i) for i in idx] + [_fmt(v) if not isinstance(v, str) else v for v in row.tolist()]
+        cells = [str(i) for i in idx]
+        for col, v in zip(cols, row.tolist()):
+            if isinstance(v, str):
+                cells.append(v)
+            elif col in formats and not pd.isna(v):
+                cells.append(formats[col].format(v))
+            else:
+                cells.append(_fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def full_first(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows indexed by (method, ...) with the full cache's first: the reference the others are read against."""
+    methods = frame.index.get_level_values(0)
+    return pd.concat([frame[methods == FULL_CACHE], frame[methods != FULL_CACHE]])
 
 
 def pivot_scores(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -151,42 +173,79 @@ def evidence_by_layer(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+TIME_COLS = ("prefill_s", "compress_s", "decode_s")
+SAMPLE_KEY = ["run_dir", "model", "method", "task", "sample_id"]
+
+
+def charge_shared_prefill(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose keep ratio reused another ratio's prefill and scores (a method that scores once for every
+    ratio records them at the first ratio only: prefill_s 0 at the others) charged that prefill, and its scoring
+    through the first ratio's compress_s (which also holds that ratio's pruning, milliseconds): what serving at
+    that one ratio costs. The rows of one sample share ``SAMPLE_KEY``."""
+    if not {"prefill_s", "compress_s", *SAMPLE_KEY} <= set(df):
+        return df
+    out = df.copy()
+    timed = out[~out["failed"] & out["prefill_s"].notna()]
+    by_sample = timed.groupby(SAMPLE_KEY, dropna=False)["prefill_s"]
+    shared = by_sample.transform("max")
+    first = by_sample.transform("idxmax")  # the row that ran the prefill
+    reused = timed.index[((timed["prefill_s"] == 0) & (shared > 0)).to_numpy()]
+    out.loc[reused, "prefill_s"] = shared[reused]
+    out.loc[reused, "compress_s"] = (out.loc[reused, "compress_s"].to_numpy()
+                                     + out.loc[first[reused], "compress_s"].to_numpy())
+    return out
+
+
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Median time and memory per (model, method, keep_ratio), and relative to full cache where it ran."""
-    ok = df[~df["failed"]].copy()
-    cols = [c for c in ("prefill_s", "compress_s", "decode_s", "kv_bytes", "peak_mem_bytes") if c in ok]
+    """Median time and memory per (model, method, keep_ratio) over the rows that did not fail (a shared prefill
+    charged to every ratio, ``charge_shared_prefill``), and relative to the full cache where it ran. ``total_s`` =
+    prefill + compress + decode of a row; ``time_per_question_s`` = (prefill + compress) / questions_per_context +
+    decode (a context's prefill and compression are shared by its K questions; a row without K is one question);
+    ``time_vs_full`` compares time per question."""
+    ok = charge_shared_prefill(df[~df["failed"]])
+    cols = [c for c in (*TIME_COLS, "kv_bytes", "peak_mem_bytes") if c in ok]
     if not cols:
         return pd.DataFrame()
-    ok["total_s"] = ok[["prefill_s", "compress_s", "decode_s"]].sum(axis=1)
-    med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s"]].median().reset_index()
-    full = med[med["method"] == "full"].groupby("model")[["total_s", "kv_bytes"]].median()
-    med["time_vs_full"] = med.apply(
-        lambda r: r["total_s"] / full.loc[r["model"], "total_s"] if r["model"] in full.index else float("nan"), axis=1)
-    med["kv_vs_full"] = med.apply(
-        lambda r: r["kv_bytes"] / full.loc[r["model"], "kv_bytes"] if r["model"] in full.index else float("nan"), axis=1)
+    ok = ok.copy()
+    for c in TIME_COLS:
+        if c not in ok:
+            ok[c] = float("nan")
+    k = pd.to_numeric(ok["questions_per_context"], errors="coerce") if "questions_per_context" in ok else None
+    k = k.fillna(1).clip(lower=1) if k is not None else 1
+    ok["total_s"] = ok[list(TIME_COLS)].sum(axis=1)
+    ok["time_per_question_s"] = (ok["prefill_s"].fillna(0) + ok["compress_s"].fillna(0)) / k + ok["decode_s"].fillna(0)
+    med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s", "time_per_question_s"]].median()
+    med = med.reset_index()
+    if "kv_bytes" not in med:
+        med["kv_bytes"] = float("nan")
+    full = med[med["method"] == FULL_CACHE].groupby("model")[["time_per_question_s", "kv_bytes"]].median()
+    ref = med["model"].map(full["time_per_question_s"]) if len(full) else float("nan")
+    med["time_vs_full"] = med["time_per_question_s"] / ref
+    med["kv_vs_full"] = med["kv_bytes"] / (med["model"].map(full["kv_bytes"]) if len(full) else float("nan"))
+    med["kv_mib"] = med["kv_bytes"] / 2**20
     return med
 
 
-def _plot_lines(table: pd.DataFrame, x: str, out: Path, stem: str, xlabel: str, logx: bool = False) -> list[Path]:
-    from harness.figures import pyplot, save_figure
+def has_questions(df: pd.DataFrame) -> bool:
+    """Whether some row's context carried several questions (``questions_per_context`` > 1)."""
+    if "question_index" not in df or "questions_per_context" not in df:
+        return False
+    return bool((pd.to_numeric(df["questions_per_context"], errors="coerce") > 1).any())
 
-    plt = pyplot()
-    models = sorted(table["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sub = table[table["model"] == model]
-        for method, g in sub.groupby("method"):
-            g = g.groupby(x)["score"].mean().sort_index()
-            ax.plot(g.index, g.values, marker="o", label=method)
-        ax.set_title(model)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("score (mean over tasks)")
-        if logx:
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, out, stem, dpi=120)
+
+def question_index_table(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model: rows (method, keep_ratio), columns question index 0..K-1, the score (x100) of the questions
+    asked at that position about one compressed context, mean over tasks (each task's mean over its rows)."""
+    qi = pd.to_numeric(df["question_index"], errors="coerce")
+    rows = df[qi.notna()].assign(question_index=qi[qi.notna()].astype(int))
+    table = score_table(rows, [*SCORE_COLS, "question_index"])
+    out = {}
+    for model, sub in table.groupby("model"):
+        wide = (sub.dropna(subset=["score"]).groupby(["method", "keep_ratio", "question_index"])["score"].mean()
+                .unstack("question_index"))
+        wide.columns = [f"q{int(c)}" for c in wide.columns]
+        out[model] = full_first(wide)
+    return out
 
 
 def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -199,39 +258,19 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise os_error(err, out) from None
-    table = score_table(df)
     written = []
 
     p = out / "summary.csv"
-    atomic_write_text(p, table.to_csv(index=False))
+    atomic_write_text(p, score_table(df).to_csv(index=False))  # data: every row as run
     written.append(p)
 
-    # the runs' dir relative to the report's (never a machine path): "." when the report sits beside them
-    where = os.path.relpath(Path(root).resolve(), out.resolve())
-    parts = [f"# kvbench report\n\nRuns below `{where}`: {len(df)} rows, {int(df['failed'].sum())} failed "
-             "(failed samples are excluded from scores and counted here).\n"]
-    evidence = evidence_table(df)
-    for model, wide in pivot_scores(table).items():
-        ev = evidence[(evidence["model"] == model) & (evidence["task"] == "all")]
-        if len(ev):
-            ev = ev.set_index(["method", "keep_ratio"])["evidence_retention"] * 100
-            wide = wide.copy()
-            wide["evidence_retention (%)"] = [ev.get(k, float("nan")) for k in wide.index]
-        parts.append(f"## {model}: score (x100) by method and keep ratio\n\n" + markdown_table(wide, ["method", "keep_ratio"]))
-    if len(evidence):
-        n_failed = int(evidence.loc[evidence["task"] == "all", "n_failed"].sum())
-        parts.append("Evidence retention: share of the answer's evidence tokens still in the cache after eviction "
-                     "(mean over layers and KV heads), averaged over the rows of tasks that mark their evidence; "
-                     f"{n_failed} failed rows of those tasks excluded (evidence_retention.csv).")
-    errs = table[table["n_errors"] > 0]
-    if len(errs):
-        shown = errs.set_index(SCORE_COLS)[["n_errors"]].astype(int).astype(str)  # no tabulate needed
-        parts.append("## Failed samples\n\n" + markdown_table(shown, SCORE_COLS))
-    parts.extend(_suite_sections(df))
+    view = full_once(df)  # what people read: the full cache once, at keep 1.0
+    table = score_table(view)
     p = out / "summary.md"
-    atomic_write_text(p, "\n\n".join(x for x in parts if x) + "\n")
+    atomic_write_text(p, summary_markdown(root, out, df, view, table))
     written.append(p)
 
+    evidence = evidence_table(df)
     if len(evidence):
         p = out / "evidence_retention.csv"
         atomic_write_text(p, evidence.round({"evidence_retention": 6}).to_csv(index=False, lineterminator="\n"))
@@ -246,27 +285,65 @@ def write_report(root: str | Path, out: str | Path | None = None) -> list[Path]:
 
     written.extend(write_published(df, out))
 
-    costs = cost_table(df)
+    costs = cost_table(view)
     if len(costs):
-        shown = costs.set_index(["model", "method", "keep_ratio"])[
-            ["prefill_s", "compress_s", "decode_s", "time_vs_full", "kv_vs_full"]]
         p = out / "cost.md"
-        atomic_write_text(p, "# Cost: medians per sample\n\n" + markdown_table(shown.round(4), ["model", "method", "keep_ratio"]) + "\n")
+        atomic_write_text(p, cost_markdown(costs, has_questions(df)))
         written.append(p)
 
-    mean_by_ratio = table.groupby(["model", "method", "keep_ratio"])["score"].mean().reset_index()
-    written += _plot_lines(mean_by_ratio, "keep_ratio", out, "score_vs_keep_ratio", "keep ratio")
-
-    if "kv_bytes" in df:
-        ok = df[~df["failed"]]
-        by_bytes = ok.groupby(["model", "method", "keep_ratio"]).agg(kv_bytes=("kv_bytes", "median"),
-                                                                     score=("score", "mean")).reset_index()
-        by_bytes["score"] *= 100
-        written += _plot_lines(by_bytes, "kv_bytes", out, "score_vs_kv_bytes", "KV cache bytes (median per sample)",
-                               logx=True)
-
-    written.extend(_figures(df, out))
+    written.extend(_figures(view, table, out))
     return written
+
+
+def summary_markdown(root, out: Path, df: pd.DataFrame, view: pd.DataFrame, table: pd.DataFrame) -> str:
+    # the runs' dir relative to the report's (never a machine path): "." when the report sits beside them
+    where = os.path.relpath(Path(root).resolve(), out.resolve())
+    parts = [f"# kvbench report\n\nRuns below `{where}`: {len(df)} rows, {int(df['failed'].sum())} failed "
+             "(failed samples are excluded from scores and counted here). The full cache evicts nothing: it is shown "
+             "once, at keep ratio 1.0, over all its rows (summary.csv keeps every ratio it was run at).\n"]
+    evidence = evidence_table(view)
+    for model, wide in pivot_scores(table).items():
+        ev = evidence[(evidence["model"] == model) & (evidence["task"] == "all")]
+        if len(ev):
+            ev = ev.set_index(["method", "keep_ratio"])["evidence_retention"] * 100
+            wide = wide.copy()
+            wide["evidence_retention (%)"] = [ev.get(k, float("nan")) for k in wide.index]
+        parts.append(f"## {model}: score (x100) by method and keep ratio\n\n"
+                     + markdown_table(full_first(wide), ["method", "keep_ratio"]))
+    if len(evidence):
+        n_failed = int(evidence.loc[evidence["task"] == "all", "n_failed"].sum())
+        parts.append("Evidence retention: share of the answer's evidence tokens still in the cache after eviction "
+                     "(mean over layers and KV heads), averaged over the rows of tasks that mark their evidence; "
+                     f"{n_failed} failed rows of those tasks excluded (evidence_retention.csv).")
+    if has_questions(view):
+        for model, wide in question_index_table(view).items():
+            parts.append(f"## {model}: score (x100) by question index\n\nContexts compressed once and asked K "
+                         "questions (questions_per_context): column q<i> is the i-th question about the same "
+                         "compressed context, mean over tasks.\n\n" + markdown_table(wide, ["method", "keep_ratio"]))
+    errs = table[table["n_errors"] > 0]
+    if len(errs):
+        shown = errs.set_index(SCORE_COLS)[["n_errors"]].astype(int).astype(str)  # no tabulate needed
+        parts.append("## Failed samples\n\n" + markdown_table(shown, SCORE_COLS))
+    parts.extend(_suite_sections(view))
+    return "\n\n".join(x for x in parts if x) + "\n"
+
+
+def cost_markdown(costs: pd.DataFrame, questions: bool) -> str:
+    cols = ["prefill_s", "compress_s", "decode_s", "total_s"] + (["time_per_question_s"] if questions else []) + [
+        "time_vs_full", "kv_mib", "kv_vs_full"]
+    order = costs.assign(_evicts=costs["method"] != FULL_CACHE)  # per model the full cache first
+    shown = order.sort_values(["model", "_evicts", "method", "keep_ratio"]).set_index(["model", "method", "keep_ratio"])
+    shown = shown[cols]
+    seconds = {c: "{:.3g}" for c in cols if c.endswith("_s")}
+    text = ("# Cost: medians per sample\n\nSeconds per row (total_s = prefill_s + compress_s + decode_s); a keep "
+            "ratio that reused another ratio's prefill and scores is charged them, as serving at that ratio alone "
+            "would be. kv_mib: KV cache after eviction (MiB); *_vs_full: relative to the full cache (keep 1.0).")
+    if questions:
+        text += (" time_per_question_s = (prefill_s + compress_s) / questions_per_context + decode_s: a context is "
+                 "prefilled and compressed once for its K questions; time_vs_full compares it.")
+    return (text + "\n\n" + markdown_table(shown, ["model", "method", "keep_ratio"],
+                                            {**seconds, "time_vs_full": "{:.2f}", "kv_mib": "{:.3g}",
+                                             "kv_vs_full": "{:.2f}"}) + "\n")
 
 
 def _suite_sections(df: pd.DataFrame) -> list[str]:
@@ -280,13 +357,23 @@ def _suite_sections(df: pd.DataFrame) -> list[str]:
     return sections
 
 
-def _figures(df: pd.DataFrame, out: Path) -> list[Path]:
-    from harness import figures
+def _figures(view: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
+    """Every figure, from the rows with the full cache at keep 1.0 (``view``) and their score table."""
+    from harness import depth_figures, figures
 
-    paths = []
-    table = score_table(df)
+    keys = ["model", "method", "keep_ratio"]
+    means = mean_over_tasks(table, keys).reset_index()
+    paths = figures.score_lines(means, "keep_ratio", out, "score_vs_keep_ratio", "keep ratio (share of the context "
+                                "kept)")
+    if "kv_bytes" in view:
+        ok = view[~view["failed"]]
+        size = (ok.groupby(keys)["kv_bytes"].median() / 2**20).rename("kv_mib").reset_index()
+        by_size = means.merge(size, on=keys).dropna(subset=["kv_mib"])
+        if len(by_size):
+            paths += figures.score_lines(by_size, "kv_mib", out, "score_vs_kv_bytes",
+                                         "KV cache after eviction (MiB, median per sample, log scale)", logx=True)
     paths.extend(figures.score_by_group(table, out))
     paths.extend(figures.task_heatmap(table, out))
-    for fn in (figures.niah_heatmap, figures.budget_heatmap):
-        paths.extend(fn(df, out))
+    paths.extend(depth_figures.niah_figures(view, out))
+    paths.extend(figures.budget_heatmap(view, out))
     return paths

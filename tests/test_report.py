@@ -78,7 +78,7 @@ def test_evidence_retention_mean_and_failed_rows(report):
 def test_figures_png_and_pdf(report):
     out, paths = report
     for stem in ("score_vs_keep_ratio", "score_vs_kv_bytes", "score_vs_keep_ratio_by_group", "task_heatmap",
-                 "niah_heatmap"):
+                 "niah_depth_ruler_niah"):  # one context length: score vs depth, not a heatmap
         for ext in ("png", "pdf"):
             assert out / f"{stem}.{ext}" in paths and (out / f"{stem}.{ext}").stat().st_size > 0
 
@@ -312,3 +312,109 @@ def test_reproduce_passes_a_part_key_only_to_the_methods_that_have_it():
     assert with_profile == {"lukv"} and {j["label"] for j in jobs} > {"lukv", "snapkv", "full"}
     with pytest.raises(KvbenchError, match=r"^method.scorer.windw=3: no method of paper lukv_ruler_longbench"):
         plan("lukv_ruler_longbench", ["method.scorer.windw=3", "model=reference"])
+
+
+# ---- the full cache once, several questions per context ------------------------------------------------------
+
+def _sweep_rows():
+    """A sweep as kvbench runs it: full at each of its ratios, snapkv scoring once for both ratios (its prefill
+    and scores recorded at the first ratio only: prefill_s 0 at the second)."""
+    from tests.test_figures import make_row
+
+    rows = []
+    for s in range(2):
+        for r in (0.25, 0.5):
+            first = r == 0.25
+            rows.append(make_row("ruler/vt", "full", r, 1.0, sample_id=s, prefill_s=1.0 if first else 0.0,
+                                 compress_s=0.0, decode_s=0.2, kv_bytes=2**20))
+            rows.append(make_row("ruler/vt", "snapkv", r, 1.0 if r == 0.5 else float(s), sample_id=s,
+                                 prefill_s=1.0 if first else 0.0, compress_s=0.3 if first else 0.02, decode_s=0.1,
+                                 kv_bytes=int(r * 2**20)))
+    return rows
+
+
+def test_full_cache_once_in_summary_and_cost_but_every_ratio_in_summary_csv(tmp_path):
+    from harness.report import write_report
+    from tests.test_figures import write_runs
+
+    out = tmp_path / "out"
+    write_report(write_runs(tmp_path / "runs", _sweep_rows()), out)
+    summary = (out / "summary.md").read_text()
+    assert [line for line in summary.splitlines() if line.startswith("| full")] == ["| full | 1.0 | 100.0 | 100.0 |"]
+    assert "| snapkv | 0.25 | 50.0 | 50.0 |" in summary and "| snapkv | 0.5 | 100.0 | 100.0 |" in summary
+    table = summary.splitlines().index("| full | 1.0 | 100.0 | 100.0 |")
+    assert summary.splitlines()[table - 2].startswith("| method | keep_ratio")  # full is the first row
+    cost = (out / "cost.md").read_text()
+    full = [line for line in cost.splitlines() if line.startswith("| m | full")]
+    assert full == ["| m | full | 1.0 | 1 | 0 | 0.2 | 1.2 | 1.00 | 1 | 1.00 |"]  # the shared prefill charged
+    assert "time_per_question_s" not in cost  # no questions_per_context field: nothing about questions
+    csv = pd.read_csv(out / "summary.csv")
+    assert sorted(csv[csv.method == "full"].keep_ratio) == [0.25, 0.5]  # data: as run
+
+
+def test_a_ratio_that_reused_the_prefill_is_charged_it():
+    from harness.report import charge_shared_prefill, cost_table
+    from harness.metrics import mark_failed
+
+    df = mark_failed(pd.DataFrame(_sweep_rows()))
+    charged = charge_shared_prefill(df)
+    snap = charged[(charged.method == "snapkv") & (charged.keep_ratio == 0.5)]
+    assert list(snap.prefill_s) == [1.0, 1.0] and list(snap.compress_s) == pytest.approx([0.32, 0.32])
+    assert list(df.loc[snap.index, "prefill_s"]) == [0.0, 0.0]  # the rows themselves are left as run
+    c = cost_table(df).set_index(["method", "keep_ratio"])
+    assert c.loc[("snapkv", 0.5), "total_s"] == pytest.approx(1.42)
+    assert c.loc[("snapkv", 0.25), "total_s"] == pytest.approx(1.4)
+    assert c.loc[("snapkv", 0.5), "time_vs_full"] == pytest.approx(1.42 / 1.2)
+
+
+def _question_rows():
+    """Contexts asked K questions (the lead's row fields context_id, question_index, questions_per_context):
+    task A K=3 over two contexts, task B K=2 over one, at keep 0.5, and the full cache at 0.25 and 0.5.
+
+    snapkv scores: A q0 (1, 1), q1 (1, 0), q2 (0, 0) -> 100, 50, 0; B q0 0, q1 1 -> 0, 100;
+    mean over tasks: q0 (100 + 0) / 2 = 50, q1 (50 + 100) / 2 = 75, q2 0 (only A)."""
+    from tests.test_figures import make_row
+
+    rows = []
+    scores = {("A", 0): [1, 1, 0], ("A", 1): [1, 0, 0], ("B", 0): [0, 1]}
+    for (task, c), per_q in scores.items():
+        k = len(per_q)
+        for q, score in enumerate(per_q):
+            common = dict(sample_id=f"{task}{c}/q{q}", context_id=f"{task}{c}", question_index=q,
+                          questions_per_context=k, compress_s=0.2, kv_bytes=100)
+            rows.append(make_row(f"niah/{task}", "snapkv", 0.5, float(score), prefill_s=1.0,
+                                 decode_s=0.1 * (q + 1), **common))
+            for r in (0.25, 0.5):
+                rows.append(make_row(f"niah/{task}", "full", r, 1.0, prefill_s=1.0 if r == 0.25 else 0.0,
+                                     decode_s=0.1, **{**common, "compress_s": 0.0}))
+    return rows
+
+
+def test_score_by_question_index_table(tmp_path):
+    from harness.report import write_report
+    from tests.test_figures import write_runs
+
+    out = tmp_path / "out"
+    write_report(write_runs(tmp_path / "runs", _question_rows()), out)
+    summary = (out / "summary.md").read_text()
+    section = summary[summary.index("## m: score (x100) by question index"):]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | keep_ratio | q0 | q1 | q2 |"
+    assert lines[2:] == ["| full | 1.0 | 100.0 | 100.0 | 100.0 |", "| snapkv | 0.5 | 50.0 | 75.0 | 0.0 |"]
+
+
+def test_time_per_question_shares_the_context_over_its_questions():
+    """(prefill + compress) / K + decode per row, median per cell: snapkv rows (1.0 + 0.2) / 3 + 0.1 q, q = 1..3
+    for A (0.5, 0.6, 0.7, twice) and (1.2) / 2 + 0.1 q for B (0.7, 0.8): median of 8 = 0.65; full
+    (1.0 + 0) / K + 0.1: 0.4333 (A, 6 rows) and 0.6 (B, 2 rows) at each ratio -> median 0.4333."""
+    from harness.metrics import full_once, mark_failed
+    from harness.report import cost_markdown, cost_table
+
+    df = mark_failed(pd.DataFrame(_question_rows()))
+    c = cost_table(full_once(df)).set_index(["method", "keep_ratio"])
+    assert c.loc[("snapkv", 0.5), "time_per_question_s"] == pytest.approx(0.65)
+    assert c.loc[("full", 1.0), "time_per_question_s"] == pytest.approx(1 / 3 + 0.1)
+    assert c.loc[("snapkv", 0.5), "time_vs_full"] == pytest.approx(0.65 / (1 / 3 + 0.1))
+    assert list(c.index) == [("full", 1.0), ("snapkv", 0.5)]
+    text = cost_markdown(cost_table(full_once(df)), questions=True)
+    assert "| time_per_question_s |" in text and "| m | snapkv | 0.5 |" in text
