@@ -18,10 +18,10 @@ import argparse
 import ast
 import hashlib
 import json
-import os
 import random
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,11 +62,19 @@ STYLES = ["The correct answer is ({})", "The correct answer is {}", "I cannot te
 
 def extract_answer_from(pred_py: Path):
     """pred.py's extract_answer, compiled from its own source (with the ``re`` module it uses)."""
+    # pred.py imports its API clients at the top, so the function alone is written into a module of its own and
+    # imported from there (the official source, unchanged)
+    import importlib.util
+    import tempfile
+
     tree = ast.parse(pred_py.read_text("utf-8"))
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "extract_answer")
-    scope = {"re": re}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(pred_py), "exec"), scope)
-    return scope["extract_answer"]
+    module_file = Path(tempfile.mkdtemp()) / "official_extract_answer.py"
+    module_file.write_text("import re\n\n\n" + ast.unparse(fn) + "\n", "utf-8")
+    spec = importlib.util.spec_from_file_location("official_extract_answer", module_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.extract_answer
 
 
 def prediction_lists(extract) -> list[dict]:
@@ -108,13 +116,10 @@ def run_result_py(result_py: Path, cases: list[dict], compensated: bool) -> dict
             keys = ("difficulty", "length", "pred", "judge")
             items = [{k: item[k] for k in keys} for item in case["items"]]
             (Path(tmp) / "results" / f"{case['name']}.json").write_text(json.dumps(items), "utf-8")
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            exec(compile(source, str(result_py), "exec"), {"__name__": "__main__"})
-            lines = (Path(tmp) / "result.txt").read_text("utf-8").splitlines()
-        finally:
-            os.chdir(cwd)
+        # result.py reads results/ and writes result.txt in its working directory: run it there as a script
+        (Path(tmp) / "result.py").write_text(source, "utf-8")
+        subprocess.run([sys.executable, "result.py"], cwd=tmp, check=True, capture_output=True)
+        lines = (Path(tmp) / "result.txt").read_text("utf-8").splitlines()
     header = [h.lower() for h in lines[0].split("\t")[1:]]
     out = {}
     for line in lines[1:]:
