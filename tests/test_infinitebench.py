@@ -295,8 +295,7 @@ def test_bad_values_are_one_line(enc, tmp_path):
     msg = refused("reads code_run.jsonl from task.data_dir, which is null",
                   lambda: make_task("infinitebench/code_run").samples(enc, 512, 1, 0))
     assert DATA_URL.format(task="code_run") in msg
-    msg = refused("code_run.jsonl not found", lambda: make_task("infinitebench/code_run",
-                                                                data_dir=str(tmp_path)).samples(enc, 512, 1, 0))
+    msg = refused("code_run.jsonl not found", lambda: make_task("infinitebench/code_run", data_dir=str(tmp_path)))
     assert str(tmp_path) in msg and DATA_URL.format(task="code_run") in msg
 
     good = (FIX / "code_debug.jsonl").read_text("utf-8").splitlines()
@@ -326,6 +325,10 @@ def test_cli_refuses_bad_values_in_one_line(capsys, tmp_path):
     base = ["model=tiny-random", "n_samples=1", "context_length=512", f"hydra.run.dir={tmp_path}/run"]
     line = refused_in_process(capsys, "task=infinitebench/passkey", "task.prompt_family=kimi", *base)
     assert "prompt_family='kimi' is not known" in line
+    (tmp_path / "data").mkdir()
+    line = refused_in_process(capsys, "task=infinitebench", f"task.data_dir={tmp_path}/data", *base)
+    assert "longdialogue_qa_eng.jsonl not found in task.data_dir" in line  # the suite's first file-based task
+    assert not (tmp_path / "run").exists()  # both refused before Hydra made the run dir
     line = refused_in_process(capsys, "task=infinitebench/math_find", *base)
     assert "math_find.jsonl from task.data_dir, which is null" in line
 

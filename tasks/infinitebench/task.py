@@ -107,6 +107,8 @@ class InfiniteBenchTask(Task):
                                "prompt_family")
         super().__init__(data_dir=data_dir)
         self.prompt_family = check_family(self.name, self.task, prompt_family)
+        if data_dir is not None:  # a dir without the file is refused when the run is checked, before any dir is made
+            data_file(self.task, data_dir, self.name)
         self._records: list[dict] | None = None
 
     def records(self) -> list[dict]:
