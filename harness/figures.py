@@ -112,14 +112,14 @@ def panel_grid(n: int, max_cols: int, panel_w: float, panel_h: float, extra_w: f
 
 
 def _legend(fig, axes) -> None:
-    """One legend for the figure, right of its panels (never over a line), each label once."""
+    """One legend for the figure, right of its panels (never over a line or the title), each label once."""
     seen = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, h)
     if seen:
         labels = sorted(seen, key=lambda s: (s != FULL_LABEL, s))
-        fig.legend([seen[k] for k in labels], labels, loc="outside right upper", fontsize=8, frameon=False)
+        fig.legend([seen[k] for k in labels], labels, loc="outside right center", fontsize=8, frameon=False)  # centred: clear of the title
 
 
 def _score_axis(ax) -> None:
