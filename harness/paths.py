@@ -111,3 +111,26 @@ def check_tensors(found: dict[str, Any], expected: dict[str, tuple[int, ...] | N
                ([f"has unexpected {', '.join(extra)}"] if extra else []) + shapes
     if problems:
         raise KvbenchError(f"{where}: {'; '.join(problems)}{_then(hint)}")
+
+
+def parse_jsonl(lines, where: str, suite: str, check, empty_hint: str) -> list:
+    """Records of JSON lines (str, or bytes decoded as UTF-8), each passed through ``check(record, "<where>:<n>")``;
+    blank lines are skipped, a bad one is named ``<where>:<line number>``, and no record at all is an error too (an
+    empty or truncated download). ``suite`` names the data in the messages, ``empty_hint`` says where to get it."""
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8(f"{where}:{lineno}", err, f"{suite} files are UTF-8 JSON lines") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KvbenchError(f"{where}:{lineno}: malformed JSON in {suite} data ({err.msg})") from None
+        records.append(check(record, f"{where}:{lineno}"))
+    if not records:
+        raise KvbenchError(f"{where} holds no {suite} records (empty file); {empty_hint}")
+    return records

@@ -9,14 +9,13 @@ multiple-choice tasks.
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from harness.errors import KvbenchError
-from harness.paths import not_utf8, unreadable
+from harness.paths import parse_jsonl, unreadable
 from tasks.infinitebench.config import DATA_URL, SYNTHETIC
 
 # Keys create_prompt reads besides context and answer (longdialogue_qa_eng, longbook_sum_eng, math_calc and
@@ -114,25 +113,10 @@ def check_record(task: str, record: Any, where: str) -> dict:
 
 
 def parse_lines(task: str, lines, where: str) -> list[dict]:
-    """Checked records of jsonl lines (bytes decoded as UTF-8); blank lines are skipped (as compute_scores.py's
-    iter_jsonl), a bad one is named ``<where>:<line number>``; a file without records is an error too."""
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise not_utf8(f"{where}:{lineno}", err, "InfiniteBench files are UTF-8 JSON lines") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise KvbenchError(f"{where}:{lineno}: malformed JSON in InfiniteBench data ({err.msg})") from None
-        records.append(check_record(task, record, f"{where}:{lineno}"))
-    if not records:
-        raise KvbenchError(f"{where} holds no InfiniteBench records (empty file); {data_hint(task)}")
-    return records
+    """Checked records of jsonl lines (``harness.paths.parse_jsonl``, as compute_scores.py's iter_jsonl skips
+    blank lines); a bad one is named ``<where>:<line number>``."""
+    return parse_jsonl(lines, where, "InfiniteBench", lambda record, at: check_record(task, record, at),
+                       data_hint(task))
 
 
 @lru_cache(maxsize=16)

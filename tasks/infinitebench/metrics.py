@@ -81,18 +81,10 @@ def code_debug_score(prediction: str, label: Sequence[str]) -> float:
     prediction = prediction.strip()
     if prediction[:2] in (f"{letter}.", f"{letter}:"):
         return 1.0
-    for c in ("\n", "`", "'", '"', "-", "*", "Option", "option"):
-        prediction = prediction.replace(c, " ")
-    while "  " in prediction:
-        prediction = prediction.replace("  ", " ")
-    for prefix in _DEBUG_PREFIXES:
-        idx = prediction.find(prefix)
-        if idx == -1:
-            continue
-        if len(prediction) < idx + len(prefix) + 1:  # the prediction ends with the phrase
-            return 0.0
-        after = prediction[idx + len(prefix) + 1:]
-        return float(after.startswith(letter) or after.startswith(fn_name))
+    prediction = _spaced(prediction, ("\n", "`", "'", '"', "-", "*", "Option", "option"))
+    after = _after_phrase(prediction, _DEBUG_PREFIXES)
+    if after is not None:
+        return float(after != "" and (after.startswith(letter) or after.startswith(fn_name)))
     return 0.0
 
 
@@ -148,6 +140,29 @@ def dialogue_score(prediction: str, label: Sequence[str]) -> float:
 _CHOICE_PREFIXES = ("answer is:", "answer:", "answer is", "option is")
 
 
+
+def _spaced(text: str, marks) -> str:
+    """compute_scores.py's clean-up before it looks for an answer phrase: each mark replaced by a space, runs of
+    spaces collapsed."""
+    for c in marks:
+        text = text.replace(c, " ")
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
+
+
+def _after_phrase(text: str, phrases) -> str | None:
+    """The text after the first of ``phrases`` found (in their order) and one more character, "" when the text ends
+    with the phrase; None when no phrase is there (compute_scores.py's loops over its answer phrases)."""
+    for phrase in phrases:
+        idx = text.find(phrase)
+        if idx == -1:
+            continue
+        if len(text) < idx + len(phrase) + 1:
+            return ""
+        return text[idx + len(phrase) + 1:]
+    return None
+
 def choice_score(prediction: str, label: Sequence[str]) -> float:
     """``label = [option text, letter]``: a leading A-D, the whole prediction, the text after an answer phrase, or
     else the first word that is a substring of "ABCD" decides."""
@@ -158,18 +173,10 @@ def choice_score(prediction: str, label: Sequence[str]) -> float:
         return float(prediction[0] in label)
     if prediction in label:
         return 1.0
-    for c in ("\n", '"', "'", ".", ",", "?", "!", "{", "}"):
-        prediction = prediction.replace(c, " ")
-    while "  " in prediction:
-        prediction = prediction.replace("  ", " ")
-    for prefix in _CHOICE_PREFIXES:
-        idx = prediction.find(prefix)
-        if idx == -1:
-            continue
-        if len(prediction) < idx + len(prefix) + 1:
-            return 0.0
-        after = prediction[idx + len(prefix) + 1:]
-        return float(any(after.startswith(s) for s in label))
+    prediction = _spaced(prediction, ("\n", '"', "'", ".", ",", "?", "!", "{", "}"))
+    after = _after_phrase(prediction, _CHOICE_PREFIXES)
+    if after is not None:
+        return float(after != "" and any(after.startswith(s) for s in label))
     for word in prediction.split():
         if word in "ABCD":  # a substring test, as the official code's
             return float(word in label)

@@ -10,14 +10,13 @@ runs the repository's loading script), the same records are read from the reposi
 """
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from harness.errors import KvbenchError
-from harness.paths import not_utf8, unreadable
+from harness.paths import parse_jsonl, unreadable
 from tasks.longbench.config import DATA_ZIP_URL, HF_REPO
 
 REQUIRED = ("input", "context", "answers")
@@ -48,25 +47,8 @@ def _check(record: Any, where: str) -> dict:
 
 
 def parse_lines(lines, where: str) -> list[dict]:
-    """Records from jsonl lines (str, or bytes decoded as UTF-8); blank lines are skipped, a bad one is named
-    as ``<where>:<line number>``; no record at all is an error too (an empty or truncated download)."""
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise not_utf8(f"{where}:{lineno}", err, "LongBench files are UTF-8 JSON lines") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise KvbenchError(f"{where}:{lineno}: malformed JSON in LongBench data ({err.msg})") from None
-        records.append(_check(record, f"{where}:{lineno}"))
-    if not records:
-        raise KvbenchError(f"{where} holds no LongBench records (empty file); {_hint()}")
-    return records
+    """Checked records from jsonl lines (``harness.paths.parse_jsonl``)."""
+    return parse_jsonl(lines, where, "LongBench", _check, _hint())
 
 
 @lru_cache(maxsize=8)
