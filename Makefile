@@ -21,8 +21,11 @@ demo: setup
 	  context_length=4096 n_samples=10 progress=false hydra.sweep.dir=$(DEMO_DIR)
 	$(BIN)/kvbench-report $(DEMO_DIR)
 
+# One pytest-xdist worker per core (TEST_WORKERS=0: one process); worksteal: an idle worker takes queued tests
+# from a busy one, so a long test near the end does not leave a core idle. -x stops at the first failure.
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: setup
 	$(BIN)/python benchmarks/refresh_readme.py

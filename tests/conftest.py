@@ -1,11 +1,19 @@
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test`: one worker per core) each worker and every kvbench subprocess it starts gets
+# one intra-op thread, so N workers keep N cores busy instead of 2N threads spin-waiting for each other. Set
+# before torch is imported, so the subprocesses (which inherit the environment) read it at their start too.
+UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if UNDER_XDIST:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1 if UNDER_XDIST else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
