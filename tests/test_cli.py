@@ -1,5 +1,8 @@
 """Bad input: one line on stderr naming the bad value and the allowed ones (or the fix), exit status 2, and an
-existing results dir left byte-for-byte unchanged."""
+existing results dir left byte-for-byte unchanged.
+
+The refusals run the command in this process (``refused_in_process``: the preflight refuses before Hydra makes a
+dir, so no interpreter start is needed); the runs that write rows run the real command in a subprocess."""
 import hashlib
 import os
 import subprocess
@@ -7,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import refused_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["model=tiny-random", "task=ruler/niah_single_1", "context_length=512", "n_samples=1", "max_new_tokens=2",
@@ -32,12 +36,13 @@ def existing_run(tmp_path_factory):
     return d
 
 
-def assert_one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvbench: error: "), r.stderr
+def assert_refused(capsys, monkeypatch, args, *needles):
+    """``kvbench args`` run from the repository (as the command's subprocesses here are): exit status 2, one
+    ``kvbench: error: ...`` line holding every needle."""
+    monkeypatch.chdir(ROOT)
+    line = refused_in_process(capsys, *args)
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in line, line
 
 
 @pytest.mark.parametrize(
@@ -56,11 +61,10 @@ def assert_one_line_error(r, *needles):
         (["model=hf", "model.path=/nonexistent/dir"], ["does not exist"]),
     ],
 )
-def test_bad_input_one_line_exit_2_and_dir_unchanged(existing_run, args, needles):
+def test_bad_input_one_line_exit_2_and_dir_unchanged(capsys, monkeypatch, existing_run, args, needles):
     before = snapshot(existing_run)
     args = [a for a in BASE if a.split("=")[0] not in {x.split("=")[0] for x in args}] + args
-    r = kvbench(*args, f"hydra.run.dir={existing_run}")
-    assert_one_line_error(r, *needles)
+    assert_refused(capsys, monkeypatch, [*args, f"hydra.run.dir={existing_run}"], *needles)
     assert snapshot(existing_run) == before
 
 
@@ -88,27 +92,26 @@ def bad_inputs(tmp_path_factory):
         (["method=lukv", "method.allocator.profile={bad}/other.safetensors"], ["method.allocator.profile", "3 layers", "kvbench-profile"]),
     ],
 )
-def test_bad_data_checkpoint_profile_one_line_and_dir_unchanged(existing_run, bad_inputs, args, needles):
+def test_bad_data_checkpoint_profile_one_line_and_dir_unchanged(capsys, monkeypatch, existing_run, bad_inputs, args,
+                                                                needles):
     before = snapshot(existing_run)
     args = [a.format(bad=bad_inputs) for a in args]
-    r = kvbench(*[a for a in BASE if not (a.startswith("task=") and any(x.startswith("task=") for x in args))],
-                *args, f"hydra.run.dir={existing_run}")
-    assert_one_line_error(r, *needles)
+    base = [a for a in BASE if not (a.startswith("task=") and any(x.startswith("task=") for x in args))]
+    assert_refused(capsys, monkeypatch, [*base, *args, f"hydra.run.dir={existing_run}"], *needles)
     assert snapshot(existing_run) == before
 
 
-def test_changed_config_in_existing_dir_refused_unless_overwrite(existing_run, tmp_path):
+def test_changed_config_in_existing_dir_refused_unless_overwrite(capsys, monkeypatch, existing_run):
     before = snapshot(existing_run)
-    r = kvbench(*BASE, "method=h2o", "keep_ratio=0.5", f"hydra.run.dir={existing_run}")
-    assert_one_line_error(r, "different config", "method", "overwrite=true")
+    assert_refused(capsys, monkeypatch, [*BASE, "method=h2o", "keep_ratio=0.5", f"hydra.run.dir={existing_run}"],
+                   "different config", "method", "overwrite=true")
     assert snapshot(existing_run) == before
 
 
-def test_non_writable_output_dir(tmp_path):
+def test_non_writable_output_dir(capsys, monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = kvbench(*BASE, "method=snapkv", f"hydra.run.dir={blocker}/run")
-    assert_one_line_error(r, "not writable")
+    assert_refused(capsys, monkeypatch, [*BASE, "method=snapkv", f"hydra.run.dir={blocker}/run"], "not writable")
 
 
 def test_rerun_resumes_without_duplicates(existing_run):
