@@ -1,6 +1,7 @@
 """benchmarks/hostile.py: its classifier, its data-loss check, its case generation, and a few real cases."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -79,8 +80,14 @@ def test_values_by_type(hostile):
     assert all(hostile.typo(n, i) != n for n in ("lr", "keep_ratio", "aa", "window") for i in range(2))
 
 
-def test_cases_cover_every_command(hostile):
-    cases = hostile.all_cases()
+@pytest.fixture(scope="module")
+def every_case(hostile):
+    """The campaign's cases, made once (composing every config takes seconds): both tests below read them."""
+    return hostile.all_cases()
+
+
+def test_cases_cover_every_command(every_case):
+    cases = every_case
     assert len(cases) >= 100
     assert len({c.id for c in cases}) == len(cases)
     commands = {c.command for c in cases}
@@ -92,7 +99,8 @@ def test_cases_cover_every_command(hostile):
     assert any(c.want == ("overwrite", False) for c in cases)  # a good spelling, checked in config.yaml
 
 
-def test_a_few_real_cases(hostile, tmp_path, capsys):
+def test_a_few_real_cases(hostile, every_case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(hostile, "all_cases", lambda: copy.deepcopy(every_case))  # main() selects from them
     out = tmp_path / "hostile.json"
     assert hostile.main(["--only", r"^kvbench-report/(nonexistent|a-file|no-args)$", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
