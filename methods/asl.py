@@ -20,9 +20,10 @@ queries and keys):
 
 At the selection layer ``l`` the kept tokens are the top-``k`` context tokens by that layer's scores plus the
 last ``window`` tokens (``budget = n_keep(T, keep_ratio)`` in all), in original order. Layer ``l``'s cache is
-cut to them at once, and a forward pre-hook on every deeper decoder layer (installed by ``prefill_patch``)
-shortens ``hidden_states``, ``position_embeddings`` (cos, sin), ``position_ids`` and any attention mask to
-them, so deeper layers compute and cache only the kept tokens, with their original positions (RoPE). The
+cut to them at once, and a forward pre-hook on every deeper decoder layer (installed by ``prefill_patch``, the
+machinery ASL shares with FastKV and PyramidInfer: ``methods._layerwise``) shortens ``hidden_states``,
+``position_embeddings`` (cos, sin), ``position_ids`` and any attention mask to them, so deeper layers compute and
+cache only the kept tokens, with their original positions (RoPE). The
 selection layer itself computes attention for the kept tokens only (``query_rows``; its keys and values, and so
 the kept tokens' outputs, are those of the whole prompt): the other rows would be dropped unread.
 The last prompt token is always kept (it is in the window), so ``logits_to_keep=1`` still gives its logits.
@@ -37,7 +38,6 @@ for other depths as ``round_half_up(10 / 32 * n_layers)`` and ``max(2, round_hal
 """
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -48,22 +48,21 @@ from torch import Tensor
 from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative, NonNegativeFloat
-from methods._attention import attention_probs, pool_scores
+from methods._layerwise import LayerwisePrefill, round_half_up, scaled_layer, window_token_scores
 from methods.snapkv import snap_scores
 
 REF_LAYERS, REF_START, REF_LOOKBACK = 32, 10, 8
 
 
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+_round_half_up = round_half_up  # the name methods.gemfilter imported before methods._layerwise held it
 
 
 def default_start(n_layers: int) -> int:
-    return min(n_layers - 1, _round_half_up(REF_START / REF_LAYERS * n_layers))
+    return scaled_layer(REF_START, REF_LAYERS, n_layers)
 
 
 def default_lookback(n_layers: int) -> int:
-    return max(2, _round_half_up(REF_LOOKBACK / REF_LAYERS * n_layers))
+    return max(2, round_half_up(REF_LOOKBACK / REF_LAYERS * n_layers))
 
 
 def ranks_of(scores: Tensor) -> Tensor:
@@ -107,10 +106,6 @@ def choose_layer(rank_history: list[Tensor | None], start: int, lookback: int, t
     return -1
 
 
-def _index_seq(t: Tensor, idx: Tensor, n_tokens: int, dim: int) -> Tensor:
-    return t.index_select(dim, idx) if t.shape[dim] == n_tokens else t
-
-
 @register_scorer("asl")
 class ASLScorer(Scorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
@@ -126,8 +121,16 @@ class ASLScorer(Scorer):
         self.early_layers = early_layers
         self.snapkv_kernel, self.snapkv_pool = int(snapkv_kernel), snapkv_pool
         self.fixed_layer = None if fixed_layer is None else int(fixed_layer)
-        self._active = False
+        self.layerwise = LayerwisePrefill("asl")
         self._reset(1.0)
+
+    @property
+    def _active(self) -> bool:
+        return self.layerwise.active
+
+    @property
+    def _cache(self):
+        return self.layerwise.cache
 
     # ---- per-prefill state -------------------------------------------------------------------------------
     def _reset(self, keep_ratio: float) -> None:
@@ -140,8 +143,6 @@ class ASLScorer(Scorer):
         self._v_start: float | None = None
         self.last_selection_layer = -1
         self.last_selected: Tensor | None = None  # kept token indices (original positions), sorted
-        self._cache = None
-        self._short: dict[str, Any] = {}
 
     def resolved(self, n_layers: int) -> tuple[int, int]:
         """(start layer, lookback) for a model depth."""
@@ -171,10 +172,7 @@ class ASLScorer(Scorer):
         forced = self.fixed_layer is not None
         probs = None
         if (layer >= start - lookback + 1 and not forced) or layer == self.fixed_layer:
-            w, n_ctx = min(self.window, n_tokens), n_tokens - n_window
-            probs = attention_probs(inputs.queries[:, :, -w:], inputs.keys, inputs.scaling, n_tokens - w)
-            past = probs[:, :, :, :n_ctx].sum(dim=2)  # [B, H_q, T_ctx]: the window's attention onto the past
-            token_scores = pool_scores(past, self.kernel, self.pool).sum(dim=1)[0]  # [T_ctx]
+            token_scores, probs = window_token_scores(inputs, self.window, self.kernel, self.pool)  # [T_ctx]
             self.rank_history[layer] = ranks_of(token_scores)
             selected = False
             if forced:
@@ -199,10 +197,10 @@ class ASLScorer(Scorer):
         recent = torch.arange(n_tokens - n_window, n_tokens, device=device)
         idx = torch.cat([top.sort().values, recent])
         self.last_selection_layer, self.last_selected = layer, idx
-        # This layer's cache keeps only the selected tokens (its attention output is already computed).
-        cache_layer = self._cache.layers[layer]
-        cache_layer.keys = cache_layer.keys.index_select(2, idx)
-        cache_layer.values = cache_layer.values.index_select(2, idx)
+        # Deeper layers process only the selected tokens; this layer's cache keeps only them (its attention, still
+        # to run, reads the whole prompt's keys).
+        self.layerwise.propagate(layer, idx)
+        self.layerwise.cut_cache(layer, idx)
 
     def finish_prefill(self, scores: list[Tensor | None]) -> list[Tensor | None]:
         """With ``early_layers=full``, the layers before a selection stay whole: they returned SnapKV scores in
@@ -214,69 +212,23 @@ class ASLScorer(Scorer):
     def query_rows(self, layer_idx: int) -> Tensor | None:
         """At the selection layer, only the kept tokens' attention is computed: the others' hidden states are
         dropped before the next layer, so their outputs would be thrown away (kept tokens' outputs unchanged)."""
-        return self.last_selected if layer_idx == self.last_selection_layer else None
+        return self.layerwise.query_rows(layer_idx)
 
     # ---- the prefill patch: decoder-layer pre-hooks that shorten everything after the selection -----------
-    def _pre_hook(self, layer: int, module, args, kwargs):
-        if layer == 0 and self._cache is None:
-            # transformers >= 5.2x hands decoder layers the cache as ``cache``; earlier 5.x as ``past_key_values``
-            self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if self._cache is None:
-                raise KvbenchError("method asl needs use_cache=True during prefill")
-        idx = self.last_selected
-        if idx is None or layer <= self.last_selection_layer:
-            return None
-        n = self.n_tokens
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = _index_seq(hidden, idx, n, 1)
-        if args:
-            args = (hidden,) + tuple(args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        pe = kwargs.get("position_embeddings")
-        if pe is not None:
-            if "pe" not in self._short:
-                self._short["pe"] = tuple(_index_seq(t, idx, n, 1) for t in pe)
-            kwargs["position_embeddings"] = self._short["pe"]
-        pos = kwargs.get("position_ids")
-        if isinstance(pos, Tensor):
-            kwargs["position_ids"] = _index_seq(pos, idx, n, pos.dim() - 1)
-        cpos = kwargs.get("cache_position")
-        if isinstance(cpos, Tensor):
-            kwargs["cache_position"] = _index_seq(cpos, idx, n, cpos.dim() - 1)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 4:
-            kwargs["attention_mask"] = _index_seq(_index_seq(mask, idx, n, 2), idx, n, 3)
-        elif mask is not None and not isinstance(mask, Tensor):
-            raise KvbenchError(f"method asl cannot shorten an attention mask of type {type(mask).__name__}")
-        return args, kwargs
-
     @contextmanager
     def prefill_patch(self, model, keep_ratio: float):
-        layers = list(getattr(getattr(model, "model", model), "layers"))
         self._reset(keep_ratio)
-        self._active = True
-        handles = []
-        try:
-            for i, layer in enumerate(layers):
-                handles.append(layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True))
+        with self.layerwise.hooks(model):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self._active = False
-            self._cache = None
-            self._short = {}
 
     # ---- facts for the rows ------------------------------------------------------------------------------
     def prefill_kept(self) -> list[Tensor | None]:
         """Per layer, the original indices the last prefill already cut the cache to (``[1, S]``, shared by all
         heads), None where the prefill kept every token. ``Method.plan`` sees those layers as kept whole
         (score None), so diagnostics such as evidence retention need these instead."""
-        layer, idx = self.last_selection_layer, self.last_selected
-        if idx is None:
+        if self.last_selected is None:
             return [None] * self.n_layers
-        return [None] * layer + [idx[None]] * (self.n_layers - layer)
+        return self.layerwise.prefill_kept()
 
     def row_extras(self) -> dict[str, Any]:
         """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens
