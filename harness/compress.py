@@ -110,6 +110,9 @@ class Scorer(Part):
     # (``method.prefill_chunk``): one that scores from its own forwards after the prefill (``after_prefill``:
     # KVzip) or prunes channels of the whole prefill (``key_channels``: ThinK).
     supports_chunked_prefill = True
+    # True for a scorer whose ``prefill_inputs`` caches its tokens at positions of its own, 0 .. n - 1 (GemFilter's
+    # second prefill of the tokens it selected): there is nothing for ``method.rerotate_keys`` to re-rotate.
+    renumbers_positions = False
     # Parameter presets, ``{"kvpress": {"scorer": {...}, "selector": {...}, "budget_rule": "kvpress"}}``: values
     # of this method's parts and method-level keys that ``method.preset=<name>`` sets over the config's.
     PRESETS: dict[str, dict[str, Any]] = {}
@@ -122,6 +125,16 @@ class Scorer(Part):
         """Called before each prefill with its prompt's token ids, of which the last ``n_question`` are the question
         (0 where the question comes after compression: query-agnostic runs, ``kvbench.compress``). For prompt-guided
         scorers (Finch observes the question's attention)."""
+
+    def prefill_inputs(self, model: nn.Module, ids: list[int], keep_ratio: float
+                       ) -> tuple[list[int], list[int]] | None:
+        """Called by ``harness.pipeline.prefill`` inside the scoring hooks and ``prefill_patch``, right before the
+        prefill's forward, with the prompt's ids. A method that prefills other tokens than the prompt returns the
+        token ids and the positions to prefill instead (GemFilter: a partial forward of its own up to its filter
+        layer, run here under the same hooks, selects the tokens, which are then prefilled alone at 0 .. k - 1);
+        the prefill's cache and logits are theirs, decoding continues after the last of those positions, and
+        ``prefill_kept`` names the prompt indices they came from. None (the default): the prompt at 0 .. T - 1."""
+        return None
 
     def after_prefill(self, model: nn.Module, cache, ids: list[int]) -> list[Tensor | None] | None:
         """Called by ``harness.pipeline.prefill`` (and ``kvbench.compress``) once the prefill's forward has returned,
@@ -219,6 +232,10 @@ class WrappedScorer(Scorer):
         return self.base.supports_chunked_prefill
 
     @property
+    def renumbers_positions(self) -> bool:  # type: ignore[override]
+        return self.base.renumbers_positions
+
+    @property
     def budget_rule(self) -> str:  # type: ignore[override]
         return self.base.budget_rule
 
@@ -239,6 +256,10 @@ class WrappedScorer(Scorer):
 
     def begin_prefill(self, ids: list[int], n_question: int) -> None:
         self.base.begin_prefill(ids, n_question)
+
+    def prefill_inputs(self, model: nn.Module, ids: list[int], keep_ratio: float
+                       ) -> tuple[list[int], list[int]] | None:
+        return self.base.prefill_inputs(model, ids, keep_ratio)
 
     def after_prefill(self, model: nn.Module, cache, ids: list[int]) -> list[Tensor | None] | None:
         return self.base.after_prefill(model, cache, ids)
@@ -481,6 +502,9 @@ class Method:
                                                                or self.allocator.per_layer_budgets):
             raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer and head; allocator "
                              f"{self.allocator.registered_name} varies it (use the uniform allocator)")
+        if self.scorer is not None and self.rerotate_keys and self.scorer.renumbers_positions:
+            raise ValueError(f"method.rerotate_keys=true: scorer {self.scorer.registered_name} already caches its "
+                             "tokens at positions 0 .. n - 1 and decodes from n (nothing to re-rotate); drop the option")
         for part in self.parts:  # one rule for every count the method makes
             part.budget_rule = self.budget_rule
         if self.scorer is not None:

@@ -78,6 +78,9 @@ class Prefill:
     extras: dict[str, Any] = field(default_factory=dict)
     # Per layer, the original token indices a prefill-changing method (ASL) already cut the cache to.
     prefill_kept: list[Any] | None = None
+    # Where decoding continues: after the last prefilled position (the prompt's length unless the scorer's
+    # ``prefill_inputs`` prefilled other positions: GemFilter's k selected tokens at 0 .. k - 1). None: n_tokens.
+    next_position: int | None = None
 
 
 @dataclass
@@ -110,6 +113,10 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
     start = time.perf_counter()
     patch = method.scorer.prefill_patch(model, keep_ratio) if method.scorer is not None else nullcontext()
     with hooks.scoring(method.scorer, seed), patch:
+        # a method may prefill other tokens than the prompt (GemFilter: those its own partial pass selected)
+        given = method.scorer.prefill_inputs(model, list(ids), keep_ratio) if method.scorer is not None else None
+        if given is not None:
+            input_ids, positions = (torch.tensor([list(x)], device=device) for x in given)
         out = model(input_ids=input_ids, position_ids=positions, **with_cache(DynamicCache()), use_cache=True,
                     logits_to_keep=1)
         _sync(device)
@@ -127,7 +134,7 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
         score_s += time.perf_counter() - start
     scores = method.scorer.finish_prefill(scores)
     return Prefill(cache_of(out), scores, out.logits[:, -1], len(ids), prefill_s, score_s,
-                   method.scorer.row_extras(), method.scorer.prefill_kept())
+                   method.scorer.row_extras(), method.scorer.prefill_kept(), int(positions[0, -1]) + 1)
 
 
 @dataclass
@@ -347,9 +354,9 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
         _sync(device)
         compress_s = score_s + time.perf_counter() - start
         shared_cut = shared.prefill_kept
+        start_pos = len(prompt) if shared.next_position is None else shared.next_position
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
-        start_pos = len(prompt)
         if positions is not None and method.compresses:
             start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
         per_head = kept_per_head(cache)
