@@ -201,7 +201,8 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     charged to every ratio, ``charge_shared_prefill``), and relative to the full cache where it ran. ``total_s`` =
     prefill + compress + decode of a row; ``time_per_question_s`` = (prefill + compress) / questions_per_context +
     decode (a context's prefill and compression are shared by its K questions; a row without K is one question);
-    ``time_vs_full`` compares time per question."""
+    ``time_vs_full`` compares time per question; ``prefill_vs_full`` the time before decoding, prefill + compress
+    (a method's scoring during its prefill is in compress_s); ``peak_vs_full`` the peak memory of a row."""
     ok = charge_shared_prefill(df[~df["failed"]])
     cols = [c for c in (*TIME_COLS, "kv_bytes", "peak_mem_bytes") if c in ok]
     if not cols:
@@ -213,16 +214,22 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     k = pd.to_numeric(ok["questions_per_context"], errors="coerce") if "questions_per_context" in ok else None
     k = k.fillna(1).clip(lower=1) if k is not None else 1
     ok["total_s"] = ok[list(TIME_COLS)].sum(axis=1)
-    ok["time_per_question_s"] = (ok["prefill_s"].fillna(0) + ok["compress_s"].fillna(0)) / k + ok["decode_s"].fillna(0)
-    med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s", "time_per_question_s"]].median()
-    med = med.reset_index()
-    if "kv_bytes" not in med:
-        med["kv_bytes"] = float("nan")
-    full = med[med["method"] == FULL_CACHE].groupby("model")[["time_per_question_s", "kv_bytes"]].median()
-    ref = med["model"].map(full["time_per_question_s"]) if len(full) else float("nan")
-    med["time_vs_full"] = med["time_per_question_s"] / ref
-    med["kv_vs_full"] = med["kv_bytes"] / (med["model"].map(full["kv_bytes"]) if len(full) else float("nan"))
-    med["kv_mib"] = med["kv_bytes"] / 2**20
+    ok["before_decode_s"] = ok["prefill_s"].fillna(0) + ok["compress_s"].fillna(0)
+    ok["time_per_question_s"] = ok["before_decode_s"] / k + ok["decode_s"].fillna(0)
+    med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s", "time_per_question_s", "before_decode_s"]]
+    med = med.median().reset_index()
+    for c in ("kv_bytes", "peak_mem_bytes"):
+        if c not in med:
+            med[c] = float("nan")
+    compared = ["time_per_question_s", "kv_bytes", "before_decode_s", "peak_mem_bytes"]
+    full = med[med["method"] == FULL_CACHE].groupby("model")[compared].median()
+
+    def vs_full(col: str) -> pd.Series:
+        return med[col] / (med["model"].map(full[col]) if len(full) else float("nan"))
+
+    med["time_vs_full"], med["kv_vs_full"] = vs_full("time_per_question_s"), vs_full("kv_bytes")
+    med["prefill_vs_full"], med["peak_vs_full"] = vs_full("before_decode_s"), vs_full("peak_mem_bytes")
+    med["kv_mib"], med["peak_mib"] = med["kv_bytes"] / 2**20, med["peak_mem_bytes"] / 2**20
     return med
 
 
@@ -330,20 +337,24 @@ def summary_markdown(root, out: Path, df: pd.DataFrame, view: pd.DataFrame, tabl
 
 def cost_markdown(costs: pd.DataFrame, questions: bool) -> str:
     cols = ["prefill_s", "compress_s", "decode_s", "total_s"] + (["time_per_question_s"] if questions else []) + [
-        "time_vs_full", "kv_mib", "kv_vs_full"]
+        "time_vs_full", "prefill_vs_full", "kv_mib", "kv_vs_full", "peak_mib", "peak_vs_full"]
     order = costs.assign(_evicts=costs["method"] != FULL_CACHE)  # per model the full cache first
     shown = order.sort_values(["model", "_evicts", "method", "keep_ratio"]).set_index(["model", "method", "keep_ratio"])
     shown = shown[cols]
     seconds = {c: "{:.3g}" for c in cols if c.endswith("_s")}
     text = ("# Cost: medians per sample\n\nSeconds per row (total_s = prefill_s + compress_s + decode_s); a keep "
             "ratio that reused another ratio's prefill and scores is charged them, as serving at that ratio alone "
-            "would be. kv_mib: KV cache after eviction (MiB); *_vs_full: relative to the full cache (keep 1.0).")
+            "would be. kv_mib: KV cache after eviction (MiB); peak_mib: peak memory of a row over what was held "
+            "before it (MiB: CUDA's peak allocated on GPU, the largest RSS seen between phases on CPU); *_vs_full: "
+            "relative to the full cache (keep 1.0); prefill_vs_full compares the time before decoding, prefill_s + "
+            "compress_s (a method's scoring during its prefill is in compress_s).")
     if questions:
         text += (" time_per_question_s = (prefill_s + compress_s) / questions_per_context + decode_s: a context is "
                  "prefilled and compressed once for its K questions; time_vs_full compares it.")
     return (text + "\n\n" + markdown_table(shown, ["model", "method", "keep_ratio"],
-                                            {**seconds, "time_vs_full": "{:.2f}", "kv_mib": "{:.3g}",
-                                             "kv_vs_full": "{:.2f}"}) + "\n")
+                                            {**seconds, "time_vs_full": "{:.2f}", "prefill_vs_full": "{:.2f}",
+                                             "kv_mib": "{:.3g}", "kv_vs_full": "{:.2f}", "peak_mib": "{:.3g}",
+                                             "peak_vs_full": "{:.2f}"}) + "\n")
 
 
 def _suite_sections(df: pd.DataFrame) -> list[str]:

@@ -346,7 +346,8 @@ def test_full_cache_once_in_summary_and_cost_but_every_ratio_in_summary_csv(tmp_
     assert summary.splitlines()[table - 2].startswith("| method | keep_ratio")  # full is the first row
     cost = (out / "cost.md").read_text()
     full = [line for line in cost.splitlines() if line.startswith("| m | full")]
-    assert full == ["| m | full | 1.0 | 1 | 0 | 0.2 | 1.2 | 1.00 | 1 | 1.00 |"]  # the shared prefill charged
+    # the shared prefill charged; no peak_mem_bytes in these rows: its columns are empty
+    assert full == ["| m | full | 1.0 | 1 | 0 | 0.2 | 1.2 | 1.00 | 1.00 | 1 | 1.00 | – | – |"]
     assert "time_per_question_s" not in cost  # no questions_per_context field: nothing about questions
     csv = pd.read_csv(out / "summary.csv")
     assert sorted(csv[csv.method == "full"].keep_ratio) == [0.25, 0.5]  # data: as run
@@ -365,6 +366,33 @@ def test_a_ratio_that_reused_the_prefill_is_charged_it():
     assert c.loc[("snapkv", 0.5), "total_s"] == pytest.approx(1.42)
     assert c.loc[("snapkv", 0.25), "total_s"] == pytest.approx(1.4)
     assert c.loc[("snapkv", 0.5), "time_vs_full"] == pytest.approx(1.42 / 1.2)
+
+
+def test_cost_compares_the_time_before_decoding_and_peak_memory_with_full():
+    """prefill_vs_full: (prefill_s + compress_s) over full's, medians per cell (gemfilter 0.4 + 0.1 and 0.6 + 0.2 ->
+    median 0.65 of full's 1.0 + 0.0 and 1.2 + 0.1 -> 1.15); peak_vs_full: peak_mem_bytes over full's (medians
+    48 and 96 MiB); time_vs_full per question with decoding: 0.75 over 1.25."""
+    from harness.metrics import full_once, mark_failed
+    from harness.report import cost_markdown, cost_table
+    from tests.test_figures import make_row
+
+    mib = 2**20
+    rows = [make_row("ruler/vt", "full", 1.0, 1.0, sample_id=0, prefill_s=1.0, compress_s=0.0, decode_s=0.1,
+                     kv_bytes=100, peak_mem_bytes=90 * mib),
+            make_row("ruler/vt", "full", 1.0, 1.0, sample_id=1, prefill_s=1.2, compress_s=0.1, decode_s=0.1,
+                     kv_bytes=100, peak_mem_bytes=102 * mib),
+            make_row("ruler/vt", "gemfilter", 0.1, 1.0, sample_id=0, prefill_s=0.4, compress_s=0.1, decode_s=0.1,
+                     kv_bytes=10, peak_mem_bytes=40 * mib),
+            make_row("ruler/vt", "gemfilter", 0.1, 1.0, sample_id=1, prefill_s=0.6, compress_s=0.2, decode_s=0.1,
+                     kv_bytes=10, peak_mem_bytes=56 * mib)]
+    c = cost_table(full_once(mark_failed(pd.DataFrame(rows)))).set_index(["method", "keep_ratio"])
+    assert c.loc[("gemfilter", 0.1), "prefill_vs_full"] == pytest.approx(0.65 / 1.15)
+    assert c.loc[("gemfilter", 0.1), "peak_vs_full"] == pytest.approx(48 / 96)
+    assert c.loc[("gemfilter", 0.1), "peak_mib"] == pytest.approx(48) and c.loc[("full", 1.0), "prefill_vs_full"] == 1
+    text = cost_markdown(c.reset_index(), questions=False)
+    assert "| time_vs_full | prefill_vs_full | kv_mib | kv_vs_full | peak_mib | peak_vs_full |" in text
+    line = [ln for ln in text.splitlines() if ln.startswith("| m | gemfilter")]
+    assert line == ["| m | gemfilter | 0.1 | 0.5 | 0.15 | 0.1 | 0.75 | 0.60 | 0.57 | 9.54e-06 | 0.10 | 48 | 0.50 |"]
 
 
 def _question_rows():
