@@ -50,13 +50,13 @@ from harness.compress import LayerInputs, Scorer, Selector, n_keep, register_sco
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative
 from methods._attention import pool_scores
-from methods.asl import _round_half_up
+from methods._layerwise import scaled_layer
 
 REF_LAYERS, REF_FILTER = 32, 13  # GemFilter needle_eval.py: select_layer_idx 13 for Llama-3.1-8B (32 layers)
 
 
 def default_filter_layer(n_layers: int) -> int:
-    return min(n_layers - 1, _round_half_up(REF_FILTER / REF_LAYERS * n_layers))
+    return scaled_layer(REF_FILTER, REF_LAYERS, n_layers)
 
 
 def gem_scores(last_query: Tensor, keys: Tensor, kernel: int) -> Tensor:

@@ -1,7 +1,8 @@
-"""GemFilter (methods/gemfilter.py): the selection rule by hand, a filter pass that stops at the filter layer and a
+"""GemFilter (methods/gemfilter.py): the selection rule by hand and on 12 cases of the official code, a filter pass that stops at the filter layer and a
 second prefill that sees only the k selected tokens (sequence lengths counted in forward hooks), that second prefill
 equal to a plain forward of the selected tokens at 0 .. k - 1 (so decoding equals generate on them), keep 1.0 equal to
 the full cache, runs through the runner on the reference model and every tiny-random family, and the refusals."""
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_query_heads_read_their_own_kv_head():
     keys = torch.tensor([[[0.0], [0.0], [3.0], [0.0]], [[9.0], [0.0], [0.0], [0.0]]])
     assert gem_scores(q, keys, 1).tolist() == [0, 0, 6, 0]  # 2 x KV head 0; interleaved heads would pick token 0
     assert gem_select(gem_scores(q, keys, 1), 1).tolist() == [2]
+
+
+def test_selection_equals_the_official_code():
+    # 12 cases from GemFilter's own standard_dis_index as find_context calls it (tools/official/
+    # dump_gemfilter_selection.py; the fixture names the official commit)
+    fixture = json.loads((ROOT / "tests/fixtures/gemfilter/selection.json").read_text())
+    assert fixture["source"].startswith("SalesforceAIResearch/GemFilter@") and len(fixture["cases"]) == 12
+    for case in fixture["cases"]:
+        scores = gem_scores(torch.tensor(case["last_query"]), torch.tensor(case["keys"]), fixture["kernel"])
+        assert gem_select(scores, case["k"]).tolist() == case["selected"], case["name"]
 
 
 def test_default_filter_layer_scales_with_depth():
