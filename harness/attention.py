@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from harness.cache import ChannelKV, RaggedKV, bottom_right_causal
-from harness.compress import LayerInputs, Scorer
+from harness.compress import Allocator, LayerInputs, Scorer
 
 ATTN_NAME = "kvbench"
 
@@ -158,6 +158,7 @@ class Hooks:
         self.n_layers = len(self.modules)
         self.rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         self.scorer: Scorer | None = None
+        self.allocator: Allocator | None = None  # observes each layer's inputs too (Allocator.observe)
         self.scores: list[Tensor | None] = []
         self.hidden: dict[int, Tensor] = {}
         self.score_seconds = 0.0
@@ -166,9 +167,10 @@ class Hooks:
         self._handles: list = []
 
     @contextmanager
-    def scoring(self, scorer: Scorer | None, seed: int) -> Iterator["Hooks"]:
-        """Score every layer during the prefill run inside this context."""
-        self.scorer, self.seed = scorer, seed
+    def scoring(self, scorer: Scorer | None, seed: int, allocator: Allocator | None = None) -> Iterator["Hooks"]:
+        """Score every layer during the prefill run inside this context (and let the method's ``allocator``
+        observe the same inputs)."""
+        self.scorer, self.seed, self.allocator = scorer, seed, allocator
         self.scores = [None] * self.n_layers
         self.hidden = {}
         self.score_seconds = 0.0
@@ -177,7 +179,7 @@ class Hooks:
         try:
             yield self
         finally:
-            self.scorer = None
+            self.scorer = self.allocator = None
             self.hidden = {}
             for h in self._handles:
                 h.remove()
@@ -201,6 +203,8 @@ class Hooks:
         )
         with torch.no_grad():
             scores = self.scorer.score(inputs)
+            if self.allocator is not None:
+                self.allocator.observe(inputs)
         self.scores[layer] = None if scores is None else scores.float()
         if query.is_cuda:
             torch.cuda.synchronize()

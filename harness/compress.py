@@ -320,6 +320,11 @@ class Allocator(Part):
         during the prefill besides the per-token scores (SimLayerKV's layer laziness); such an allocator refuses
         (``KvbenchError``) a scorer that does not measure it."""
 
+    def observe(self, inputs: LayerInputs) -> None:
+        """Called for every layer during the prefill, right after the scorer's ``score``, with the same captured
+        inputs: for an allocator whose budgets read the prefill's attention itself, whatever the scorer (CAKE's
+        layer preferences from the observation window). It must not change ``inputs``. Default: nothing."""
+
     def n_keep(self, n_tokens: int, keep_ratio: float) -> int:
         return n_keep(n_tokens, keep_ratio, self.budget_rule)
 

@@ -112,7 +112,7 @@ def prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: int, keep
     _sync(device)
     start = time.perf_counter()
     patch = method.scorer.prefill_patch(model, keep_ratio) if method.scorer is not None else nullcontext()
-    with hooks.scoring(method.scorer, seed), patch:
+    with hooks.scoring(method.scorer, seed, method.allocator), patch:
         # a method may prefill other tokens than the prompt (GemFilter: those its own partial pass selected)
         given = method.scorer.prefill_inputs(model, list(ids), keep_ratio) if method.scorer is not None else None
         if given is not None:
@@ -177,7 +177,7 @@ def chunked_prefill(model, hooks: Hooks, ids: list[int], method: Method, seed: i
         began = time.perf_counter()
         hooks.query_start = start
         try:
-            with hooks.scoring(method.scorer, seed):
+            with hooks.scoring(method.scorer, seed, method.allocator):
                 out = model(input_ids=step, position_ids=torch.arange(start, end, device=device)[None],
                             **with_cache(cache), use_cache=True, logits_to_keep=1)
                 _sync(device)

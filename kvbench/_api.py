@@ -306,7 +306,7 @@ def compress(model, method: Method | str, keep_ratio: float | None = None, seed:
         if ids.shape[0] != 1:
             raise KvbenchError(f"kvbench.compress: batch size 1 only (got {ids.shape[0]} prompts)")
         stack = contextlib.ExitStack()
-        stack.enter_context(hooks.scoring(built.scorer, seed))
+        stack.enter_context(hooks.scoring(built.scorer, seed, built.allocator))
         if built.scorer is not None:
             # the user's prompt (no ids when the model is fed embeddings); no question split is known
             built.scorer.begin_prefill([] if ids.is_floating_point() else ids[0].tolist(), 0)
