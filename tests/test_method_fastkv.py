@@ -1,7 +1,11 @@
-"""FastKV: the TSP selection by hand and against the official formula on the TSP layer's eager attention, the
-shortened deeper layers (the sequence length and positions each decoder layer saw, keys and logits equal to a
-masked full-length forward), SnapKV below the TSP layer, the deeper layers' own SnapKV cut when more tokens go on
-than the budget, and rows on the reference model and tiny-random of every family."""
+"""FastKV: the TSP selection by hand, against FastKV's own update_kv on 12 fixed cases (TSP indices and SnapKV
+caches) and against the official formula on a model's TSP-layer eager attention; the shortened deeper layers (the
+sequence length and positions each decoder layer saw, keys and logits equal to a masked full-length forward),
+SnapKV below the TSP layer, the deeper layers' own SnapKV cut when more tokens go on than the budget, bad values
+refused, and rows on the reference model and tiny-random of every family."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +16,12 @@ from transformers import DynamicCache
 from harness.attention import install
 from harness.cache import kept_per_head, prune
 from harness.compat import cache_of, with_cache
-from harness.compress import n_keep
+from harness.compress import Selector, n_keep
 from harness.models import FAMILIES, build_tiny
 from harness.pipeline import prefill
 from methods._layerwise import window_token_scores
 from methods.fastkv import default_tsp_layer, tsp_tokens
+from methods.snapkv import snap_scores
 
 PROMPT = torch.randint(3, 250, (103,), generator=torch.Generator().manual_seed(1)).tolist()
 N_LAYERS = 6
@@ -112,6 +117,29 @@ def test_window_token_scores_by_hand():
     assert torch.allclose(scores, want)
     pooled, _ = window_token_scores(layer_inputs(queries, keys), window=2, kernel=3, pool="avg")
     assert torch.allclose(pooled, torch.stack([want.sum() / 3, want.sum() / 3]))  # zero padding counted
+
+
+OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "fastkv" / "selection.json").read_text())
+
+
+@pytest.mark.parametrize("case", OFFICIAL["cases"], ids=[c["name"] for c in OFFICIAL["cases"]])
+def test_selection_equals_the_official_update_kv(case):
+    # tests/fixtures/fastkv/selection.json: dongwonjo/FastKV's own FastKVCluster.update_kv on these queries and
+    # keys (tools/official/dump_fastkv_selection.py): its TSP indices, and each head's SnapKV cache at the
+    # capacity (None where max-pooling ties at the cut)
+    window, kernel, capacity, n_tsp = case["window"], case["kernel"], case["capacity"], case["tsp_length"]
+    pool = {"avgpool": "avg", "maxpool": "max"}[case["pooling"]]
+    keys = torch.tensor(case["keys"])[None]
+    last = torch.tensor(case["window_queries"])
+    queries = torch.cat([torch.zeros(last.shape[0], keys.shape[2] - window, last.shape[-1]), last], dim=1)[None]
+    inputs = layer_inputs(queries, keys)
+    token_scores, _ = window_token_scores(inputs, window, kernel, pool)
+    assert tsp_tokens(token_scores, keys.shape[2], n_tsp, window).tolist() == case["tsp"]
+    scores = snap_scores(inputs, window, kernel, pool)[0]
+    cached = Selector(n_recent=window).select(scores, torch.full((keys.shape[1],), capacity))
+    for h, want in enumerate(case["cached"]):
+        if want is not None:
+            assert cached[h].tolist() == sorted(want), h
 
 
 def test_default_tsp_layer_scales_like_the_official_scripts():
