@@ -39,6 +39,9 @@ if has profile; then  # LU-KV's offline profiles, calibration on training seeds:
     seed=1000000 out=harness/reference/lukv_profile.safetensors
   $B/kvbench-profile model=reference method=lukv_lkv task=ruler/niah_single_1 context_length=4096 n_samples=8 \
     seed=1000000 out=harness/reference/lukv_lkv_profile.safetensors
+  # HeadKV's retrieval-reasoning head scores (methods/headkv.py): variable tracking, kvbench's reasoning needle
+  $B/python -m methods.headkv model=reference task=ruler/vt context_length=4096 n_samples=20 seed=1000000 \
+    out=harness/reference/headkv_scores.json
 fi
 
 RATIOS='keep_ratio=[0.1,0.15,0.2,1.0]'
