@@ -113,6 +113,9 @@ class Scorer(Part):
     # True for a scorer whose ``prefill_inputs`` caches its tokens at positions of its own, 0 .. n - 1 (GemFilter's
     # second prefill of the tokens it selected): there is nothing for ``method.rerotate_keys`` to re-rotate.
     renumbers_positions = False
+    # True for a scorer whose prefill leaves layers with different numbers of cached entries by design
+    # (PyramidInfer's pyramid): ``method.rerotate_keys`` needs one count everywhere, so the pair is refused.
+    varies_layer_counts = False
     # Parameter presets, ``{"kvpress": {"scorer": {...}, "selector": {...}, "budget_rule": "kvpress"}}``: values
     # of this method's parts and method-level keys that ``method.preset=<name>`` sets over the config's.
     PRESETS: dict[str, dict[str, Any]] = {}
@@ -234,6 +237,10 @@ class WrappedScorer(Scorer):
     @property
     def renumbers_positions(self) -> bool:  # type: ignore[override]
         return self.base.renumbers_positions
+
+    @property
+    def varies_layer_counts(self) -> bool:  # type: ignore[override]
+        return self.base.varies_layer_counts
 
     @property
     def budget_rule(self) -> str:  # type: ignore[override]
@@ -507,6 +514,9 @@ class Method:
                                                                or self.allocator.per_layer_budgets):
             raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer and head; allocator "
                              f"{self.allocator.registered_name} varies it (use the uniform allocator)")
+        if self.scorer is not None and self.rerotate_keys and self.scorer.varies_layer_counts:
+            raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer; scorer "
+                             f"{self.scorer.registered_name} keeps a different count per layer by design")
         if self.scorer is not None and self.rerotate_keys and self.scorer.renumbers_positions:
             raise ValueError(f"method.rerotate_keys=true: scorer {self.scorer.registered_name} already caches its "
                              "tokens at positions 0 .. n - 1 and decodes from n (nothing to re-rotate); drop the option")

@@ -415,8 +415,11 @@ def kept_positions(kept: list, prefill_kept: list | None, cache: DynamicCache) -
             raise ValueError("rerotate_keys needs one kept count per layer; this method kept a ragged layer")
         n_heads, held = cache_layer.keys.shape[1], cache_layer.keys.shape[2]
         cut = prefill_kept[layer] if prefill_kept is not None else None
-        base = torch.arange(held) if cut is None else torch.as_tensor(cut).reshape(-1).cpu()
-        base = base.expand(n_heads, -1) if base.dim() == 1 else base
+        # a prefill's cut is one set of positions for the layer ([n]) or one per head ([H, n]: FastKV's SnapKV
+        # among the propagated tokens)
+        base = torch.arange(held) if cut is None else torch.as_tensor(cut).cpu()
+        base = base.reshape(-1).expand(n_heads, -1) if base.dim() < 2 or base.shape[0] == 1 else base
+        base = base.reshape(n_heads, -1)
         out.append(base if idx is None else base.gather(1, idx.cpu()))
     return out
 
