@@ -1,7 +1,8 @@
-"""GemFilter (methods/gemfilter.py): the selection rule by hand and on 12 cases of the official code, a filter pass that stops at the filter layer and a
-second prefill that sees only the k selected tokens (sequence lengths counted in forward hooks), that second prefill
-equal to a plain forward of the selected tokens at 0 .. k - 1 (so decoding equals generate on them), keep 1.0 equal to
-the full cache, runs through the runner on the reference model and every tiny-random family, and the refusals."""
+"""GemFilter (methods/gemfilter.py): the selection rule by hand and on 12 cases of the official code, a filter pass
+that stops at the filter layer and a second prefill that sees only the k selected tokens (sequence lengths counted
+in forward hooks), that second prefill equal to a plain forward of the selected tokens at 0 .. k - 1 (so decoding
+equals generate on them), keep 1.0 equal to the full cache, runs through the runner on the reference model and every
+tiny-random family, and the refusals."""
 import json
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def test_second_prefill_is_a_plain_forward_of_the_selected_tokens(llama6):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([selected]), **with_cache(DynamicCache()), use_cache=True)
     for ours, theirs in zip(pre.cache.layers, cache_of(ref).layers):
-        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5) and torch.allclose(ours.values, theirs.values, atol=1e-5)
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5)
+        assert torch.allclose(ours.values, theirs.values, atol=1e-5)
     assert torch.allclose(pre.last_logits, ref.logits[:, -1], atol=1e-5)
     model.generation_config.eos_token_id = None
     eos, tok.eos_token_id = tok.eos_token_id, None
