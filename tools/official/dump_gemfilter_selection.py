@@ -6,9 +6,10 @@
 ``<GemFilter checkout>/my_baseline/GemFilter/gem_filter_utils.py`` is loaded as a module (it needs only torch and
 transformers' ``repeat_kv``) and its ``standard_dis_index`` run exactly as its ``find_context`` runs it at the
 filter layer: keys repeated over the GQA groups, the last query, ``min(topk, n)`` tokens, ``pool=True``,
-``sum_over_heads=True``. Per case: the last query ``[H_q, D]``, the keys ``[H_kv, T, D]`` (random), ``k``, and the official indices, sorted as
-``get_layer_context`` sorts them. Inputs are multiples of 1/256 (exact in float32 and in the JSON), and a case
-whose k-th and (k+1)-th pooled scores are closer than 1e-3 is refused (a tie there is topk's choice). The commit comes from ``git rev-parse HEAD`` in the checkout, or ``--commit``.
+``sum_over_heads=True``. Per case: the last query ``[H_q, D]``, the keys ``[H_kv, T, D]`` (random), ``k``, and the
+official indices, sorted as ``get_layer_context`` sorts them. Inputs are multiples of 1/256 (exact in float32 and in
+the JSON), and a case whose k-th and (k+1)-th pooled scores are closer than 1e-3 is refused (a tie there is topk's
+choice). The commit comes from ``git rev-parse HEAD`` in the checkout, or ``--commit``.
 """
 from __future__ import annotations
 
