@@ -207,8 +207,9 @@ def check_questions(settings: RunSettings, built: dict) -> None:
     for name, task in built.items():
         limit = task.max_questions_per_context()
         if limit is not None and k > limit:
-            raise KvbenchError(f"questions_per_context={k} is more than the contexts of {name} carry (at most "
-                               f"{limit} different questions each); allowed: 1..{limit}")
+            carried = "one question each" if limit == 1 else f"at most {limit} different questions each"
+            raise KvbenchError(f"questions_per_context={k} is more than the contexts of {name} carry ({carried}); "
+                               f"allowed: 1..{limit}")
 
 
 def check_protected(method, settings: RunSettings) -> None:

@@ -17,7 +17,7 @@ from tasks.base import PromptEncoder, Sample, Task
 from tasks.longbench.task import MAX_FIT_TRIES, select_indices, template_overhead
 from tasks.longbench_v2 import metrics
 from tasks.longbench_v2.config import DOMAINS, MAX_NEW_TOKENS
-from tasks.longbench_v2.data import load_records
+from tasks.longbench_v2.data import data_path, load_records
 from tasks.longbench_v2.prompt import official_prompt, split_truncated, truncate
 
 SUITE = "longbench_v2"
@@ -41,6 +41,8 @@ class LongBenchV2Task(Task):
             raise KvbenchError(f"{self.name}: task.cot={cot!r} is not allowed; allowed: true (0shot_cot.txt, one "
                                "reasoning pass) or false (0shot.txt), spelt true/false, yes/no or 1/0")
         super().__init__(data_dir=data_dir)
+        if data_dir is not None:
+            data_path(data_dir)  # a dir without data.json is refused when the run is checked, before its dir is made
         self.cot = flag
         self.template = "0shot_cot" if flag else "0shot"
         self._records: list[dict] | None = None
