@@ -232,8 +232,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     and the dir is locked for the whole run (a second run on it is refused at once)."""
     out_dir = Path(out_dir)
     settings, method, task_names = check_config(cfg)
-    with RunLock(out_dir):
-        return _run_locked(cfg, settings, method, task_names, out_dir)
+    empty_before = not out_dir.exists() or not any(out_dir.iterdir())
+    try:
+        with RunLock(out_dir):
+            return _run_locked(cfg, settings, method, task_names, out_dir)
+    except KvbenchError:
+        # refused before anything was written (bad data found while loading samples): leave no empty run dir
+        # behind, the one Hydra or the lock made for this run
+        if empty_before and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list[str], out_dir: Path) -> dict:

@@ -222,7 +222,12 @@ def test_a_sample_longer_than_its_own_length_is_refused(tmp_path, monkeypatch):
     cfg.task = {"name": "test/two_lengths", "data_dir": None}
     with pytest.raises(KvbenchError, match="context_length=128 is smaller than the prompt"):
         run(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # refused before writing: no empty run dir left behind
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(KvbenchError):
+        run(cfg, tmp_path / "kept")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]  # a dir with files stays as it was
 
 
 def test_longbench_questions_about_one_document_share_its_truncated_context(tmp_path, tiny):
