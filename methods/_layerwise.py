@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from harness.compress import LayerInputs
+from harness.compress import LayerInputs, Scorer
 from harness.errors import KvbenchError
 from methods._attention import attention_probs, pool_scores
 
@@ -214,3 +214,31 @@ class LayerwisePrefill:
             self.active = False
             self.cache = None
             self._pe = {}
+
+
+class LayerwiseScorer(Scorer):
+    """A scorer whose prefill hands deeper layers fewer tokens (ASL, FastKV, PyramidInfer): ``self.layerwise`` (a
+    ``LayerwisePrefill``) installs the decoder-layer pre-hooks and keeps the token sets; ``_reset(keep_ratio)``
+    starts a prefill. The extension points the harness calls are answered by it, once for all three."""
+
+    layerwise: LayerwisePrefill
+
+    def _reset(self, keep_ratio: float) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def query_rows(self, layer_idx: int) -> Tensor | None:
+        """At a propagating layer only the tokens that go on compute attention: the others' hidden states are
+        dropped before the next layer, so their outputs would be thrown away (the kept tokens' are unchanged)."""
+        return self.layerwise.query_rows(layer_idx)
+
+    @contextmanager
+    def prefill_patch(self, model, keep_ratio: float):
+        self._reset(keep_ratio)
+        with self.layerwise.hooks(model):
+            yield self
+
+    def prefill_kept(self) -> list[Tensor | None]:
+        """Per layer, the original indices the last prefill already cut the cache to, None where the prefill kept
+        every token. ``Method.plan`` sees those layers as kept whole (score None), so diagnostics such as evidence
+        retention need these instead."""
+        return self.layerwise.prefill_kept()

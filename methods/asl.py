@@ -39,16 +39,15 @@ for other depths as ``round_half_up(10 / 32 * n_layers)`` and ``max(2, round_hal
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from harness.compress import LayerInputs, Scorer, n_keep, register_scorer
+from harness.compress import LayerInputs, n_keep, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, NonNegative, NonNegativeFloat
-from methods._layerwise import LayerwisePrefill, round_half_up, scaled_layer, window_token_scores
+from methods._layerwise import LayerwisePrefill, LayerwiseScorer, round_half_up, scaled_layer, window_token_scores
 from methods.snapkv import snap_scores
 
 REF_LAYERS, REF_START, REF_LOOKBACK = 32, 10, 8
@@ -107,7 +106,7 @@ def choose_layer(rank_history: list[Tensor | None], start: int, lookback: int, t
 
 
 @register_scorer("asl")
-class ASLScorer(Scorer):
+class ASLScorer(LayerwiseScorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
 
     def __init__(self, window: Count = 32, kernel: Count = 7, pool: Literal["max", "avg"] = "avg",
@@ -209,26 +208,12 @@ class ASLScorer(Scorer):
             return [None] * self.last_selection_layer + list(scores[self.last_selection_layer:])
         return scores
 
-    def query_rows(self, layer_idx: int) -> Tensor | None:
-        """At the selection layer, only the kept tokens' attention is computed: the others' hidden states are
-        dropped before the next layer, so their outputs would be thrown away (kept tokens' outputs unchanged)."""
-        return self.layerwise.query_rows(layer_idx)
-
-    # ---- the prefill patch: decoder-layer pre-hooks that shorten everything after the selection -----------
-    @contextmanager
-    def prefill_patch(self, model, keep_ratio: float):
-        self._reset(keep_ratio)
-        with self.layerwise.hooks(model):
-            yield self
-
-    # ---- facts for the rows ------------------------------------------------------------------------------
+    # ---- facts for the rows (query_rows and the prefill patch: LayerwiseScorer's) -------------------------
     def prefill_kept(self) -> list[Tensor | None]:
-        """Per layer, the original indices the last prefill already cut the cache to (``[1, S]``, shared by all
-        heads), None where the prefill kept every token. ``Method.plan`` sees those layers as kept whole
-        (score None), so diagnostics such as evidence retention need these instead."""
+        """``[1, S]`` cuts, shared by all heads, after a selection; nothing cut when no layer qualified."""
         if self.last_selected is None:
             return [None] * self.n_layers
-        return self.layerwise.prefill_kept()
+        return super().prefill_kept()
 
     def row_extras(self) -> dict[str, Any]:
         """``asl_layer``: the selection layer (-1: none qualified, SnapKV everywhere); ``asl_kept_tokens``: tokens

@@ -38,16 +38,15 @@ deeper layers processed) and ``fastkv_kept_by_layer`` (each layer's cache size w
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from harness.compress import LayerInputs, Scorer, Selector, n_keep, register_scorer
+from harness.compress import LayerInputs, Selector, n_keep, register_scorer
 from harness.errors import KvbenchError
 from harness.schema import Count, KeepRatio, NonNegative
-from methods._layerwise import LayerwisePrefill, scaled_layer, window_token_scores
+from methods._layerwise import LayerwisePrefill, LayerwiseScorer, scaled_layer, window_token_scores
 from methods.snapkv import snap_scores
 
 REF_LAYERS, REF_TSP = 32, 15  # dongwonjo/FastKV scripts/eval_ruler.sh: tsp_idx=15 for Llama-3.1-8B-Instruct
@@ -67,7 +66,7 @@ def tsp_tokens(token_scores: Tensor, n_tokens: int, n_tsp: int, window: int) -> 
 
 
 @register_scorer("fastkv")
-class FastKVScorer(Scorer):
+class FastKVScorer(LayerwiseScorer):
     shares_across_ratios = False  # the prefill itself depends on the budget (and on n_tsp)
 
     def __init__(self, tsp_layer: NonNegative | None = None, tsp_ratio: KeepRatio | None = None, window: Count = 8,
@@ -115,18 +114,6 @@ class FastKVScorer(Scorer):
             kept = self.selector.select(scores, torch.full((scores.shape[0],), self.budget))
             self.layerwise.cut_cache(layer, self.layerwise.layer_tokens(layer)[kept])
         return None
-
-    def query_rows(self, layer_idx: int) -> Tensor | None:
-        return self.layerwise.query_rows(layer_idx)
-
-    @contextmanager
-    def prefill_patch(self, model, keep_ratio: float):
-        self._reset(keep_ratio)
-        with self.layerwise.hooks(model):
-            yield self
-
-    def prefill_kept(self) -> list[Tensor | None]:
-        return self.layerwise.prefill_kept()
 
     def row_extras(self) -> dict[str, Any]:
         tsp, n = self.last_tsp_layer, self.n_tokens

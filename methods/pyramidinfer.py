@@ -43,18 +43,17 @@ Rows record ``pyramidinfer_decay`` (the ``d`` run), ``pyramidinfer_recent`` (``R
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from harness.compress import LayerInputs, Scorer, n_keep, register_scorer, round_to_total
+from harness.compress import LayerInputs, n_keep, register_scorer, round_to_total
 from harness.errors import KvbenchError
 from harness.schema import Count, Fraction, NonNegative, NonNegativeFloat
 from methods._attention import attention_probs
-from methods._layerwise import LayerwisePrefill
+from methods._layerwise import LayerwisePrefill, LayerwiseScorer
 
 REF_LAYERS_PER_INTERVAL = 32  # mutonix/pyramidinfer configs: interval 1 at 32 layers, 2 at 40, 3 at 80
 DECAY_GRID = 1000  # the decay ratio is solved on multiples of 1 / DECAY_GRID
@@ -155,7 +154,7 @@ def keep_best(scores: Tensor, n_context: int, n_held: int, n_recent: int, device
 
 
 @register_scorer("pyramidinfer")
-class PyramidInferScorer(Scorer):
+class PyramidInferScorer(LayerwiseScorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
     varies_layer_counts = True  # the pyramid: deeper layers cache fewer entries
 
@@ -205,18 +204,6 @@ class PyramidInferScorer(Scorer):
             self.layerwise.propagate(layer, tokens[nxt])
             self.shrunk_after.append(layer)
         return None
-
-    def query_rows(self, layer_idx: int) -> Tensor | None:
-        return self.layerwise.query_rows(layer_idx)
-
-    @contextmanager
-    def prefill_patch(self, model, keep_ratio: float):
-        self._reset(keep_ratio)
-        with self.layerwise.hooks(model):
-            yield self
-
-    def prefill_kept(self) -> list[Tensor | None]:
-        return self.layerwise.prefill_kept()
 
     def row_extras(self) -> dict[str, Any]:
         plan = self.plan
