@@ -113,12 +113,19 @@ class Scorer(Part):
     # True for a scorer whose ``prefill_inputs`` caches its tokens at positions of its own, 0 .. n - 1 (GemFilter's
     # second prefill of the tokens it selected): there is nothing for ``method.rerotate_keys`` to re-rotate.
     renumbers_positions = False
-    # True for a scorer whose prefill leaves layers with different numbers of cached entries by design
-    # (PyramidInfer's pyramid): ``method.rerotate_keys`` needs one count everywhere, so the pair is refused.
-    varies_layer_counts = False
+    # False for a scorer whose prefill cuts some layers itself and leaves them unscored (the layer-wise prefill
+    # methods: ASL, FastKV, PyramidInfer, GemFilter): an allocator that measures every layer
+    # (``Allocator.needs_every_layer``: CAKE, HeadKV) cannot budget them, so the pair is refused.
+    scores_every_layer = True
     # Parameter presets, ``{"kvpress": {"scorer": {...}, "selector": {...}, "budget_rule": "kvpress"}}``: values
     # of this method's parts and method-level keys that ``method.preset=<name>`` sets over the config's.
     PRESETS: dict[str, dict[str, Any]] = {}
+
+    def varies_layer_counts(self, keep_ratio: float) -> bool:
+        """Whether the prefill leaves layers with different numbers of cached entries at ``keep_ratio`` by design
+        (PyramidInfer's pyramid; FastKV propagating fewer tokens than the budget): ``method.rerotate_keys`` needs
+        one count everywhere, so the run refuses the pair before anything is written."""
+        return False
 
     def score(self, inputs: LayerInputs) -> Tensor | None:  # pragma: no cover - interface
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
@@ -239,8 +246,11 @@ class WrappedScorer(Scorer):
         return self.base.renumbers_positions
 
     @property
-    def varies_layer_counts(self) -> bool:  # type: ignore[override]
-        return self.base.varies_layer_counts
+    def scores_every_layer(self) -> bool:  # type: ignore[override]
+        return self.base.scores_every_layer
+
+    def varies_layer_counts(self, keep_ratio: float) -> bool:
+        return self.base.varies_layer_counts(keep_ratio)
 
     @property
     def budget_rule(self) -> str:  # type: ignore[override]
@@ -318,6 +328,9 @@ class Allocator(Part):
     # re-rotation needs one count everywhere (one position to decode from).
     per_head_budgets = False
     per_layer_budgets = False
+    # True for an allocator that needs a score in every layer (it budgets each layer from what it measured there:
+    # CAKE's preferences, HeadKV's head scores); refused with a scorer that leaves layers unscored.
+    needs_every_layer = False
 
     def budgets(self, scores: list[Tensor], keep_ratio: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -514,9 +527,10 @@ class Method:
                                                                or self.allocator.per_layer_budgets):
             raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer and head; allocator "
                              f"{self.allocator.registered_name} varies it (use the uniform allocator)")
-        if self.scorer is not None and self.rerotate_keys and self.scorer.varies_layer_counts:
-            raise ValueError(f"method.rerotate_keys=true needs one kept count in every layer; scorer "
-                             f"{self.scorer.registered_name} keeps a different count per layer by design")
+        if self.scorer is not None and self.allocator.needs_every_layer and not self.scorer.scores_every_layer:
+            raise ValueError(f"allocator {self.allocator.registered_name} budgets every layer from its own measures; "
+                             f"scorer {self.scorer.registered_name} cuts layers during the prefill and leaves them "
+                             "unscored (use the method's own allocator)")
         if self.scorer is not None and self.rerotate_keys and self.scorer.renumbers_positions:
             raise ValueError(f"method.rerotate_keys=true: scorer {self.scorer.registered_name} already caches its "
                              "tokens at positions 0 .. n - 1 and decodes from n (nothing to re-rotate); drop the option")

@@ -171,6 +171,12 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
         raise KvbenchError(f"method.name={cfg.method.get('name')!r} is not a method config; allowed: "
                            f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
     method = methods.build_method(cfg.method)
+    if method.rerotate_keys and method.scorer is not None and method.compresses:
+        uneven = [r for r in settings.keep_ratio if r < 1.0 and method.scorer.varies_layer_counts(r)]
+        if uneven:
+            raise KvbenchError(f"method.rerotate_keys=true needs one kept count in every layer; scorer "
+                               f"{method.scorer.registered_name} keeps a different count per layer at keep_ratio="
+                               f"{recorded_ratio(uneven[0])} (drop method.rerotate_keys)")
     task_names = suite_tasks(cfg.task)
     built = build_tasks(cfg, task_names)  # every task option checked here, before any dir is made
     if settings.questions_per_context > 1:
@@ -318,6 +324,9 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
     first = group[0]
     encoded = [encoder.encode_sample(s) for s in group]
     ctx_ids = encoded[0][0]
+    if any(c != ctx_ids for c, _ in encoded[1:]):  # one prefill serves the group: its contexts must be one
+        raise KvbenchError(f"{name}: the questions of context {first.meta.get('context_id')} do not share one "
+                           "context (a task bug); run with questions_per_context=1")
     max_new = settings.max_new_tokens or first.max_new_tokens
     bases = []
     for s in group:

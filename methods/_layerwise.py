@@ -222,6 +222,7 @@ class LayerwiseScorer(Scorer):
     starts a prefill. The extension points the harness calls are answered by it, once for all three."""
 
     layerwise: LayerwisePrefill
+    scores_every_layer = False  # the layers a propagation cut are kept as cut, unscored
 
     def _reset(self, keep_ratio: float) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -115,6 +115,7 @@ def cake_budgets(preferences: list[float], n_tokens: list[int], n_heads: int, ke
 @register_allocator("cake")
 class CakeAllocator(Allocator):
     per_layer_budgets = True
+    needs_every_layer = True  # a budget for every layer from what it measured there
 
     def __init__(self, window: Count = OFFICIAL["window"], tau1: Temperature = OFFICIAL["tau1"],
                  tau2: Temperature = OFFICIAL["tau2"]):

@@ -78,6 +78,10 @@ class FastKVScorer(LayerwiseScorer):
         self.layerwise = LayerwisePrefill("fastkv")
         self._reset(1.0)
 
+    def varies_layer_counts(self, keep_ratio: float) -> bool:
+        # layers from the TSP layer on hold the propagated tokens: fewer than the budget when tsp_ratio is below it
+        return self.tsp_ratio is not None and self.tsp_ratio < keep_ratio
+
     def bind_selector(self, selector: Selector) -> None:
         self.selector = selector  # deeper layers are cut during the prefill by the same rule as the others
 

@@ -86,6 +86,7 @@ class GemFilterScorer(Scorer):
     shares_across_ratios = False  # the second prefill holds the ratio's k tokens
     supports_chunked_prefill = False
     renumbers_positions = True
+    scores_every_layer = False  # every layer keeps the second prefill's k tokens, unscored
 
     def __init__(self, filter_layer: NonNegative | None = None, kernel: Count = 5):
         self.filter_layer = None if filter_layer is None else int(filter_layer)

@@ -236,6 +236,7 @@ def headkv_budgets(shares: Tensor, n_tokens: list[int], n_kv_heads: int, keep_ra
 class HeadKVAllocator(Allocator):
     per_head_budgets = True
     per_layer_budgets = True
+    needs_every_layer = True  # a budget for every layer from what it measured there
 
     def __init__(self, scores: str | None = None, beta: Annotated[float, Field(ge=1.0)] = OFFICIAL_BETA,
                  temp: NonNegativeFloat = OFFICIAL_TEMP, window: NonNegative = 0):

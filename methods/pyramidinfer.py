@@ -156,7 +156,9 @@ def keep_best(scores: Tensor, n_context: int, n_held: int, n_recent: int, device
 @register_scorer("pyramidinfer")
 class PyramidInferScorer(LayerwiseScorer):
     shares_across_ratios = False  # the prefill itself depends on the budget
-    varies_layer_counts = True  # the pyramid: deeper layers cache fewer entries
+
+    def varies_layer_counts(self, keep_ratio: float) -> bool:
+        return True  # the pyramid: deeper layers cache fewer entries
 
     def __init__(self, decay_ratio: Fraction | None = None, recent_ratio: Fraction = 0.2, min_context: NonNegative = 64,
                  downsample_interval: Count | None = None, sink_len: NonNegative = 4,

@@ -12,6 +12,7 @@ answer prefix opens the assistant's reply (see ``PromptEncoder``).
 from __future__ import annotations
 
 import functools
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,15 +205,19 @@ class Task(ABC):
                          questions: int, seed: int) -> list[Sample]:
         """Up to ``questions`` samples per context for ``n_contexts`` contexts, each sample's meta carrying
         ``context_id`` and ``question_index`` (samples of one context are consecutive and share ``context``
-        exactly). The default groups a finite task's records by identical context, in the order of their first
-        record, keeping the first ``questions`` of each group (a context with fewer questions keeps those)."""
+        exactly). The default groups a finite task's records by identical context, ``n_contexts`` groups chosen
+        by ``seed`` (in file order), keeping the first ``questions`` of each (a context with fewer questions keeps
+        those). A task whose truncation depends on the question groups its records itself (LongBench)."""
         if self.max_questions_per_context() is not None:
             raise KvbenchError(f"{self.name} builds one question per context; questions_per_context={questions} is "
                                "for tasks whose contexts carry several (use questions_per_context=1)")
         groups: dict[str, list[Sample]] = {}
         for s in self.samples(encoder, context_length, None, seed):
             groups.setdefault(s.context, []).append(s)
-        chosen = list(groups.values())[:n_contexts] if n_contexts is not None else list(groups.values())
+        chosen = list(groups.values())
+        if n_contexts is not None and n_contexts < len(chosen):  # a seeded subset of the contexts, in file order
+            rng = random.Random(f"kvbench-contexts\x1f{self.name}\x1f{seed}")  # str seeds hash with SHA-512
+            chosen = [chosen[i] for i in sorted(rng.sample(range(len(chosen)), n_contexts))]
         out = []
         for group in chosen:
             first = group[0]

@@ -155,21 +155,21 @@ def test_a_chunk_shorter_than_the_window_observes_the_chunk(tiny_llama):
 
 
 def test_rerotate_keys_is_refused_for_a_pyramid_and_runs_on_fastkv_per_head_cuts(tmp_path):
-    """PyramidInfer keeps another count in each layer (nothing to decode from): refused when the method is built.
+    """PyramidInfer keeps another count in each layer (nothing to decode from): refused when the run is checked.
     FastKV with a TSP share above the budget caches per-head SnapKV picks among the propagated tokens ([H, n] cuts
     of the prefill): their keys re-rotate like any other."""
     import pytest
-    from omegaconf import OmegaConf
 
-    import methods
     from harness.errors import KvbenchError
     from harness.io import read_rows
     from harness.overrides import Composer
-    from harness.runner import run
+    from harness.runner import check_config, run
     from tests.test_every_config import CONF
 
+    with Composer(CONF, "config") as composer:
+        pyramid = composer.compose(["method=pyramidinfer", "method.rerotate_keys=true", "model=reference"])
     with pytest.raises(KvbenchError, match="different count per layer"):
-        methods.build_method(OmegaConf.create(methods.config("pyramidinfer", "rerotate_keys=true")))
+        check_config(pyramid, model_files=False)
     with Composer(CONF, "config") as composer:
         cfg = composer.compose(["method=fastkv", "method.rerotate_keys=true", "method.scorer.tsp_ratio=0.5",
                                 "model=reference", "task=ruler/niah_single_1", "context_length=1024", "n_samples=1",

@@ -153,6 +153,12 @@ def test_an_interrupted_context_resumes_only_its_missing_questions(tmp_path):
     (["task=ruler/niah_multiquery", "questions_per_context=5"], "allowed: 1..4"),
     (["task=ruler/niah_single_1", "questions_per_context=2"], "allowed: 1..1"),
     (["task=ruler/vt", "questions_per_context=2"], "ruler/vt"),
+    (["task=infinitebench/passkey", "questions_per_context=2"], "one question each"),
+    (["method=pyramidinfer", "method.rerotate_keys=true"], "different count per layer"),
+    (["method=fastkv", "method.scorer.tsp_ratio=0.1", "method.rerotate_keys=true", "keep_ratio=0.5"],
+     "keep_ratio=0.5"),
+    (["method=fastkv", "method.allocator=cake"], "leaves them unscored"),
+    (["method=asl", "method.allocator=headkv"], "leaves them unscored"),
     (["task=ruler/niah_multiquery", "questions_per_context=0"], "questions_per_context=0"),
     (["task=ruler/niah_multiquery", "questions_per_context=two"], "questions_per_context='two'"),
 ])
@@ -181,7 +187,10 @@ def test_a_finite_task_groups_its_records_by_context():
     groups = Records().question_samples(encoder=None, context_length=512, n_contexts=None, questions=2, seed=0)
     assert [(s.sample_id, s.meta["context_id"], s.meta["question_index"]) for s in groups] == [
         ("r0", "r0", 0), ("r2", "r0", 1), ("r1", "r1", 0), ("r3", "r1", 1)]  # r4: a third question of r0's context
-    assert [s.sample_id for s in Records().question_samples(None, 512, 1, 3, 0)] == ["r0", "r2", "r4"]
+    picked = {seed: [s.sample_id for s in Records().question_samples(None, 512, 1, 3, seed)] for seed in range(8)}
+    assert set(map(tuple, picked.values())) == {("r0", "r2", "r4"), ("r1", "r3")}  # the seed picks the context
+    assert picked == {seed: [s.sample_id for s in Records().question_samples(None, 512, 1, 3, seed)]
+                      for seed in range(8)}  # and the same seed the same one
 
 
 class TwoLengths(Task):

@@ -124,6 +124,12 @@ class InfiniteBenchTask(Task):
         return [record_sample(self.name, self.task, self.prompt_family, encoder, records[i], i, int(context_length))
                 for i in picked]
 
+    def max_questions_per_context(self) -> int:
+        """One: the official truncation cuts the whole prompt, question included (and math_find / code_run name the
+        question before the document), so two questions about one book get different contexts; grouping them
+        would either share a context cut for another question or silently fall back to one question each."""
+        return 1
+
     def score(self, prediction: str, sample: Sample) -> float:
         return metrics.score(self.task, prediction, sample.answers)
 

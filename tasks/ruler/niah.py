@@ -127,7 +127,8 @@ class NiahTask(RulerTask):
             head, question, prefix = niah_prompt(type_v, queries, singular=len(query_idx) * cfg["num_needle_v"] == 1)
             first_q = next(i for i, nd in enumerate(order) if nd[1] in query_idx)
             one = make_sample(head, body, question, prefix, answers, self.max_new_tokens,
-                              {**meta, "depth": depths[first_q], "depths": depths, "queries": queries})
+                              {**meta, "depth": depths[first_q], "depths": depths, "queries": queries,
+                               **({"keys_per_question": len(query_idx)} if self.questions > 1 else {})})
             one.meta["evidence"] = one.meta.get(evidence_tag(j), [])
             for k in range(1, len(query_sets)):
                 one.meta.pop(evidence_tag(k), None)
@@ -142,7 +143,8 @@ class NiahTask(RulerTask):
 
     def keys_per_question(self) -> int:
         """Keys each of ``questions`` questions asks: the task's own count where the haystack holds that many
-        distinct keys for every question, else one (niah_multiquery's 4 keys asked over several questions)."""
+        distinct keys for every question, else as many as the keys shared out allow (niah_multiquery's 4 keys:
+        2 per question for 2 questions, 1 for 3 or 4). Rows record it (``meta["keys_per_question"]``)."""
         return min(self.cfg["num_needle_q"], self.num_k // self.questions)
 
 
