@@ -161,8 +161,9 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
 
 
-def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings, Any, list[str]]:
-    """Every value of a run config checked, nothing loaded or written: the settings, the method, the task names.
+def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings, Any, dict]:
+    """Every value of a run config checked, nothing loaded or written: the settings, the method, the tasks (built,
+    by name, in run order; no data read yet).
     The model is checked from its config.json alone (architecture, maximum context), before any weight loads.
     The CLI calls it for each job before Hydra makes a dir; ``run`` calls it again first."""
     settings = validate(cfg)
@@ -191,7 +192,7 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
         if limit and longest > limit:
             raise KvbenchError(f"{name}: context length {longest} is larger than the model's maximum ({limit} "
                                f"positions); use lengths up to {limit}")
-    return settings, method, task_names
+    return settings, method, built
 
 
 def build_tasks(cfg: DictConfig, task_names: list[str]) -> dict:
@@ -237,11 +238,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run one config into ``out_dir``; returns the metrics. Every value is checked before the dir is touched,
     and the dir is locked for the whole run (a second run on it is refused at once)."""
     out_dir = Path(out_dir)
-    settings, method, task_names = check_config(cfg)
+    settings, method, built = check_config(cfg)
     empty_before = not out_dir.exists() or not any(out_dir.iterdir())
     try:
         with RunLock(out_dir):
-            return _run_locked(cfg, settings, method, task_names, out_dir)
+            return _run_locked(cfg, settings, method, built, out_dir)
     except KvbenchError:
         # refused before anything was written (bad data found while loading samples): leave no empty run dir
         # behind, the one Hydra or the lock made for this run
@@ -250,7 +251,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         raise
 
 
-def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list[str], out_dir: Path) -> dict:
+def _run_locked(cfg: DictConfig, settings: RunSettings, method, built: dict, out_dir: Path) -> dict:
     ratios = settings.keep_ratio
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(cfg.model)
@@ -258,7 +259,7 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, task_names: list
     # Load every task's samples before writing anything: bad data fails the run before it touches the dir.
     limit = getattr(model.config, "max_position_embeddings", None)
     loaded = []
-    for name, task in build_tasks(cfg, task_names).items():
+    for name, task in built.items():  # the tasks check_config built and checked
         encoder = PromptEncoder.for_task(tokenizer, task, settings.model.chat)
         if settings.questions_per_context > 1:
             samples = task.question_samples(encoder, settings.context_length, settings.n_samples,

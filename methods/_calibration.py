@@ -10,6 +10,7 @@ Bad input is one line ``<prog>: error: ...`` and exit 2, as everywhere in kvbenc
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -111,6 +112,13 @@ def main(prog: str, doc: str, run: Callable[[list[str]], str], argv: list[str] |
         print(f"\n{prog}: interrupted (nothing written)", file=sys.stderr)
         sys.exit(130)
     print(line)
+
+
+def provenance(prog: str, argv: list[str], command_key: str = "command") -> dict[str, str]:
+    """What a calibration command records of its own run in the file it writes: the UTC time and the command
+    line (``command_key``: the key the file format names it by)."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command_key: " ".join([prog, *argv])}
 
 
 def calibration_prompts(tokenizer, cfg, n_samples: int | None, context_length: int, seed: int, future_tokens: int,

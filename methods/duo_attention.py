@@ -393,7 +393,7 @@ def run(argv: list[str]) -> str:
     import datetime
 
     from harness.models import model_identity
-    from methods._calibration import prepare
+    from methods._calibration import prepare, provenance
 
     if not any(a.startswith("out=") for a in argv):
         raise KvbenchError("out=<dir> is required (where full_attention_heads.tsv and config.json are written)")
@@ -411,8 +411,7 @@ def run(argv: list[str]) -> str:
             "dataset_format": "random-id passkeys" if cal.source == "random" else cal.source,
             "kvbench_model": {**model_identity(cal.model), "model": cal.meta["model"]},
             "kvbench": {k: v for k, v in cal.meta.items() if k != "model"},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "kvbench_command": " ".join(["python -m methods.duo_attention", *argv])}
+            **provenance("python -m methods.duo_attention", argv, "kvbench_command")}
     path = save_pattern(o["out"], scores, meta)
     share = float((scores >= 0.5).double().mean())
     return (f"{path}: {scores.shape[0]} layers x {scores.shape[1]} KV heads, {share:.0%} at >= 0.5 after {o['steps']} "

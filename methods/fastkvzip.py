@@ -32,7 +32,6 @@ The official training script adds ``b`` twice to the logit (its inference once);
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import sys
@@ -330,7 +329,7 @@ class Options(BaseModel):
 
 def run(argv: list[str]) -> str:
     from harness.models import model_identity
-    from methods._calibration import prepare
+    from methods._calibration import prepare, provenance
 
     if not any(a.startswith("out=") for a in argv):
         raise KvbenchError("out=<file.safetensors> is required (where the gates are written)")
@@ -341,8 +340,7 @@ def run(argv: list[str]) -> str:
                          batch_size=o["batch_size"], lr=o["lr"], dim=o["dim"], sink=o["sink"])
     meta = {**cal.meta, **model_identity(cal.model), **stats,
             "target": "KVzip score (methods/kvzip.py defaults)", "steps": o["steps"],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m methods.fastkvzip", *argv])}
+            **provenance("python -m methods.fastkvzip", argv)}
     path = save_gates(o["out"], gates, meta)
     return (f"{path}: FastKVzip gates from {stats['n_train']} positions of {len(prompts)} {cal.source} prompts; "
             f"held-out BCE {stats['test_bce']:.4f}, rank correlation {stats['test_spearman']:.3f}")

@@ -51,7 +51,6 @@ the official: the answer's own token count).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import sys
@@ -376,7 +375,7 @@ def run(argv: list[str]) -> str:
 
     import tasks
     from harness.models import model_identity
-    from methods._calibration import prepare
+    from methods._calibration import prepare, provenance
     from tasks.base import PromptEncoder
 
     if "task=random" in argv:
@@ -399,8 +398,7 @@ def run(argv: list[str]) -> str:
     meta = {**cal.meta, **model_identity(cal.model), "n_samples": len(samples), "n_right": right,
             "score": "retrieval-reasoning (HeadKV R2): attention of each step's top-k positions inside the needle, "
                      "over k, summed over the greedy answer's steps; right answers only",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m methods.headkv", *argv])}
+            **provenance("python -m methods.headkv", argv)}
     path = save_head_scores(cal.own["out"], lists, meta)
     return (f"{path}: head scores of {len(lists)} layers x {len(lists[0])} query heads from {right} of "
             f"{len(samples)} {task.name} samples answered right at {cfg.context_length} tokens")

@@ -26,7 +26,6 @@ prompts is the better choice).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import sys
@@ -292,7 +291,7 @@ class Options(BaseModel):
 
 def run(argv: list[str]) -> str:
     from harness.models import model_identity
-    from methods._calibration import prepare
+    from methods._calibration import prepare, provenance
 
     if not any(a.startswith("out=") for a in argv):
         raise KvbenchError("out=<dir> is required (where the KVzap config.json + model.safetensors are written)")
@@ -304,8 +303,7 @@ def run(argv: list[str]) -> str:
                                                           "lr": o["lr"], "batch_size": o["batch_size"]}))
     meta = {**cal.meta, **model_identity(cal.model), **stats, "kind": o["kind"],
             "target": "log KVzip+ score (methods/kvzip.py, kvzip_plus=true, chunk_size 2000)",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m methods.kvzap", *argv])}
+            **provenance("python -m methods.kvzap", argv)}
     path = save_kvzap(o["out"], net, meta)
     return (f"{path}: KVzap {o['kind']} from {stats['n_train']} positions of {len(prompts)} {cal.source} prompts; "
             f"held-out MSE {stats['test_mse']:.3f}, rank correlation {stats['test_spearman']:.3f}")

@@ -25,7 +25,6 @@ counts to kvpress's. The only difference is where the filters come from: kvpress
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -248,7 +247,7 @@ class Options(BaseModel):
 
 
 def run(argv: list[str]) -> str:
-    from methods._calibration import prepare
+    from methods._calibration import prepare, provenance
 
     if not any(a.startswith("out=") for a in argv):
         raise KvbenchError("out=<file.safetensors> is required (where the filters are written)")
@@ -259,8 +258,7 @@ def run(argv: list[str]) -> str:
     meta = {**cal.meta, **model_identity(cal.model), "n_layers": filters.shape[0], "n_kv_heads": filters.shape[1],
             "head_dim": filters.shape[2], "queries": "post-RoPE, every position of context + question + answer",
             "sign": "filter = -u (u: first right singular vector, mean query projection >= 0); score = -<filter, k>",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m methods.qfilter", *argv])}
+            **provenance("python -m methods.qfilter", argv)}
     path = save_filters(cal.own["out"], filters, meta)
     return (f"{path}: Q-Filters {tuple(filters.shape)} from {len(cal.prompts)} {cal.source} samples of "
             f"{cal.meta['context_length']} tokens")
