@@ -221,11 +221,9 @@ class Task(ABC):
         out = []
         for group in chosen:
             first = group[0]
-            for j, s in enumerate(group[:questions]):
-                out.append(Sample(sample_id=s.sample_id, context=s.context, question=s.question,
-                                  answers=list(s.answers), answer_prefix=s.answer_prefix,
-                                  max_new_tokens=s.max_new_tokens,
-                                  meta={**s.meta, "context_id": first.sample_id, "question_index": j}))
+            for j, s in enumerate(group[:questions]):  # built for this call: marked in place
+                s.meta.update({"context_id": first.sample_id, "question_index": j})
+                out.append(s)
         return out
 
 
