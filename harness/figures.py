@@ -89,13 +89,14 @@ def task_group(task: str) -> str:
 
 def method_styles(methods) -> dict[str, dict]:
     """A distinct colour + marker + line style per evicting method (more than 10: tab10 alone repeats); the full
-    cache has ``FULL_STYLE``."""
+    cache has ``FULL_STYLE``. Line styles: solid, dashed with an allocator (``snapkv+adakv``), dash-dot when it
+    compressed while decoding (``snapkv [both 256/64]``, ``report.method_key``)."""
     plt = pyplot()
     colors = plt.cm.tab10.colors + plt.cm.Dark2.colors
     markers = "osD^v<>pX*"
     evicting = sorted(m for m in set(methods) if m != FULL_CACHE)
     return {m: {"color": colors[i % len(colors)], "marker": markers[i % len(markers)],
-                "linestyle": "-" if "+" not in m else "--"} for i, m in enumerate(evicting)}
+                "linestyle": "-." if " [" in m else "--" if "+" in m else "-"} for i, m in enumerate(evicting)}
 
 
 def panel_grid(n: int, max_cols: int, panel_w: float, panel_h: float, extra_w: float = 0.0, **kw):
@@ -147,11 +148,20 @@ def _ratio_ticks(ax, ratios) -> None:
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
 
 
+def log_axis(ax, which: str = "x") -> None:
+    """A log scale on ``ax``'s ``which`` axis ("x" or "y") labelled 1, 2, 5 a decade in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())  # minor labels overlapped ("3x10^6 4x10^6")
+
+
 def draw_score_lines(table: pd.DataFrame, x: str, xlabel: str, logx: bool = False):
     """Score vs ``x`` (keep_ratio or kv_mib) per method, one panel per model; ``table`` holds model, method, ``x``
     and score (mean over tasks, full at keep 1.0: ``metrics.full_once``)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     models = sorted(table["model"].unique())
     style = method_styles(table["method"])
     fig, axes = panel_grid(len(models), 3, 5.0, 3.8, extra_w=1.8, sharey=True)
@@ -163,10 +173,7 @@ def draw_score_lines(table: pd.DataFrame, x: str, xlabel: str, logx: bool = Fals
         ax.set_ylabel(f"{SCORE_LABEL}, mean over tasks")
         _score_axis(ax)
         if logx:
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlapped ("3x10^6 4x10^6")
+            log_axis(ax)
         else:
             _ratio_ticks(ax, sub.loc[sub["method"] != FULL_CACHE, x])
     _legend(fig, axes)

@@ -2,15 +2,20 @@
 
 Writes ``summary.csv`` (long format: model, method, keep_ratio, task, score, n, n_errors; every row as run, the
 full cache at each keep ratio it was run at), ``summary.md`` (methods x keep ratio, per task and mean, mean
-evidence retention where tasks mark their evidence, and the score by question index where contexts carried
-several questions), ``cost.md`` (time and memory relative to full cache, and the time per question where contexts
-carried several), ``score_vs_keep_ratio.{png,pdf}`` (mean over tasks), ``score_vs_keep_ratio_by_group.{png,pdf}``
+evidence retention where tasks mark their evidence, the score by question index where contexts carried several
+questions, and the KV cache while decoding where rows carry ``kv_footprint``), ``cost.md`` (time and memory
+relative to full cache, the time per question where contexts carried several, and decoding ms per token where rows
+counted their tokens), ``score_vs_keep_ratio.{png,pdf}`` (mean over tasks), ``score_vs_keep_ratio_by_group.{png,pdf}``
 (one panel per task group), ``score_vs_kv_bytes.{png,pdf}``, ``task_heatmap.{png,pdf}`` (method x task at the
 smallest common keep ratio), and when present ``evidence_retention.csv`` / ``evidence_retention_by_layer.csv``,
-needle-depth figures (``harness.depth_figures``), a head-budget heatmap, suite tables (``tasks.report_hooks``) and,
-for runs made from a paper preset, ``published.{md,tex,csv}`` (ours beside the published numbers,
-``harness.published``). Failed samples (``error`` set or no score) are counted in ``n_errors`` / ``n_failed`` and
-never averaged in, neither in scores nor in evidence retention.
+needle-depth figures (``harness.depth_figures``), a head-budget heatmap, footprint figures
+(``harness.footprint_figures``), suite tables (``tasks.report_hooks``) and, for runs made from a paper preset,
+``published.{md,tex,csv}`` (ours beside the published numbers, ``harness.published``).
+
+Rows are grouped by ``method_key``: the method, plus the decoding mode, target and interval of a run that
+compressed while decoding (``snapkv [both 256/64]``), so it is its own line beside the prefill-only run. Failed
+samples (``error`` set or no score) are counted in ``n_errors`` / ``n_failed`` and never averaged in, neither in
+scores nor in evidence retention.
 
 The full cache evicts nothing, so every view (summary.md, cost.md, the figures) shows it once, as keep 1.0, over
 all its rows (``metrics.full_once``), whatever ratios of the sweep it was run at.
@@ -55,6 +60,11 @@ def load_rows(root: str | Path) -> pd.DataFrame:
             if r.get("model") is None:
                 raise KvbenchError(f"{path}: the row of {r['task']} sample {r['sample_id']} has no model; fix or "
                                    "remove that line")
+            problem = decoding_problem(r)
+            if problem:
+                raise KvbenchError(f"{path}: the row of {r['task']} sample {r['sample_id']} has {problem}; fix or "
+                                   "remove that line")
+            r["method"] = method_key(r)
             r["run_dir"] = str(path.parent)
         rows.extend(file_rows)
     if not rows:
@@ -64,16 +74,55 @@ def load_rows(root: str | Path) -> pd.DataFrame:
     for col in ("error", "score"):
         if col not in df:
             df[col] = None
-    score = pd.to_numeric(df["score"], errors="coerce")
-    bad = df["score"].notna() & score.isna()
-    if bad.any():  # a string where a number belongs would otherwise be counted as a failed sample
-        r = df[bad].iloc[0]
-        raise KvbenchError(f"{r['run_dir']}/predictions.jsonl: the row of {r['task']} sample {r['sample_id']} has "
-                           f"score {r['score']!r}, not a number; fix or remove that line")
-    df["score"] = score
+    for col in ("score", *DECODE_NUMBERS):
+        if col not in df:
+            continue
+        number = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col].notna() & number.isna()
+        if bad.any():  # a string where a number belongs would otherwise be counted as a failed sample
+            r = df[bad].iloc[0]
+            raise KvbenchError(f"{r['run_dir']}/predictions.jsonl: the row of {r['task']} sample {r['sample_id']} "
+                               f"has {col} {r[col]!r}, not a number; fix or remove that line")
+        df[col] = number
     mark_failed(df)
     df["paper"] = df["run_dir"].map(_paper_names(df["run_dir"].unique()))
     return df
+
+
+DECODING_MODES = ("prefill", "decode", "both")  # compressed once after the prefill / only while decoding / both
+DECODE_NUMBERS = ("generated_tokens", "decode_ms_per_token", "kv_mean_entries", "kv_mean_bytes")
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def method_key(row) -> str:
+    """The name a row is reported under: its ``method``, and when it compressed while decoding (``decoding``
+    ``decode`` or ``both``) the mode, target size (``ratio``: the keep ratio's share of the context) and interval,
+    ``snapkv [both 256/64]``; so a decode-time run and a prefill-only run of one method are different lines. The
+    full cache evicts nothing whatever its decoding: always ``full``, shown once."""
+    method, mode = str(row["method"]), row.get("decoding")
+    if method == FULL_CACHE or _missing(mode) or mode == "prefill":
+        return method
+    target, interval = row.get("decoding_target_size"), row.get("decoding_interval")
+    size = "ratio" if _missing(target) else f"{int(target)}"
+    return f"{method} [{mode} {size}" + ("" if _missing(interval) else f"/{int(interval)}") + "]"
+
+
+def decoding_problem(row: dict) -> str | None:
+    """What is wrong with a row's decode-time fields (None when absent or well formed)."""
+    from harness.footprint_figures import check_footprint
+
+    mode = row.get("decoding")
+    if mode is not None and mode not in DECODING_MODES:
+        return f"decoding {mode!r}, not one of {', '.join(DECODING_MODES)}"
+    for name in ("decoding_target_size", "decoding_interval"):
+        v = row.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            return f"{name} {v!r}, not a positive integer or null"
+    problem = check_footprint(row.get("kv_footprint"))
+    return f"a kv_footprint that cannot be read ({problem})" if problem else None
 
 
 def _paper_names(run_dirs) -> dict[str, str | None]:
@@ -218,7 +267,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     ok["time_per_question_s"] = ok["before_decode_s"] / k + ok["decode_s"].fillna(0)
     med = ok.groupby(["model", "method", "keep_ratio"])[cols + ["total_s", "time_per_question_s", "before_decode_s"]]
     med = med.median().reset_index()
-    for c in ("kv_bytes", "peak_mem_bytes"):
+    for c in (*TIME_COLS, "kv_bytes", "peak_mem_bytes"):  # a column no row recorded is shown empty
         if c not in med:
             med[c] = float("nan")
     compared = ["time_per_question_s", "kv_bytes", "before_decode_s", "peak_mem_bytes"]
@@ -230,7 +279,74 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     med["time_vs_full"], med["kv_vs_full"] = vs_full("time_per_question_s"), vs_full("kv_bytes")
     med["prefill_vs_full"], med["peak_vs_full"] = vs_full("before_decode_s"), vs_full("peak_mem_bytes")
     med["kv_mib"], med["peak_mib"] = med["kv_bytes"] / 2**20, med["peak_mem_bytes"] / 2**20
+    ms = decode_ms_per_token(ok)
+    if ms.notna().any():
+        return med.merge(decode_speed(ok.assign(decode_ms_per_token=ms)), on=["model", "method", "keep_ratio"],
+                         how="left")
     return med
+
+
+def decode_ms_per_token(rows: pd.DataFrame) -> pd.Series:
+    """A row's decoding time per generated token (ms): its ``decode_ms_per_token``, else ``decode_s`` over
+    ``generated_tokens``; NaN for rows that recorded neither (runs before decode-time compression)."""
+    n = _numbers(rows, "generated_tokens")
+    return _numbers(rows, "decode_ms_per_token").fillna(_numbers(rows, "decode_s") * 1000 / n.where(n > 0))
+
+
+def _numbers(rows: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(rows[col], errors="coerce") if col in rows else pd.Series(float("nan"), index=rows.index)
+
+
+def decode_speed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, keep_ratio): ``decode_ms_per_token``, the median over rows, and ``decode_vs_full``,
+    the median over the (task, context length) cells it ran of its median ms/token there over the full cache's
+    there: a compressed cache against the growing one on the same prompts, since a token's cost grows with the
+    cache and so with the context (pooled medians would compare different task mixes)."""
+    keys = ["model", "method", "keep_ratio"]
+    rows = rows.dropna(subset=["decode_ms_per_token"])
+    rows = rows.assign(_length=rows["context_length"].fillna(-1) if "context_length" in rows else -1)
+    per_cell = rows.groupby([*keys, "task", "_length"])["decode_ms_per_token"].median().reset_index()
+    full = per_cell[per_cell["method"] == FULL_CACHE].groupby(["model", "task", "_length"])["decode_ms_per_token"]
+    per_cell = per_cell.merge(full.median().rename("_full").reset_index(), on=["model", "task", "_length"],
+                              how="left")
+    per_cell["decode_vs_full"] = per_cell["decode_ms_per_token"] / per_cell["_full"]
+    speed = rows.groupby(keys)["decode_ms_per_token"].median()
+    return pd.concat([speed, per_cell.groupby(keys)["decode_vs_full"].median()], axis=1).reset_index()
+
+
+def footprint_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The KV cache while decoding per (model, method, keep_ratio), over the rows that carry ``kv_footprint``
+    (``footprint_figures.footprint_rows``): n rows, generated (mean tokens generated), mean_entries (KV entries
+    per head, mean over layers and heads, averaged over each row's generation and then over rows), max_entries
+    (the largest head's cache at any point of any row: what memory must hold) and mean_mib (the cache's bytes,
+    averaged likewise, MiB)."""
+    from harness.footprint_figures import footprint_rows
+
+    rows = footprint_rows(df)
+    if rows.empty:
+        return pd.DataFrame()
+    t = rows.groupby(["model", "method", "keep_ratio"]).agg(
+        n=("mean_entries", "size"), generated=("generated", "mean"), mean_entries=("mean_entries", "mean"),
+        max_entries=("max_entries", "max"), mean_mib=("mean_bytes", "mean"))
+    t["mean_mib"] = t["mean_mib"] / 2**20
+    return t.reset_index()
+
+
+def footprint_markdown(df: pd.DataFrame) -> list[str]:
+    """A section per model of ``footprint_table``, the full cache (a growing cache) first."""
+    t = footprint_table(df)
+    parts = []
+    for model, sub in (t.groupby("model") if len(t) else []):
+        shown = full_first(sub.drop(columns="model").set_index(["method", "keep_ratio"]))
+        shown["n"] = shown["n"].astype(int).astype(str)
+        parts.append(f"## {model}: KV cache while decoding\n\nKV entries per head (mean over layers and heads) over "
+                     "the generation: mean_entries averages each row's footprint over the tokens it generated (it "
+                     "grows a token at a time and drops at each compression while decoding), then over rows; "
+                     "max_entries is the largest head's cache at any point of any row; mean_mib the cache's size "
+                     "averaged likewise; generated the mean tokens generated (kv_footprint_*.png draws it).\n\n"
+                     + markdown_table(shown, ["method", "keep_ratio"],
+                                      {"max_entries": "{:.0f}", "mean_mib": "{:.3g}", "generated": "{:.0f}"}))
+    return parts
 
 
 def has_questions(df: pd.DataFrame) -> bool:
@@ -327,6 +443,7 @@ def summary_markdown(root, out: Path, df: pd.DataFrame, view: pd.DataFrame, tabl
             parts.append(f"## {model}: score (x100) by question index\n\nContexts compressed once and asked K "
                          "questions (questions_per_context): column q<i> is the i-th question about the same "
                          "compressed context, mean over tasks.\n\n" + markdown_table(wide, ["method", "keep_ratio"]))
+    parts.extend(footprint_markdown(view))
     errs = table[table["n_errors"] > 0]
     if len(errs):
         shown = errs.set_index(SCORE_COLS)[["n_errors"]].astype(int).astype(str)  # no tabulate needed
@@ -338,6 +455,10 @@ def summary_markdown(root, out: Path, df: pd.DataFrame, view: pd.DataFrame, tabl
 def cost_markdown(costs: pd.DataFrame, questions: bool) -> str:
     cols = ["prefill_s", "compress_s", "decode_s", "total_s"] + (["time_per_question_s"] if questions else []) + [
         "time_vs_full", "prefill_vs_full", "kv_mib", "kv_vs_full", "peak_mib", "peak_vs_full"]
+    speed = "decode_ms_per_token" in costs and costs["decode_ms_per_token"].notna().any()
+    if speed:  # runs that counted their generated tokens (decode-time compression, issue #26)
+        cols[cols.index("decode_s") + 1:cols.index("decode_s") + 1] = ["decode_ms_per_token"]
+        cols[cols.index("prefill_vs_full") + 1:cols.index("prefill_vs_full") + 1] = ["decode_vs_full"]
     order = costs.assign(_evicts=costs["method"] != FULL_CACHE)  # per model the full cache first
     shown = order.sort_values(["model", "_evicts", "method", "keep_ratio"]).set_index(["model", "method", "keep_ratio"])
     shown = shown[cols]
@@ -351,8 +472,13 @@ def cost_markdown(costs: pd.DataFrame, questions: bool) -> str:
     if questions:
         text += (" time_per_question_s = (prefill_s + compress_s) / questions_per_context + decode_s: a context is "
                  "prefilled and compressed once for its K questions; time_vs_full compares it.")
+    if speed:
+        text += (" decode_ms_per_token: decode_s over the tokens generated (ms); decode_vs_full: that over the full "
+                 "cache's on the same task and context length (a compressed cache against the growing one), the "
+                 "median over those cells.")
     return (text + "\n\n" + markdown_table(shown, ["model", "method", "keep_ratio"],
                                             {**seconds, "time_vs_full": "{:.2f}", "prefill_vs_full": "{:.2f}",
+                                             "decode_ms_per_token": "{:.3g}", "decode_vs_full": "{:.2f}",
                                              "kv_mib": "{:.3g}", "kv_vs_full": "{:.2f}", "peak_mib": "{:.3g}",
                                              "peak_vs_full": "{:.2f}"}) + "\n")
 
@@ -370,7 +496,7 @@ def _suite_sections(df: pd.DataFrame) -> list[str]:
 
 def _figures(view: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
     """Every figure, from the rows with the full cache at keep 1.0 (``view``) and their score table."""
-    from harness import depth_figures, figures
+    from harness import depth_figures, figures, footprint_figures
 
     keys = ["model", "method", "keep_ratio"]
     means = mean_over_tasks(table, keys).reset_index()
@@ -387,4 +513,5 @@ def _figures(view: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
     paths.extend(figures.task_heatmap(table, out))
     paths.extend(depth_figures.niah_figures(view, out))
     paths.extend(figures.budget_heatmap(view, out))
+    paths.extend(footprint_figures.footprint_figures(view, out))
     return paths
