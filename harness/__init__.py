@@ -16,10 +16,10 @@ those inside functions included).
 2. **methods/ and tasks/**: import the core and their own package, never a command module (a method that
    needs something of a command moves that into the core, as LU-KV's profile format did).
 3. **Commands** (``COMMAND_MODULES``): the programs and what only they use: ``kvbench`` (``cli``, ``runner``,
-   ``summary``), ``kvbench-report`` (``report``, ``figures``, ``depth_figures``, ``published``),
+   ``summary``), ``kvbench-report`` (``report``, ``figures``, ``depth_figures``, ``footprint_figures``, ``published``),
    ``kvbench-reproduce`` (``reproduce``), ``kvbench-profile`` (``profile``), ``kvbench-train`` (``train``) and
    ``kvbench-train-reference`` (the ``reference`` package). They may import anything below them.
 """
 
 COMMAND_MODULES = ("harness.cli", "harness.runner", "harness.summary", "harness.report", "harness.figures",
-                   "harness.depth_figures", "harness.published", "harness.reproduce", "harness.profile", "harness.train", "harness.reference")
+                   "harness.depth_figures", "harness.footprint_figures", "harness.published", "harness.reproduce", "harness.profile", "harness.train", "harness.reference")

@@ -95,6 +95,9 @@ def channel_attention(query: Tensor, keys: ChannelKV, values: Tensor, scaling: f
 
 
 def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    hooks = _HOOKS.get(module)
+    if hooks is not None and hooks.decoding is not None:  # compression while decoding: its queries (and keys)
+        hooks.decoding.capture(module.layer_idx, query, key, scaling)
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if isinstance(key, ChannelKV):
@@ -106,7 +109,6 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     mask_fn = _MASKS.get(module)
     mask = mask_fn(module, query, key) if mask_fn is not None else None
     rows = None
-    hooks = _HOOKS.get(module)
     if hooks is not None and hooks.scorer is not None:
         # Scoring first: it reads only queries and keys, and may tell us which rows' outputs are still needed.
         hooks.on_prefill_attention(module, query, key, value)
@@ -164,6 +166,8 @@ class Hooks:
         self.score_seconds = 0.0
         self.seed = 0
         self.query_start = 0  # prompt position of the scored queries' first row (harness.pipeline.chunked_prefill)
+        # the generation compressing its cache while it decodes (harness.decoding.DecodeCompressor), if any
+        self.decoding = None
         self._handles: list = []
 
     @contextmanager

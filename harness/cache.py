@@ -230,11 +230,18 @@ def rerotate(cache: DynamicCache, positions: list[Tensor], inv_freq: Tensor) -> 
         raise ValueError(f"rerotate_keys needs one kept count in every layer; got {sorted(counts)}")
     (n,) = counts
     for layer, pos in zip(cache.layers, positions):
-        keys = layer.keys
-        target = torch.arange(n, device=keys.device, dtype=torch.float32)
-        delta = (target[None, :] - pos.to(keys.device).float())[None, :, :, None]  # [1, H, n, 1]
-        angles = delta * inv_freq.to(keys.device).float()  # [1, H, n, D / 2]
-        angles = torch.cat((angles, angles), dim=-1)
-        k = keys.float()
-        layer.keys = (k * angles.cos() + _rotate_half(k) * angles.sin()).to(keys.dtype)
+        target = torch.arange(n, dtype=torch.float32)
+        layer.keys = rotate_by(layer.keys, target[None, :] - pos.float().cpu(), inv_freq)
     return n
+
+
+def rotate_by(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
+    """``x [B, H, n, D]`` (post-RoPE keys or queries) rotated ``delta`` positions further, ``delta`` ``[n]`` or
+    ``[H, n]``: RoPE rotates each channel pair by ``position * inv_freq``, so moving a vector from ``p`` to ``p +
+    delta`` is one more rotation by ``delta * inv_freq`` (a rope's attention factor, YaRN's, is already in it)."""
+    delta = delta.to(x.device).float()
+    delta = delta[None, None, :, None] if delta.dim() == 1 else delta[None, :, :, None]
+    angles = delta * inv_freq.to(x.device).float()  # [1, H or 1, n, D / 2]
+    angles = torch.cat((angles, angles), dim=-1)
+    v = x.float()
+    return (v * angles.cos() + _rotate_half(v) * angles.sin()).to(x.dtype)

@@ -54,6 +54,51 @@ class KeyChannels:
 register_allocator = registrar(ALLOCATORS)
 
 
+DecodingMode = Literal["prefill", "decode", "both"]
+QueryPositions = Literal["own", "last"]
+
+
+@dataclass(frozen=True)
+class DecodingPlan:
+    """The ``decoding:`` settings of a run, resolved (``harness.schema.DecodingSettings``; the mechanism is
+    ``harness.decoding``): when the cache is compressed (after the prefill, while decoding, or both), to how many
+    entries per head, how often, and which queries the scorer sees."""
+
+    mode: DecodingMode = "prefill"
+    target_size: int | None = None
+    compression_interval: int = 512
+    query_buffer: int = 256
+    query_positions: QueryPositions = "own"
+
+    @property
+    def compresses_decoding(self) -> bool:
+        return self.mode != "prefill"
+
+    @property
+    def compresses_prefill(self) -> bool:
+        return self.mode != "decode"
+
+    def target(self, n_prompt: int, keep_ratio: float, rule: str) -> int:
+        """Entries per head decoding cuts back to: ``target_size``, else the prefill's budget at the ratio."""
+        return int(self.target_size) if self.target_size is not None else n_keep(n_prompt, keep_ratio, rule)
+
+    def prefill_ratio(self, n_prompt: int, keep_ratio: float) -> float:
+        """The keep ratio the prefill is compressed at: the run's, lowered to ``target_size`` entries in ``both``
+        mode so that the cache never holds more than target + interval entries per head (the half-entry margin
+        makes either budget rule count exactly ``target_size``)."""
+        if self.mode == "both" and self.target_size is not None and n_prompt > self.target_size:
+            return min(keep_ratio, (self.target_size + 0.5) / n_prompt)
+        return keep_ratio
+
+    def row_fields(self) -> dict:
+        return {"decoding": self.mode,
+                "decoding_target_size": self.target_size if self.compresses_decoding else None,
+                "decoding_interval": self.compression_interval if self.compresses_decoding else None}
+
+
+PREFILL_ONLY = DecodingPlan()
+
+
 @dataclass
 class LayerInputs:
     """What the attention hook captured for one layer at the end of prefill."""
@@ -70,6 +115,9 @@ class LayerInputs:
     # Prompt position of the first query: 0 for one prefill; a chunk's start in a chunked prefill, where the
     # cache before the queries holds only the kept entries (so key index != position).
     query_start: int = 0
+    # The KV head ``keys`` belong to when a ragged layer is scored one head at a time (decode-time compression,
+    # ``harness.decoding``; ``queries`` are then that head's group); None: ``keys`` hold every KV head.
+    kv_head: int | None = None
 
     @property
     def n_groups(self) -> int:
@@ -130,6 +178,34 @@ class Scorer(Part):
     def score(self, inputs: LayerInputs) -> Tensor | None:  # pragma: no cover - interface
         """``[B, H_kv, T]`` scores, or None when the layer needs no selection (kept whole)."""
         raise NotImplementedError
+
+    # False for a scorer that cannot score a cache during decoding (``decoding.mode=decode|both``): one whose
+    # scores come from the prefill's own machinery (forwards after it, a cut prefill, the question's attention,
+    # per-token hidden states of the whole prompt, pruned key channels).
+    supports_decoding = True
+
+    def decode_score(self, inputs: LayerInputs) -> Tensor:
+        """``[B, H_kv, T]`` scores of a layer's cache during decoding (``harness.decoding``): ``inputs.keys`` /
+        ``values`` are the whole cache (one KV head at a time when the layer is ragged), ``inputs.queries`` the
+        queries of the steps since the last compression, ``inputs.query_start`` the position of the first.
+        Default: ``score`` on them (SnapKV's window, TOVA's last query, Knorm's keys). An online scorer (H2O's
+        accumulated attention) returns what it kept up to date in ``decode_step``."""
+        return self.score(inputs)
+
+    def begin_decoding(self, kept: "list[Tensor | list[Tensor] | None] | None") -> None:
+        """Called before a generation whose cache decoding compresses, with the prefill's kept indices per layer
+        (``Method.plan``'s: None for a layer kept whole) or None when the prefill was chunked (the cache is what
+        its last chunk scored): for a scorer that carries its prefill scores into decoding (online H2O)."""
+
+    def decode_step(self, layer_idx: int, query: Tensor, key, scaling: float) -> None:
+        """Called in every layer's attention at each decoding step while decoding compresses, with the step's
+        queries ``[B, H_q, q, D]``, the layer's whole cache keys (the new entries included; a ``Tensor``
+        ``[B, H_kv, T, D]`` or ``harness.cache.RaggedKV``) and the attention's scaling, for a scorer that
+        accumulates over the generation."""
+
+    def decode_kept(self, layer_idx: int, kept: list[Tensor]) -> None:
+        """Called after each decode-time cut of a layer with the cache indices each KV head kept (sorted), for a
+        scorer whose state is aligned with the cache entries (it cuts its state alike)."""
 
     def begin_prefill(self, ids: list[int], n_question: int) -> None:
         """Called before each prefill with its prompt's token ids, of which the last ``n_question`` are the question
@@ -270,6 +346,22 @@ class WrappedScorer(Scorer):
 
     def score(self, inputs: LayerInputs) -> Tensor | None:
         return self.base.score(inputs)
+
+    @property
+    def supports_decoding(self) -> bool:  # type: ignore[override]
+        return self.base.supports_decoding
+
+    def decode_score(self, inputs: LayerInputs) -> Tensor:
+        return self.base.decode_score(inputs)
+
+    def begin_decoding(self, kept: "list[Tensor | list[Tensor] | None] | None") -> None:
+        self.base.begin_decoding(kept)
+
+    def decode_step(self, layer_idx: int, query: Tensor, key, scaling: float) -> None:
+        self.base.decode_step(layer_idx, query, key, scaling)
+
+    def decode_kept(self, layer_idx: int, kept: list[Tensor]) -> None:
+        self.base.decode_kept(layer_idx, kept)
 
     def begin_prefill(self, ids: list[int], n_question: int) -> None:
         self.base.begin_prefill(ids, n_question)
@@ -504,10 +596,13 @@ class Method:
     # ``method.rerotate_keys``: after eviction, the kept keys are rotated to positions 0 .. n - 1 and decoding
     # continues from n (kvpress's KeyRerotationPress; ``harness.cache.rerotate``).
     rerotate_keys: bool = False
+    # When the cache is compressed: after the prefill (the default), while decoding, or both (``decoding:``).
+    decoding: DecodingPlan = PREFILL_ONLY
 
     def __post_init__(self) -> None:
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule {self.budget_rule!r} is not one of {', '.join(BUDGET_RULES)}")
+        self._check_decoding()
         if self.scorer is not None and self.prefill_chunk is not None:
             if self.allocator.per_head_budgets:
                 raise ValueError(f"method.prefill_chunk={self.prefill_chunk} needs the heads of a layer to keep "
@@ -539,6 +634,27 @@ class Method:
         if self.scorer is not None:
             self.scorer.bind_selector(self.selector)
             self.allocator.bind_scorer(self.scorer)
+
+    def _check_decoding(self) -> None:
+        plan = self.decoding
+        if not plan.compresses_decoding:
+            return
+        mode = f"decoding.mode={plan.mode}"
+        if self.scorer is None:
+            raise ValueError(f"{mode} compresses the cache while decoding; method {self.name} keeps everything "
+                             "(pick a compressing method, or decoding.mode=prefill)")
+        if not self.scorer.supports_decoding:
+            raise ValueError(f"{mode}: scorer {self.scorer.registered_name} scores only a prefill (its scores come "
+                             "from the prefill's own machinery); use decoding.mode=prefill")
+        if self.scorer.needs_hidden_states:
+            raise ValueError(f"{mode}: scorer {self.scorer.registered_name} scores each token from its hidden state, "
+                             "which the cache does not keep past the prefill; use decoding.mode=prefill")
+        if plan.mode == "decode" and self.prefill_chunk is not None:
+            raise ValueError(f"{mode} keeps the prefill whole; method.prefill_chunk={self.prefill_chunk} compresses "
+                             "it (use decoding.mode=both, or drop method.prefill_chunk)")
+        if plan.target_size is not None and plan.target_size <= self.selector.protected:
+            raise ValueError(f"decoding.target_size={plan.target_size} must be above the {self.selector.protected} "
+                             "entries the selector always keeps (method.selector.n_sink + n_recent)")
 
     @property
     def parts(self) -> list[Part]:

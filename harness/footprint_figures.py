@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from harness.depth_figures import _slug, length_label
+from harness.footprint import mean_footprint as footprint_mean
 from harness.figures import (FULL_LABEL, FULL_STYLE, SCORE_LABEL, _legend, _method_lines, _save, _score_axis,
                              log_axis, method_styles, panel_grid, task_group)
 from harness.metrics import FULL_CACHE
@@ -79,17 +80,6 @@ def _breaks(points: list[dict], key: str) -> tuple[list[int], list[float], list[
             first.append(y)
             last.append(y)
     return xs, first, last
-
-
-def footprint_mean(points: list[dict], key: str = "entries_mean") -> float:
-    """The mean of ``key`` over the tokens generated: the area under the piecewise-linear footprint (each segment
-    from the value after one point's compression to the value before the next point's) over its length. With no
-    token generated, the value at the end."""
-    xs, first, last = _breaks(points, key)
-    if xs[-1] == xs[0]:
-        return last[-1]
-    area = sum((xs[i + 1] - xs[i]) * (last[i] + first[i + 1]) / 2 for i in range(len(xs) - 1))
-    return area / (xs[-1] - xs[0])
 
 
 def _value_at(breaks, x: int, side: str) -> float:

@@ -21,6 +21,7 @@ from harness.attention import Hooks
 from harness.cache import cache_bytes, kept_per_head, prune, rerotate
 from harness.compat import cache_of, with_cache
 from harness.compress import Method, n_keep
+from harness.decoding import DecodeCompressor, footprint_fields
 
 
 def _sync(device: torch.device) -> None:
@@ -65,6 +66,8 @@ class Generation:
     token_ids: list[int]
     text: str
     decode_s: float
+    # the cache's footprint over the generation and its speed (``harness.decoding.footprint_fields``)
+    footprint: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Outcome:
     budgets: list[list[int]] = field(default_factory=list)
     kept: list[Any] | None = None  # kept indices per layer (for diagnostics such as evidence retention)
     extras: dict[str, Any] = field(default_factory=dict)  # the scorer's row_extras()
+    footprint: dict[str, Any] = field(default_factory=dict)  # kv_footprint and its means (Generation.footprint)
 
 
 @torch.no_grad()
@@ -222,41 +226,54 @@ def full_cache_bytes(cache: DynamicCache, n_tokens: int) -> int:
 
 @torch.no_grad()
 def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, start_pos: int, max_new_tokens: int,
-           tokenizer, stop_strings: list[str]) -> Generation:
+           tokenizer, stop_strings: list[str], compressor: DecodeCompressor | None = None) -> Generation:
     """Greedy decoding on a (pruned) cache with explicit positions.
 
     ``tail`` (the question, when compression happened before it) is fed first as one multi-token step;
-    otherwise the first token comes from the prefill's last logits.
+    otherwise the first token comes from the prefill's last logits. ``compressor`` (``harness.decoding``) is told
+    of every step: it records the cache's footprint and, when decoding compresses, cuts the cache.
     """
     device = model.device
     _sync(device)
     start = time.perf_counter()
     pos = start_pos
     logits = last_logits
+    after_step = compressor.after_step if compressor is not None else None
     if tail:
         ids = torch.tensor([tail], device=device)
         out = model(input_ids=ids, position_ids=torch.arange(pos, pos + len(tail), device=device)[None],
                     **with_cache(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
+        if after_step is not None:
+            after_step(pos, len(tail))
         pos += len(tail)
+    if compressor is not None:
+        compressor.begin()
+
     def stopped(tokens: list[int]) -> bool:
         return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
 
     generated = greedy(model, cache, logits, pos, max_new_tokens, eos_ids(model, tokenizer),
-                       stopped if stop_strings else None)
+                       stopped if stop_strings else None, after_step=after_step)
     _sync(device)
-    return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    footprint = {}
+    if compressor is not None:
+        footprint = footprint_fields(compressor.finish(), compressor.generated, elapsed)
+    return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), elapsed, footprint)
 
 
 @torch.no_grad()
 def greedy(model, cache, logits: Tensor, pos: int, max_new_tokens: int, eos: set[int],
            stop: Callable[[list[int]], bool] | None = None, keep_eos: bool = False,
-           chosen_from: list[Tensor] | None = None) -> list[int]:
+           chosen_from: list[Tensor] | None = None,
+           after_step: Callable[[int, int], None] | None = None) -> list[int]:
     """The greedy loop of every generation (kvbench's decoding, kvbench-train's teacher, the reference model's
     evaluation): the argmax of ``logits`` (the last position's, ``[1, V]`` or ``[V]``) is the next token, fed one at
     a time on ``cache`` at explicit positions from ``pos``. Up to ``max_new_tokens`` tokens; an EOS token ends it
     (not returned, or returned as the last token with ``keep_eos``), and so does ``stop(tokens)`` after a token.
-    ``chosen_from`` receives the logits each returned token was the argmax of."""
+    ``chosen_from`` receives the logits each returned token was the argmax of; ``after_step(position, 1)`` is
+    called after each forward (decode-time compression, ``harness.decoding``)."""
     device = model.device
     tokens: list[int] = []
     for _ in range(max_new_tokens):
@@ -271,6 +288,8 @@ def greedy(model, cache, logits: Tensor, pos: int, max_new_tokens: int, eos: set
         out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     **with_cache(cache), use_cache=True)
         logits = out.logits[:, -1]
+        if after_step is not None:
+            after_step(pos, 1)
         pos += 1
     return tokens
 
@@ -308,16 +327,27 @@ def run_questions(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[
                 seed, keep_indices, 0)
 
 
-def _decode_each(model, tokenizer, method: Method, cache, tails: list[list[int]], last_logits: Tensor,
-                 start_pos: int, max_new_tokens: int, stop_strings: list[str]) -> list[Generation]:
+def _decode_each(model, tokenizer, hooks: Hooks, method: Method, cache, tails: list[list[int]], last_logits: Tensor,
+                 start_pos: int, max_new_tokens: int, stop_strings: list[str], seed: int, target: int,
+                 kept: list | None) -> list[Generation]:
     """Each tail decoded on ``cache``: the last one on the cache itself, the others on a copy of it (decoding
-    appends to the cache it is given)."""
+    appends to the cache it is given, and decode-time compression cuts it). ``target``: the entries per head
+    decode-time compression cuts back to (``method.decoding``); ``kept``: the prefill's kept indices per layer
+    (None after a chunked prefill), for a scorer that carries its prefill scores into decoding."""
     out = []
     for j, tail in enumerate(tails):
         own = cache if j == len(tails) - 1 else copy.deepcopy(cache)
         patch = method.scorer.decode_patch(model, own) if method.scorer is not None else nullcontext()
-        with patch:
-            out.append(decode(model, own, tail, last_logits, start_pos, max_new_tokens, tokenizer, stop_strings))
+        compressor = DecodeCompressor(method, method.decoding, target, hooks.modules, own, seed, hooks.rotary)
+        if method.decoding.compresses_decoding:
+            method.scorer.begin_decoding(kept)
+            hooks.decoding = compressor
+        try:
+            with patch:
+                out.append(decode(model, own, tail, last_logits, start_pos, max_new_tokens, tokenizer, stop_strings,
+                                  compressor))
+        finally:
+            hooks.decoding = None
     return out
 
 
@@ -346,7 +376,8 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
         full_bytes = full_cache_bytes(shared.cache, shared.n_tokens)
         _sync(device)
         start = time.perf_counter()
-        budgets, kept = (method.plan(shared.scores, ratio) if method.compresses
+        budgets, kept = (method.plan(shared.scores, method.decoding.prefill_ratio(len(prompt), ratio))
+                         if method.compresses and method.decoding.compresses_prefill
                          else (None, [None] * len(shared.cache.layers)))
         # a merging method folds evicted entries in; a channel-pruning one (ThinK) stores fewer key channels
         cache = prune(shared.cache, kept, method.merge, method.key_channels(ratio))
@@ -357,12 +388,12 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
         start_pos = len(prompt) if shared.next_position is None else shared.next_position
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
-        if positions is not None and method.compresses:
+        if positions is not None and method.compresses and method.decoding.compresses_prefill:
             start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
         per_head = kept_per_head(cache)
         kv_bytes = cache_bytes(cache)
-        gens = _decode_each(model, tokenizer, method, cache, tails, last_logits, start_pos, max_new_tokens,
-                            stop_strings)
+        gens = _decode_each(model, tokenizer, hooks, method, cache, tails, last_logits, start_pos, max_new_tokens,
+                            stop_strings, seed, method.decoding.target(len(prompt), ratio, method.budget_rule), kept)
         meter.sample()
         n_heads = sum(len(h) for h in per_head)
         peak = meter.delta()
@@ -373,6 +404,7 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
                 prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
                 budgets=budgets.tolist() if budgets is not None else [],
                 kept=_diagnostic_kept(kept, shared_cut) if keep_indices else None, extras=extras,
+                footprint=gen.footprint,
             ))
         del cache
     return outcomes
@@ -383,7 +415,8 @@ def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: li
                       meter: MemoryMeter, n_question: int) -> list[Outcome]:
     """One ratio's outcome per tail with ``method.prefill_chunk``: the cache is compressed while the prompt is
     prefilled."""
-    done = chunked_prefill(model, hooks, prompt, method, seed, ratio, n_question)
+    done = chunked_prefill(model, hooks, prompt, method, seed, method.decoding.prefill_ratio(len(prompt), ratio),
+                           n_question)
     meter.sample()
     cache = done.prefill.cache
     start_pos = len(prompt)
@@ -391,8 +424,9 @@ def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: li
         start_pos = rerotate(cache, done.kept, hooks.rotary.inv_freq)
     per_head, kv_bytes = kept_per_head(cache), cache_bytes(cache)
     full_bytes = full_cache_bytes(cache, len(prompt))
-    gens = _decode_each(model, tokenizer, method, cache, tails, done.prefill.last_logits, start_pos, max_new_tokens,
-                        stop_strings)
+    gens = _decode_each(model, tokenizer, hooks, method, cache, tails, done.prefill.last_logits, start_pos,
+                        max_new_tokens, stop_strings, seed, method.decoding.target(len(prompt), ratio,
+                                                                                   method.budget_rule), None)
     meter.sample()
     n_heads = sum(len(h) for h in per_head)
     peak = meter.delta()
@@ -402,7 +436,7 @@ def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: li
         kv_bytes_full=full_bytes, prefill_s=done.prefill.prefill_s,
         compress_s=done.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
         budgets=done.budgets.tolist(), kept=list(done.kept) if keep_indices else None,
-        extras={**done.prefill.extras, "prefill_chunk": method.prefill_chunk},
+        extras={**done.prefill.extras, "prefill_chunk": method.prefill_chunk}, footprint=gen.footprint,
     ) for gen in gens]
 
 

@@ -44,7 +44,9 @@ VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: publi
 
 # Keys added since run dirs were first written, with the value an older dir's rows were made with: a dir whose
 # config lacks one still resumes under that value.
-ADDED_KEYS = {"questions_per_context": 1}
+ADDED_KEYS = {"questions_per_context": 1,
+              "decoding": {"mode": None, "target_size": None, "compression_interval": 512, "query_buffer": 256,
+                           "query_positions": "own"}}
 
 
 def _comparable(cfg: dict) -> dict:
@@ -171,7 +173,7 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
     if known and str(cfg.method.get("name")) not in known:  # a renamed method would label rows with another name
         raise KvbenchError(f"method.name={cfg.method.get('name')!r} is not a method config; allowed: "
                            f"{', '.join(known)} (method.label=<text> renames a method in rows and reports)")
-    method = methods.build_method(cfg.method)
+    method = methods.build_method(cfg.method, settings.decoding.plan())
     if method.rerotate_keys and method.scorer is not None and method.compresses:
         uneven = [r for r in settings.keep_ratio if r < 1.0 and method.scorer.varies_layer_counts(r)]
         if uneven:
@@ -366,12 +368,15 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
             if marked is not None:
                 overall, by_layer = evidence_retention(o.kept, marked)
                 extras = {**extras, "evidence_retention": overall, "evidence_retention_by_layer": by_layer}
+            added = task.prediction_meta(o.prediction, s)
             rows.append({
-                **base, **_ratio_fields(o.keep_ratio), "prediction": o.prediction,
+                **base, **({"meta": {**base["meta"], **_jsonable(added)}} if added else {}),
+                **_ratio_fields(o.keep_ratio), "prediction": o.prediction,
                 "score": float(task.score(o.prediction, s)), "error": None, "context_tokens": o.context_tokens,
                 "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes, "kv_bytes_full": o.kv_bytes_full,
                 "prefill_s": o.prefill_s, "compress_s": o.compress_s, "decode_s": o.decode_s,
-                "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **extras,
+                "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **method.decoding.row_fields(),
+                **o.footprint, **extras,
             })
     return rows
 

@@ -103,6 +103,29 @@ class TaskSettings(BaseModel):
     depth: Annotated[float, Field(ge=0.0, le=100.0)] | None = None  # needle depth in percent (RULER niah)
 
 
+class DecodingSettings(BaseModel):
+    """``decoding:``: compression while decoding (``harness.decoding``); resolved into a
+    ``harness.compress.DecodingPlan`` by ``DecodingSettings.plan``."""
+    model_config = STRICT
+    # prefill: compressed once after the prefill; decode: prefill kept whole, cut while decoding; both.
+    # null: both when target_size is set, else prefill.
+    mode: Literal["prefill", "decode", "both"] | None = None
+    target_size: Count | None = None  # entries per KV head decoding cuts back to (null: the keep ratio's budget)
+    compression_interval: Count = 512  # decoding steps between cuts (kvpress's default)
+    query_buffer: Count = 256  # most recent queries the scorer sees (kvpress's hidden_states_buffer_size)
+    query_positions: Literal["own", "last"] = "own"  # last: rotated to the current position, as kvpress does
+
+    def plan(self):
+        from harness.compress import DecodingPlan
+
+        mode = self.mode or ("both" if self.target_size is not None else "prefill")
+        if mode == "prefill" and self.target_size is not None:
+            raise KvbenchError(f"decoding.target_size={self.target_size} is for compression while decoding; "
+                               "decoding.mode=prefill compresses only after the prefill (allowed: decode, both)")
+        return DecodingPlan(mode=mode, target_size=self.target_size, compression_interval=self.compression_interval,
+                            query_buffer=self.query_buffer, query_positions=self.query_positions)
+
+
 class RunSettings(BaseModel):
     """The top-level keys of ``conf/config.yaml`` (the method node is checked by ``methods.build_method``)."""
     model_config = STRICT
@@ -120,6 +143,7 @@ class RunSettings(BaseModel):
     questions_per_context: Count = 1
     overwrite: Flag = False
     progress: Flag = True
+    decoding: DecodingSettings = DecodingSettings()
     model: ModelSettings
     task: TaskSettings
     method: dict[str, Any]

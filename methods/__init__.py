@@ -16,7 +16,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError
 
 import conf
-from harness.compress import ALLOCATORS, SCORERS, BudgetRule, Method, Selector, WrappedScorer
+from harness.compress import ALLOCATORS, PREFILL_ONLY, SCORERS, BudgetRule, DecodingPlan, Method, Selector, WrappedScorer
 from harness.errors import KvbenchError
 from harness.schema import STRICT, Count, Flag, Fraction, NonNegative, check_params, to_error
 
@@ -300,8 +300,9 @@ def _drop_stale(configured: dict, unresolved: dict) -> dict:
     return configured
 
 
-def build_method(cfg) -> Method:
-    """A ``Method`` from a method config (a dict or an OmegaConf node; see the layout above)."""
+def build_method(cfg, decoding: DecodingPlan = PREFILL_ONLY) -> Method:
+    """A ``Method`` from a method config (a dict or an OmegaConf node; see the layout above), compressing when
+    ``decoding`` says (the run's ``decoding:``; default: once after the prefill)."""
     load_all()
     from omegaconf import DictConfig
 
@@ -338,6 +339,7 @@ def build_method(cfg) -> Method:
             config=recorded,
             prefill_chunk=run_cfg.get("prefill_chunk"),
             rerotate_keys=bool(run_cfg.get("rerotate_keys", False)),
+            decoding=decoding,
         )
     except ValueError as err:  # an option the composition cannot honour (Method.__post_init__)
         raise KvbenchError(str(err)) from None

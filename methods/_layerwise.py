@@ -223,6 +223,8 @@ class LayerwiseScorer(Scorer):
 
     layerwise: LayerwisePrefill
     scores_every_layer = False  # the layers a propagation cut are kept as cut, unscored
+    # its scores are its prefill's selection layers' (a cut prefill): nothing to score a decoding cache with
+    supports_decoding = False
 
     def _reset(self, keep_ratio: float) -> None:  # pragma: no cover - interface
         raise NotImplementedError

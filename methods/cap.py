@@ -54,6 +54,7 @@ def capacity_scores(keys: Tensor, values: Tensor, anchor: Tensor, tau: float, ep
 @register_scorer("cap")
 class CapScorer(Scorer):
     PRESETS = KVPRESS_COUNTS_ONLY  # defaults are kvpress 0.5.5's: preset=kvpress only sets its counts
+    supports_decoding = False  # scores with every prefill query over its keys (one query per cached entry)
 
     def __init__(self, tau: NonNegativeFloat = 5.0, n_future_positions: Count = 512, n_sink: NonNegative = 4,
                  epsilon: NonNegativeFloat = 1e-6):

@@ -60,6 +60,7 @@ def non_causal_chunk_attention(queries: Tensor, keys: Tensor, chunk_size: int) -
 @register_scorer("compactor")
 class CompactorScorer(Scorer):
     PRESETS = KVPRESS_COUNTS_ONLY  # defaults are kvpress 0.5.5's: preset=kvpress only sets its counts
+    supports_decoding = False  # scores with every prefill query over its keys (one query per cached entry)
 
     def __init__(self, sink_size_start: NonNegative = 8, sink_size_end: NonNegative = 4, chunk_size: Count = 256,
                  sketch_dimension: Count | None = 48, blending: NonNegativeFloat | None = None,

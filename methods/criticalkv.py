@@ -96,8 +96,12 @@ class CriticalKVScorer(WrappedScorer):
         self.epsilon, self.first_stage_ratio, self.safeguard = float(epsilon), float(first_stage_ratio), float(safeguard)
         self._norms: dict[int, Tensor] = {}  # per layer, from the last prefill's score(): ||v W_o||_1 [H_kv, T]
 
-    def score(self, inputs: LayerInputs) -> Tensor | None:
-        scores = self.base.score(inputs)
+    def decode_score(self, inputs: LayerInputs) -> Tensor:
+        # the norms ``rerank`` reads must be the cache's at hand, not the prefill's
+        return self.score(inputs, self.base.decode_score)
+
+    def score(self, inputs: LayerInputs, base_score=None) -> Tensor | None:
+        scores = (base_score or self.base.score)(inputs)
         if scores is None:
             self._norms.pop(inputs.layer_idx, None)
             return None

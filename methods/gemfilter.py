@@ -85,6 +85,7 @@ class _FilterReached(Exception):
 class GemFilterScorer(Scorer):
     shares_across_ratios = False  # the second prefill holds the ratio's k tokens
     supports_chunked_prefill = False
+    supports_decoding = False  # its selection is its filter pass over the prompt
     renumbers_positions = True
     scores_every_layer = False  # every layer keeps the second prefill's k tokens, unscored
 

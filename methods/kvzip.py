@@ -142,6 +142,7 @@ def resolve_tokenizer(path: str | None, model: nn.Module):
 @register_scorer("kvzip")
 class KVzipScorer(Scorer):
     supports_chunked_prefill = False  # its scores come from reconstruction forwards over the whole prefill
+    supports_decoding = False  # likewise: its reconstruction forwards run after the prefill only
     PRESETS = {"kvpress": {"scorer": {"chunk_size": 2048, "n_sink": 4, "next_prompt": KVPRESS_NEXT_PROMPT},
                            "selector": {"n_sink": 4}, "budget_rule": "kvpress"}}
 

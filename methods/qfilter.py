@@ -228,10 +228,13 @@ class QFilterScorer(Scorer):
     def score(self, inputs: LayerInputs) -> Tensor:
         if self.filters is None:
             raise KvbenchError("method=qfilter: the filters are not loaded (bind the method to the model first)")
-        if self.filters.shape[0] != inputs.n_layers or self.filters.shape[1:] != inputs.keys.shape[1:2] + inputs.keys.shape[3:]:
+        n_kv = inputs.keys.shape[1] if inputs.kv_head is None else self.filters.shape[1]
+        if self.filters.shape[0] != inputs.n_layers or self.filters.shape[1:] != (n_kv, inputs.keys.shape[3]):
             raise KvbenchError(f"{self.where} holds filters of shape {tuple(self.filters.shape)}; this model's keys "
                                f"are {inputs.n_layers} layers x {tuple(inputs.keys.shape[1:2] + inputs.keys.shape[3:])}")
         f = self.filters[inputs.layer_idx].to(inputs.keys.device, inputs.keys.dtype)[None, :, None, :]
+        if inputs.kv_head is not None:  # one head of a ragged layer (decode-time compression)
+            f = f[:, inputs.kv_head: inputs.kv_head + 1]
         return -(f * inputs.keys).sum(dim=-1)
 
 

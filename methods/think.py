@@ -53,6 +53,7 @@ class ThinKScorer(Scorer):
 
     PRESETS = {"kvpress": {"scorer": {"recent": 0}, **KVPRESS_BUDGET}}
     supports_chunked_prefill = False  # channels are chosen once over the whole prefill
+    supports_decoding = False  # it prunes key channels of the prefill, not tokens
 
     def __init__(self, window: Count = 32, recent: NonNegative = 32):
         self.window, self.recent = int(window), int(recent)

@@ -318,7 +318,7 @@ def test_interrupt_is_one_line_and_resumes_to_the_same_rows(tmp_path, uninterrup
     assert again.returncode == 0, again.stderr
 
     def keyed(d):
-        volatile = ("prefill_s", "compress_s", "decode_s", "peak_mem_bytes")
+        volatile = ("prefill_s", "compress_s", "decode_s", "decode_ms_per_token", "peak_mem_bytes")
         return sorted(json.dumps({k: v for k, v in r.items() if k not in volatile}, sort_keys=True)
                       for r in read_rows(d / "predictions.jsonl", dedupe=False)[0])
 
