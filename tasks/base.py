@@ -184,6 +184,11 @@ class Task(ABC):
     def score(self, prediction: str, sample: Sample) -> float:
         """Official per-sample score in [0, 1] of a raw model continuation (post-processing included)."""
 
+    def prediction_meta(self, prediction: str, sample: Sample) -> dict[str, Any]:
+        """Facts about one continuation merged into its row's ``meta`` beside ``sample.meta`` (the answer a math
+        task extracted, whether a think block closed). Default: none."""
+        return {}
+
     def stop_strings(self) -> list[str]:
         """Generation stops once the decoded continuation contains one of these (besides EOS)."""
         return []

@@ -116,6 +116,8 @@ def _data_dir(option: str, node) -> str | None:
         return None
     if option.startswith("infinitebench"):  # the official files (the generated tasks read them when there)
         return str(FIXTURES / "infinitebench")
+    if option == "math" or option.startswith("math/"):
+        return str(FIXTURES / "math")
     if option.startswith("longbench_v2"):
         return str(FIXTURES / "longbench_v2")
     if option.startswith("longbench"):

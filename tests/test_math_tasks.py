@@ -363,3 +363,4 @@ def test_tiny_run_writes_scored_rows(tmp_path):
         assert r["error"] is None and r["answers"] == [record["answer"]] and r["query_aware"] is True
         assert (r["meta"]["subject"], r["meta"]["level"]) == (record["subject"], record["level"])
         assert r["score"] == float(judge(r["prediction"], record["answer"])) and r["context_length"] == 4096
+        assert {k: r["meta"][k] for k in ("extracted_answer", "think")} == extraction(r["prediction"])

@@ -76,6 +76,8 @@ SHIPPED_SUITES["niah"] = 1  # a suite of one task named as the suite (task=niah)
 SHIPPED_MODULES = ["tasks.kvpress_ruler", "tasks.longbench", "tasks.longbench_v2", "tasks.niah", "tasks.ruler"]
 SHIPPED_SUITES["infinitebench"] = 12
 SHIPPED_MODULES += ["tasks.infinitebench"]
+SHIPPED_SUITES["math"] = 3
+SHIPPED_MODULES += ["tasks.math"]
 
 
 def test_the_shipped_task_modules():

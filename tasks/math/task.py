@@ -67,7 +67,7 @@ class MathTask(Task):
 
     def prediction_meta(self, prediction: str, sample: Sample) -> dict[str, Any]:
         """What a row's meta should add for this continuation: the extracted answer and how the thinking was found
-        (a hook for the runner, which records only ``sample.meta`` so far)."""
+        (``Task.prediction_meta``: the runner adds it to the row's meta)."""
         return metrics.extraction(prediction, bool(sample.meta.get("prompt_opens_think")))
 
 
