@@ -75,6 +75,12 @@ class RaggedLayer(CacheLayerMixin):
     def lengths(self) -> list[int]:
         return [k.shape[-2] for k in self.head_keys]
 
+    def keep(self, kept: list[Tensor]) -> None:
+        """Cut each head to the entries ``kept[h]`` (sorted indices), in place: a decode-time cut
+        (``harness.decoding``). A subclass with per-entry state of its own (SP-KV's gates) cuts it alike."""
+        self.head_keys = [k[:, :, i.to(k.device)] for k, i in zip(self.head_keys, kept)]
+        self.head_values = [v[:, :, i.to(v.device)] for v, i in zip(self.head_values, kept)]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.head_keys + self.head_values)
 

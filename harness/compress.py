@@ -183,6 +183,9 @@ class Scorer(Part):
     # scores come from the prefill's own machinery (forwards after it, a cut prefill, the question's attention,
     # per-token hidden states of the whole prompt, pruned key channels).
     supports_decoding = True
+    # True for a scorer that reads hidden states in its prefill but keeps its own score of every entry written while
+    # decoding (SP-KV's gates, computed at write time by its ``decode_patch``): decoding may compress with it.
+    scores_decoding_itself = False
 
     def decode_score(self, inputs: LayerInputs) -> Tensor:
         """``[B, H_kv, T]`` scores of a layer's cache during decoding (``harness.decoding``): ``inputs.keys`` /
@@ -350,6 +353,10 @@ class WrappedScorer(Scorer):
     @property
     def supports_decoding(self) -> bool:  # type: ignore[override]
         return self.base.supports_decoding
+
+    @property
+    def scores_decoding_itself(self) -> bool:  # type: ignore[override]
+        return self.base.scores_decoding_itself
 
     def decode_score(self, inputs: LayerInputs) -> Tensor:
         return self.base.decode_score(inputs)
@@ -646,7 +653,7 @@ class Method:
         if not self.scorer.supports_decoding:
             raise ValueError(f"{mode}: scorer {self.scorer.registered_name} scores only a prefill (its scores come "
                              "from the prefill's own machinery); use decoding.mode=prefill")
-        if self.scorer.needs_hidden_states:
+        if self.scorer.needs_hidden_states and not self.scorer.scores_decoding_itself:
             raise ValueError(f"{mode}: scorer {self.scorer.registered_name} scores each token from its hidden state, "
                              "which the cache does not keep past the prefill; use decoding.mode=prefill")
         if plan.mode == "decode" and self.prefill_chunk is not None:

@@ -181,12 +181,15 @@ class DecodeCompressor:
                     kept.append(selector.select(scorer.rerank(layer_idx, selector.protect(scores), budget),
                                                 budget)[0].cpu())
             scorer.decode_kept(layer_idx, kept)
-            new_k = [k[:, :, i.to(k.device)] for k, i in zip(heads_k, kept)]
-            new_v = [v[:, :, i.to(v.device)] for v, i in zip(heads_v, kept)]
-            if len({k.shape[-2] for k in new_k}) == 1:
-                self.cache.layers[layer_idx] = _dense_layer(torch.cat(new_k, dim=1), torch.cat(new_v, dim=1))
+            if isinstance(layer, RaggedLayer):
+                layer.keep(kept)  # in place: a layer with state of its own (SP-KV's gated layer) cuts it too
+                if type(layer) is RaggedLayer and len(set(layer.lengths)) == 1:  # equal counts again: dense
+                    self.cache.layers[layer_idx] = _dense_layer(torch.cat(layer.head_keys, dim=1),
+                                                                torch.cat(layer.head_values, dim=1))
             else:
-                self.cache.layers[layer_idx] = RaggedLayer(new_k, new_v)
+                self.cache.layers[layer_idx] = _dense_layer(
+                    torch.cat([k[:, :, i.to(k.device)] for k, i in zip(heads_k, kept)], dim=1),
+                    torch.cat([v[:, :, i.to(v.device)] for v, i in zip(heads_v, kept)], dim=1))
 
 
 def footprint_fields(points: list[dict], generated: int, decode_s: float) -> dict:

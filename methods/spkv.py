@@ -31,6 +31,10 @@ whether it will be worth keeping once it leaves the local window.
   for the step's first query, so its later queries may still see up to step-length entries that have just
   left their window (one-token decoding is exact).
 
+* With ``decoding.target_size`` (``harness.decoding``) the gated layers are also cut back to that many entries
+  per head every ``decoding.compression_interval`` steps, ranked by their gates (``decode_score``; the window
+  stays): the threshold decides what is dropped as it leaves the window, the target caps what is left.
+
 Window default: 64 for the reference model (short contexts); the public implementation uses 256.
 """
 from __future__ import annotations
@@ -154,6 +158,17 @@ class GatedLayer(RaggedLayer):
         self.positions, self.gates = list(positions), list(gates)
         self.next_pos, self.window, self.threshold, self.gate_fn = next_pos, window, threshold, gate_fn
 
+    def keep(self, kept: list[Tensor]) -> None:
+        super().keep(kept)
+        self.positions = [p[i.to(p.device)] for p, i in zip(self.positions, kept)]
+        self.gates = [g[i.to(g.device)] for g, i in zip(self.gates, kept)]
+
+    def decode_scores(self, head: int) -> Tensor:
+        """Head ``head``'s gates, the entries inside the next query's window at +inf (never cut)."""
+        scores = self.gates[head].float().clone()
+        scores[self.positions[head] > self.next_pos - self.window] = float("inf")
+        return scores
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[RaggedKV, RaggedKV]:
         n_new = key_states.shape[-2]
         first = self.next_pos
@@ -182,6 +197,8 @@ class GatedLayer(RaggedLayer):
 class SPKVScorer(Scorer):
     """Gates ``u`` of a checkpoint, the local window protected (+inf)."""
 
+    scores_decoding_itself = True  # its gated layers hold every decoded entry's gate (decode_score)
+
     def __init__(self, checkpoint: str | None = None, window: Count | None = None, threshold: Fraction = 0.1):
         self.checkpoint = checkpoint
         self.config, tensors = load_checkpoint(checkpoint, "spkv", SPKV_HPARAMS)
@@ -197,6 +214,7 @@ class SPKVScorer(Scorer):
         self._kept: dict[int, tuple[int, int]] = {}
         self._n_tokens = 0
         self._checked: set[int] = set()
+        self._decoding: dict[int, "GatedLayer"] = {}
 
     @property
     def where(self) -> str:
@@ -272,12 +290,24 @@ class SPKVScorer(Scorer):
     def decode_patch(self, model: nn.Module, cache):
         return self._decode(model, cache)
 
+    def decode_score(self, inputs: LayerInputs) -> Tensor:
+        """Decode-time compression (``decoding.target_size``) ranks a gated layer's entries by their gates, the
+        window protected: the threshold still drops closed gates as they leave the window, and the cut keeps the
+        most open of the rest (``GatedLayer.decode_scores``)."""
+        layer = self._decoding.get(inputs.layer_idx)
+        if layer is None:
+            raise ValueError(f"spkv: layer {inputs.layer_idx} is not gated (not selected by the spkv allocator); "
+                             "decoding cannot rank its entries")
+        heads = range(len(layer.gates)) if inputs.kv_head is None else [inputs.kv_head]
+        return torch.stack([layer.decode_scores(h) for h in heads])[None]
+
     @contextmanager
     def _decode(self, model: nn.Module, cache):
         modules = attention_modules(model)
         store: dict[int, Tensor] = {}
         handles = stash_hidden(modules, store) if self.needs_hidden_states else []
         n = self._n_tokens
+        self._decoding = {}  # the gated layers of this generation (decode_score ranks their entries)
         for layer_idx, layer in enumerate(cache.layers):
             u = self._gates.get(layer_idx)
             if u is None:
@@ -299,6 +329,7 @@ class SPKVScorer(Scorer):
                 return self.gates(layer_idx, store.get(layer_idx), key_states)[0]
 
             cache.layers[layer_idx] = GatedLayer(keys, values, positions, gates, n, self.window, self.threshold, gate_fn)
+            self._decoding[layer_idx] = cache.layers[layer_idx]
         try:
             with swapped_weights(model, self.model_tensors):
                 yield

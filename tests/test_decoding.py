@@ -336,3 +336,33 @@ def test_every_method_config_decodes_or_is_refused(tmp_path):
         ran.append(name)
     assert {"snapkv", "h2o", "knorm", "streaming_llm", "tova", "expected_attention"} <= set(ran)
     assert {"full", "kvzip", "think", "asl", "gemfilter"} <= set(refused)
+
+
+def test_spkv_gated_layer_is_cut_with_its_gates_and_positions():
+    from methods.spkv import GatedLayer
+
+    keys = [torch.arange(6, dtype=torch.float32).reshape(1, 1, 6, 1).expand(1, 1, 6, 2).clone()]
+    values = [k.clone() for k in keys]
+    positions = [torch.tensor([0, 3, 5, 8, 9, 10])]
+    gates = [torch.tensor([0.9, 0.2, 0.5, 0.3, 0.05, 0.4])]
+    layer = GatedLayer(keys, values, positions, gates, next_pos=11, window=3, threshold=0.1, gate_fn=None)
+    # the next query (11) sees positions 9 and 10 inside its window: +inf; the others rank by gate
+    assert layer.decode_scores(0).tolist() == pytest.approx([0.9, 0.2, 0.5, 0.3, math.inf, math.inf])
+    layer.keep([torch.tensor([0, 2, 4, 5])])
+    assert layer.positions[0].tolist() == [0, 5, 9, 10] and layer.gates[0].tolist() == pytest.approx([0.9, 0.5, 0.05, 0.4])
+    assert layer.head_keys[0][0, 0, :, 0].tolist() == [0, 2, 4, 5] and layer.lengths == [4]
+
+
+def test_spkv_compresses_while_decoding_by_its_gates(tmp_path):
+    from harness.io import read_rows
+    from harness.runner import run
+    from test_every_config import compose
+
+    cfg = compose("method=spkv", "model=reference", "task=ruler/niah_single_1", "context_length=512", "n_samples=1",
+                  "max_new_tokens=40", "progress=false", "decoding.target_size=80", "decoding.compression_interval=16")
+    run(cfg, tmp_path)
+    (row,) = read_rows(tmp_path / "predictions.jsonl")[0]
+    points = row["kv_footprint"]
+    cuts = [b for a, b in zip(points, points[1:]) if a["generated"] == b["generated"] and b["entries_max"] < a["entries_max"]]
+    assert row["error"] is None and cuts and all(p["entries_max"] == 80 for p in cuts)
+    assert max(p["entries_max"] for p in points[2:]) <= 80 + 16
