@@ -110,7 +110,7 @@ def _ratio(keep_ratio: float | None, compression_ratio: float | None) -> float |
 
 
 def method(name: str, *overrides: str, keep_ratio: float | None = None, compression_ratio: float | None = None,
-           **params: Any) -> Method:
+           decoding: dict[str, Any] | None = None, **params: Any) -> Method:
     """A ready ``Method`` from ``conf/method/<name>.yaml``, as ``kvbench method=<name>`` builds it.
 
     ``overrides`` are command-line overrides relative to ``method.`` (``"scorer.window=16"``,
@@ -118,14 +118,20 @@ def method(name: str, *overrides: str, keep_ratio: float | None = None, compress
     (``allocator="adakv"``), a selector key (``n_recent=8``) or a parameter of the one part that takes it
     (``window=16``). ``keep_ratio`` (0.5 when neither is given, as on the command line; or kvpress's
     ``compression_ratio = 1 - keep_ratio``) is what ``compress`` and ``generate`` keep; it is stored on the method
-    (``Method.keep_ratio``)."""
+    (``Method.keep_ratio``). ``decoding`` compresses while decoding too, with the keys of the command's
+    ``decoding:`` (``{"target_size": 256, "compression_interval": 64}``; docs/decoding.md)."""
     import methods as registry
-    from harness.schema import DEFAULT_KEEP_RATIO
+    from harness.schema import DEFAULT_KEEP_RATIO, DecodingSettings, to_error
+    from pydantic import ValidationError
 
     if keep_ratio is None and compression_ratio is None:
         keep_ratio = DEFAULT_KEEP_RATIO
     ratio = _ratio(keep_ratio, compression_ratio)
-    built = registry.load(name, *overrides, **params)
+    try:
+        plan = DecodingSettings.model_validate(dict(decoding or {})).plan()
+    except ValidationError as err:
+        raise to_error(err, dict(decoding or {}), prefix="decoding", known=DecodingSettings.model_fields) from None
+    built = registry.build_method(registry.config(name, *overrides, **params), plan)
     built.keep_ratio = ratio
     return built
 
@@ -226,7 +232,8 @@ def generate(model, tokenizer, context: str | Sequence[int], question: str | Seq
              "kept_tokens": outcome.kept_tokens, "budgets": outcome.budgets, "kv_bytes": outcome.kv_bytes,
              "kv_bytes_full": outcome.kv_bytes_full, "prefill_s": outcome.prefill_s,
              "compress_s": outcome.compress_s, "decode_s": outcome.decode_s,
-             "peak_mem_bytes": outcome.peak_mem_bytes, **outcome.extras}
+             "peak_mem_bytes": outcome.peak_mem_bytes, **built.decoding.row_fields(), **outcome.footprint,
+             **outcome.extras}
     return outcome.prediction, stats
 
 

@@ -366,3 +366,19 @@ def test_spkv_compresses_while_decoding_by_its_gates(tmp_path):
     cuts = [b for a, b in zip(points, points[1:]) if a["generated"] == b["generated"] and b["entries_max"] < a["entries_max"]]
     assert row["error"] is None and cuts and all(p["entries_max"] == 80 for p in cuts)
     assert max(p["entries_max"] for p in points[2:]) <= 80 + 16
+
+
+def test_library_method_takes_the_decoding_keys(tiny):
+    import kvbench
+    from harness.errors import KvbenchError
+
+    model, tok = tiny
+    m = kvbench.method("knorm", keep_ratio=0.25, decoding={"target_size": 20, "compression_interval": 8})
+    assert (m.decoding.mode, m.decoding.target_size, m.decoding.compression_interval) == ("both", 20, 8)
+    _, stats = kvbench.generate(model, tok, CTX, QUESTION, m, max_new_tokens=30, return_stats=True)
+    assert stats["decoding"] == "both" and stats["generated_tokens"] == 29
+    assert max(p["entries_max"] for p in stats["kv_footprint"][2:]) <= 20 + 8
+    for bad, words in [({"target_size": 0}, "decoding.target_size=0"), ({"modes": "both"}, "decoding.modes"),
+                       ({"mode": "prefill", "target_size": 9}, "decoding.mode=prefill")]:
+        with pytest.raises(KvbenchError, match=words):
+            kvbench.method("knorm", decoding=bad)
