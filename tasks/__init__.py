@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
+from typing import Any, Callable
 
 from harness.errors import KvbenchError
 from tasks.base import PromptEncoder, Sample, Task
@@ -28,6 +28,29 @@ def register(name: str, suite: str | None = None):
         return factory
 
     return deco
+
+
+def register_suite(suite: str, names, task_class: Callable[[str], type]) -> Callable[..., Any]:
+    """Register ``<suite>/<name>`` for each of ``names``, each built by ``task_class(name)(**options)``; returns
+    the suite's ``make_task(name, **options)`` (``'<suite>/<name>'`` or ``'<name>'``)."""
+    def factory_of(short: str):
+        def factory(**kwargs):
+            return task_class(short)(**kwargs)
+
+        factory.__name__ = f"{suite}_{short}"
+        return factory
+
+    for short in names:
+        register(f"{suite}/{short}", suite=suite)(factory_of(short))
+
+    def make_task(name: str, **kwargs):
+        prefix, _, short = name.rpartition("/")
+        if prefix not in ("", suite):
+            raise KeyError(name)
+        return task_class(short)(**kwargs)
+
+    make_task.__doc__ = f"'{suite}/<name>' or '<name>': the task built with its options."
+    return make_task
 
 
 def register_report_hook(fn: Callable) -> Callable:

@@ -14,34 +14,14 @@ Use from other code::
 """
 from __future__ import annotations
 
-from tasks import register, register_report_hook
+from tasks import register_report_hook, register_suite
 from tasks.longbench_v2.aggregate import report_section
 from tasks.longbench_v2.config import DOMAINS
 from tasks.longbench_v2.metrics import aggregate, extract_answer
 from tasks.longbench_v2.task import SUITE, LongBenchV2Task, task_class
 
 
-def make_task(name: str, **kwargs) -> LongBenchV2Task:
-    """'longbench_v2/code_repo' or 'code_repo'."""
-    suite, _, short = name.rpartition("/")
-    if suite not in ("", SUITE):
-        raise KeyError(name)
-    return task_class(short)(**kwargs)
-
-
-def _factory(short: str):
-    cls = task_class(short)
-
-    def factory(**kwargs) -> LongBenchV2Task:
-        return cls(**kwargs)
-
-    factory.__name__ = f"{SUITE}_{short}"
-    return factory
-
-
-for _short in DOMAINS:
-    register(f"{SUITE}/{_short}", suite=SUITE)(_factory(_short))
-
+make_task = register_suite(SUITE, DOMAINS, task_class)
 register_report_hook(report_section)
 
 __all__ = ["make_task", "LongBenchV2Task", "task_class", "DOMAINS", "extract_answer", "aggregate", "report_section"]

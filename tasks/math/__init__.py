@@ -16,31 +16,12 @@ Use from other code::
 """
 from __future__ import annotations
 
-from tasks import register
+from tasks import register_suite
 from tasks.math.config import DATASETS, SUITE
 from tasks.math.metrics import answer_part, extraction, judge
 from tasks.math.task import MathTask, task_class
 
 
-def make_task(name: str, **kwargs) -> MathTask:
-    """'math/aime24' or 'aime24'."""
-    suite, _, short = name.rpartition("/")
-    if suite not in ("", SUITE):
-        raise KeyError(name)
-    return task_class(short)(**kwargs)
-
-
-def _factory(short: str):
-    cls = task_class(short)
-
-    def factory(**kwargs) -> MathTask:
-        return cls(**kwargs)
-
-    factory.__name__ = f"{SUITE}_{short}"
-    return factory
-
-
-for _short in DATASETS:
-    register(f"{SUITE}/{_short}", suite=SUITE)(_factory(_short))
+make_task = register_suite(SUITE, DATASETS, task_class)
 
 __all__ = ["make_task", "MathTask", "task_class", "DATASETS", "answer_part", "judge", "extraction"]
