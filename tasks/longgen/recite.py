@@ -34,8 +34,7 @@ import random
 from typing import Any
 
 from harness.errors import KvbenchError
-from tasks.base import PromptEncoder, Sample
-from tasks.base import LengthFittedTask
+from tasks.base import LengthFittedTask, PromptEncoder, Sample
 from tasks.longgen.metric import DEFAULT_CHUNK, DEFAULT_METRIC, check_metric, recite_score
 from tasks.ruler.common import TextBuilder, load_essays, make_sample, random_word_key, rng_for
 from tasks.ruler.templates import NOISE, needle_sentence, niah_prompt
