@@ -78,6 +78,8 @@ SHIPPED_SUITES["infinitebench"] = 12
 SHIPPED_MODULES += ["tasks.infinitebench"]
 SHIPPED_SUITES["math"] = 3
 SHIPPED_MODULES += ["tasks.math"]
+SHIPPED_SUITES["longgen"] = 1
+SHIPPED_MODULES += ["tasks.longgen"]
 
 
 def test_the_shipped_task_modules():
