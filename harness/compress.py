@@ -656,6 +656,10 @@ class Method:
         if self.scorer.needs_hidden_states and not self.scorer.scores_decoding_itself:
             raise ValueError(f"{mode}: scorer {self.scorer.registered_name} scores each token from its hidden state, "
                              "which the cache does not keep past the prefill; use decoding.mode=prefill")
+        if self.scorer.scores_decoding_itself and (plan.mode == "decode" or
+                                                   self.allocator.registered_name != self.scorer.registered_name):
+            raise ValueError(f"{mode}: scorer {self.scorer.registered_name} ranks the layers its own allocator cuts at "
+                             f"the prefill; use decoding.mode=both with method.allocator={self.scorer.registered_name}")
         if plan.mode == "decode" and self.prefill_chunk is not None:
             raise ValueError(f"{mode} keeps the prefill whole; method.prefill_chunk={self.prefill_chunk} compresses "
                              "it (use decoding.mode=both, or drop method.prefill_chunk)")

@@ -68,7 +68,7 @@ class DecodeCompressor:
     queries: dict[int, list[Tensor]] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)  # the buffered queries' positions, in order
     steps: int = 0  # entries written per head since the last compression
-    generated: int = 0  # single-token steps so far (each adds one entry per head)
+    generated: int = 0  # generated tokens fed back so far (each adds one entry per head)
     compressions: int = 0
     footprint: list[dict] = field(default_factory=list)
     compress_s: float = 0.0
@@ -80,12 +80,13 @@ class DecodeCompressor:
         self.method.scorer.decode_step(layer_idx, query, key,
                                        scaling if scaling is not None else query.shape[-1] ** -0.5)
 
-    def after_step(self, first_position: int, n_tokens: int) -> None:
-        """Called after every decoding forward (``n_tokens`` fed from ``first_position``)."""
+    def after_step(self, first_position: int, n_tokens: int, question: bool = False) -> None:
+        """Called after every decoding forward (``n_tokens`` fed from ``first_position``; ``question``: the
+        question fed after a query-agnostic prefill, which is no generated token however long)."""
         if not self.footprint:  # the cache after the prefill's compression and the question step
             self.footprint.append(footprint_point(self.cache, 0))
-        if n_tokens == 1:
-            self.generated += 1
+        if not question:
+            self.generated += n_tokens
         if not self.plan.compresses_decoding:  # a growing cache: only its footprint is recorded
             return
         self.positions.extend(range(first_position, first_position + n_tokens))
@@ -193,7 +194,8 @@ class DecodeCompressor:
 
 
 def footprint_fields(points: list[dict], generated: int, decode_s: float) -> dict:
-    """A row's footprint fields (``kv_footprint``, the means over the generation, the decode speed)."""
+    """A row's footprint fields (``kv_footprint``, whose ``generated`` counts the generated tokens fed back; the
+    means over the generation; ``generated`` tokens and the decode time per generated token)."""
     return {"kv_footprint": points, "generated_tokens": int(generated),
             "kv_mean_entries": mean_footprint(points, "entries_mean"),
             "kv_mean_bytes": mean_footprint(points, "bytes"),

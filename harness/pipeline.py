@@ -245,7 +245,7 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
                     **with_cache(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         if after_step is not None:
-            after_step(pos, len(tail))
+            after_step(pos, len(tail), True)
         pos += len(tail)
     if compressor is not None:
         compressor.begin()
@@ -259,7 +259,7 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
     elapsed = time.perf_counter() - start
     footprint = {}
     if compressor is not None:
-        footprint = footprint_fields(compressor.finish(), compressor.generated, elapsed)
+        footprint = footprint_fields(compressor.finish(), len(generated), elapsed)
     return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), elapsed, footprint)
 
 
@@ -355,59 +355,101 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
          keep_ratios: list[float], max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
          n_question: int) -> list[list[Outcome]]:
     """Outcomes [tail][ratio] of ``prompt`` prefilled and compressed, then each tail decoded on its own cache."""
-    device = model.device
     outcomes: list[list[Outcome]] = [[] for _ in tails]
-    shared: Prefill | None = None
-    for i, ratio in enumerate(keep_ratios):
-        meter = MemoryMeter(device)
-        if method.compresses and method.prefill_chunk is not None:
+    if method.compresses and method.prefill_chunk is not None:
+        for ratio in keep_ratios:
             for j, o in enumerate(_chunked_outcomes(model, tokenizer, hooks, method, prompt, tails, ratio,
-                                                    max_new_tokens, stop_strings, seed, keep_indices, meter,
-                                                    n_question)):
+                                                    max_new_tokens, stop_strings, seed, keep_indices,
+                                                    MemoryMeter(model.device), n_question)):
                 outcomes[j].append(o)
-            continue
+        return outcomes
+    # Decode-time compression scores the cache with the scorer again, which may rewrite what its prefill left for
+    # the next ratio's cut (CriticalKV's norms, SimLayerKV's laziness): a shared prefill is then cut at every ratio
+    # before any ratio decodes.
+    cut_first = method.decoding.compresses_decoding and method.shares_across_ratios
+    shared: Prefill | None = None
+    pending: list[_Cut] = []
+    for i, ratio in enumerate(keep_ratios):
+        meter = MemoryMeter(model.device)
         if shared is None or not method.shares_across_ratios:
             shared = prefill(model, hooks, prompt, method, seed, ratio, n_question)
             prefill_s, score_s = shared.prefill_s, shared.score_s
         else:  # this ratio reuses the first ratio's prefill and scores
             prefill_s, score_s = 0.0, 0.0
         meter.sample()
-        last_logits, extras = shared.last_logits, shared.extras
-        full_bytes = full_cache_bytes(shared.cache, shared.n_tokens)
-        _sync(device)
-        start = time.perf_counter()
-        budgets, kept = (method.plan(shared.scores, method.decoding.prefill_ratio(len(prompt), ratio))
-                         if method.compresses and method.decoding.compresses_prefill
-                         else (None, [None] * len(shared.cache.layers)))
-        # a merging method folds evicted entries in; a channel-pruning one (ThinK) stores fewer key channels
-        cache = prune(shared.cache, kept, method.merge, method.key_channels(ratio))
-        positions = kept_positions(kept, shared.prefill_kept, shared.cache) if method.rerotate_keys else None
-        _sync(device)
-        compress_s = score_s + time.perf_counter() - start
-        shared_cut = shared.prefill_kept
-        start_pos = len(prompt) if shared.next_position is None else shared.next_position
+        cut = _cut(method, hooks, shared, prompt, ratio, meter, prefill_s, score_s)
         if i == len(keep_ratios) - 1 or not method.shares_across_ratios:
             shared = None  # nothing else needs the full cache: free it before decoding so peak memory is honest
-        if positions is not None and method.compresses and method.decoding.compresses_prefill:
-            start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
-        per_head = kept_per_head(cache)
-        kv_bytes = cache_bytes(cache)
-        gens = _decode_each(model, tokenizer, hooks, method, cache, tails, last_logits, start_pos, max_new_tokens,
-                            stop_strings, seed, method.decoding.target(len(prompt), ratio, method.budget_rule), kept)
-        meter.sample()
-        n_heads = sum(len(h) for h in per_head)
-        peak = meter.delta()
-        for j, gen in enumerate(gens):
-            outcomes[j].append(Outcome(
-                keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
-                kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=full_bytes,
-                prefill_s=prefill_s, compress_s=compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
-                budgets=budgets.tolist() if budgets is not None else [],
-                kept=_diagnostic_kept(kept, shared_cut) if keep_indices else None, extras=extras,
-                footprint=gen.footprint,
-            ))
-        del cache
+        pending.append(cut)
+        if not cut_first or i == len(keep_ratios) - 1:
+            for done in pending:
+                _decode_cut(model, tokenizer, hooks, method, done, prompt, tails, max_new_tokens, stop_strings, seed,
+                            keep_indices, outcomes)
+            pending = []
     return outcomes
+
+
+@dataclass
+class _Cut:
+    """One ratio's pruned cache and what its outcome reports, before decoding."""
+
+    ratio: float
+    cache: DynamicCache
+    budgets: Tensor | None
+    kept: list
+    prefill_kept: list | None
+    start_pos: int
+    last_logits: Tensor
+    extras: dict
+    full_bytes: int
+    prefill_s: float
+    compress_s: float
+    meter: MemoryMeter
+
+
+def _cut(method: Method, hooks: Hooks, shared: Prefill, prompt: list[int], ratio: float, meter: MemoryMeter,
+         prefill_s: float, score_s: float) -> _Cut:
+    device = shared.last_logits.device
+    full_bytes = full_cache_bytes(shared.cache, shared.n_tokens)
+    _sync(device)
+    start = time.perf_counter()
+    budgets, kept = (method.plan(shared.scores, method.decoding.prefill_ratio(len(prompt), ratio))
+                     if method.compresses and method.decoding.compresses_prefill
+                     else (None, [None] * len(shared.cache.layers)))
+    # a merging method folds evicted entries in; a channel-pruning one (ThinK) stores fewer key channels
+    cache = prune(shared.cache, kept, method.merge, method.key_channels(ratio))
+    positions = kept_positions(kept, shared.prefill_kept, shared.cache) if method.rerotate_keys else None
+    _sync(device)
+    compress_s = score_s + time.perf_counter() - start
+    start_pos = len(prompt) if shared.next_position is None else shared.next_position
+    if positions is not None and method.compresses and method.decoding.compresses_prefill:
+        start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
+    return _Cut(ratio, cache, budgets, kept, shared.prefill_kept, start_pos, shared.last_logits, shared.extras,
+                full_bytes, prefill_s, compress_s, meter)
+
+
+def _decode_cut(model, tokenizer, hooks: Hooks, method: Method, cut: _Cut, prompt: list[int],
+                tails: list[list[int]], max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
+                outcomes: list[list[Outcome]]) -> None:
+    """Each tail decoded on one ratio's cut; its outcomes appended to ``outcomes[tail]``."""
+    per_head = kept_per_head(cut.cache)
+    kv_bytes = cache_bytes(cut.cache)
+    gens = _decode_each(model, tokenizer, hooks, method, cut.cache, tails, cut.last_logits, cut.start_pos,
+                        max_new_tokens, stop_strings, seed,
+                        method.decoding.target(len(prompt), cut.ratio, method.budget_rule), cut.kept)
+    cut.meter.sample()
+    n_heads = sum(len(h) for h in per_head)
+    peak = cut.meter.delta()
+    for j, gen in enumerate(gens):
+        outcomes[j].append(Outcome(
+            keep_ratio=cut.ratio, prediction=gen.text, context_tokens=len(prompt),
+            kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=cut.full_bytes,
+            prefill_s=cut.prefill_s, compress_s=cut.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
+            budgets=cut.budgets.tolist() if cut.budgets is not None else [],
+            kept=_diagnostic_kept(cut.kept, cut.prefill_kept) if keep_indices else None, extras=cut.extras,
+            footprint=gen.footprint,
+        ))
+    cut.cache = None  # freed before the next ratio decodes
 
 
 def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tails: list[list[int]],

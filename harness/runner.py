@@ -45,7 +45,7 @@ VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: publi
 # Keys added since run dirs were first written, with the value an older dir's rows were made with: a dir whose
 # config lacks one still resumes under that value.
 ADDED_KEYS = {"questions_per_context": 1,
-              "decoding": {"mode": None, "target_size": None, "compression_interval": 512, "query_buffer": 256,
+              "decoding": {"mode": "prefill", "target_size": None, "compression_interval": 512, "query_buffer": 256,
                            "query_positions": "own"}}
 
 
@@ -63,6 +63,8 @@ def normalized(cfg: DictConfig, settings: RunSettings, method=None) -> dict:
     resolved.update(settings.model_dump(include={"query_aware", "overwrite", "progress"}))
     resolved.pop("compression_ratio", None)
     resolved["keep_ratio"] = [recorded_ratio(r) for r in settings.keep_ratio]
+    if "decoding" in resolved:  # the mode as resolved: mode=null with a target is mode=both
+        resolved["decoding"] = {**resolved["decoding"], "mode": settings.decoding.plan().mode}
     resolved["model"]["chat"] = settings.model.chat
     typed = cfg.get("keep_ratio") if cfg.get("compression_ratio") is None else cfg.get("compression_ratio")
     if not isinstance(typed, (list, tuple, ListConfig)):
@@ -359,8 +361,8 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
         log.debug(traceback.format_exc())
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return [{**base, **_ratio_fields(r), "prediction": None, "score": None, "error": _error_text(err)}
-                for base in bases for r in ratios]
+        return [{**base, **_ratio_fields(r), **method.decoding.row_fields(), "prediction": None, "score": None,
+                 "error": _error_text(err)} for base in bases for r in ratios]
     rows = []
     for s, base, marked, per_ratio in zip(group, bases, evidence, outcomes):
         for o in per_ratio:

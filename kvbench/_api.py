@@ -5,7 +5,7 @@ import contextlib
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import conf
 from harness.cli import SweepFailed
@@ -127,6 +127,9 @@ def method(name: str, *overrides: str, keep_ratio: float | None = None, compress
     if keep_ratio is None and compression_ratio is None:
         keep_ratio = DEFAULT_KEEP_RATIO
     ratio = _ratio(keep_ratio, compression_ratio)
+    if decoding is not None and not isinstance(decoding, Mapping):
+        raise KvbenchError(f"decoding={decoding!r} must be a mapping of decoding keys (allowed: "
+                           f"{', '.join(DecodingSettings.model_fields)})")
     try:
         plan = DecodingSettings.model_validate(dict(decoding or {})).plan()
     except ValidationError as err:
@@ -296,6 +299,10 @@ def compress(model, method: Method | str, keep_ratio: float | None = None, seed:
     from harness.pipeline import full_cache_bytes
 
     built, ratio = _method(method, keep_ratio)
+    if built.decoding.compresses_decoding:
+        raise KvbenchError(f"compress: method {built.name} compresses while decoding (decoding.mode="
+                           f"{built.decoding.mode}), which needs kvbench.generate's decoding loop; build it without "
+                           "decoding= for your own loop")
     built.bind_model(model)
     state = Compression(built, ratio)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -34,6 +34,9 @@ from harness.schema import KeepRatio
 class ComposedScorer(WrappedScorer):
     SCORER_PARAMS = ("base", "second")
 
+    # its second stage reranks the base's prefill cut (``rerank``); decoding would score with the base alone
+    supports_decoding = False
+
     def __init__(self, base="snapkv", second="knorm", first_keep: KeepRatio = 0.5):
         super().__init__(base)
         self.second = second

@@ -39,20 +39,22 @@ from harness.compress import KVPRESS_COUNTS_ONLY, LayerInputs, WrappedScorer, re
 from harness.schema import Fraction, NonNegativeFloat
 
 
-def output_norms(values: Tensor, module: nn.Module, chunk_elems: int = 1 << 24) -> Tensor:
+def output_norms(values: Tensor, module: nn.Module, chunk_elems: int = 1 << 24, kv_head: int | None = None) -> Tensor:
     """``||v W_o^h||_1`` per KV head and token, ``[B, H_kv, T]`` (float32): each query head's slice of the output
     projection applied to its KV head's values, the L1 norm over the hidden size, averaged over the GQA group.
-    Computed in token chunks so that ``T x hidden`` is never held for all heads at once."""
+    Computed in token chunks so that ``T x hidden`` is never held for all heads at once. ``kv_head``: ``values``
+    hold that one KV head of the layer (a ragged layer scored head by head, ``LayerInputs.kv_head``)."""
     batch, n_kv, n_tokens, dim = values.shape
     weight = module.o_proj.weight.float()  # [hidden, H_q * D]
     hidden, n_q = weight.shape[0], weight.shape[1] // dim
-    group = n_q // n_kv
+    group = n_q // (n_kv if kv_head is None else int(module.config.num_key_value_heads))
     per_head = weight.t().reshape(n_q, dim, hidden)  # W_o^h: [D, hidden] for query head h
     out = torch.zeros(batch, n_kv, n_tokens, device=values.device)
     step = max(1, chunk_elems // max(1, batch * hidden))
     v = values.float()
-    for q in range(n_q):
-        kv = q // group
+    heads = range(n_q) if kv_head is None else range(kv_head * group, (kv_head + 1) * group)
+    for q in heads:
+        kv = q // group - (0 if kv_head is None else kv_head)
         for start in range(0, n_tokens, step):
             block = v[:, kv, start : start + step] @ per_head[q]  # [B, t, hidden]
             out[:, kv, start : start + step] += block.abs().sum(dim=-1)
@@ -105,7 +107,7 @@ class CriticalKVScorer(WrappedScorer):
         if scores is None:
             self._norms.pop(inputs.layer_idx, None)
             return None
-        self._norms[inputs.layer_idx] = output_norms(inputs.values, inputs.module)[0]
+        self._norms[inputs.layer_idx] = output_norms(inputs.values, inputs.module, kv_head=inputs.kv_head)[0]
         return scores
 
     def rerank(self, layer_idx: int, scores: Tensor, budgets: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ While decoding compresses (``decoding.mode=decode|both``, ``harness.decoding``) 
 defines it: each layer keeps, for every cached entry, the attention it has received so far -- from every prefill
 query, then from each decoded query as it attends (``decode_step``) -- and a cut keeps the entries with the largest
 accumulated sums (normalised by how many queries saw each, with ``normalize``); the sums are cut with the cache.
+After a chunked prefill (``method.prefill_chunk``) the sums start from the decoded queries' attention alone.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class H2OScorer(Scorer):
 
     def begin_decoding(self, kept) -> None:
         self._sums, self._seen = {}, {}
+        if kept is None:  # after a chunked prefill: its last scores cover a chunk, not the cache; start from zero
+            return
         for layer, (sums, seen) in self._prefill.items():
             idx = kept[layer] if kept is not None else None
             heads = range(sums.shape[0])

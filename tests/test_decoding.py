@@ -201,8 +201,8 @@ def test_cache_stays_within_target_plus_interval(tiny, name):
     assert max(p["entries_max"] for p in points) <= target + interval
     afters = points[2:-1:2]
     assert all(p["entries_max"] == target for p in afters)
-    # 48 tokens = 47 decoding steps after the question step: writes 5 + 47 = 52; cuts at 8, 16, .., 48 written
-    assert got.footprint["generated_tokens"] == 47
+    # 48 tokens = 47 fed back after the question step: writes 5 + 47 = 52; cuts at 8, 16, .., 48 written
+    assert got.footprint["generated_tokens"] == 48 and points[-1]["generated"] == 47
     assert len(points) == 2 + 2 * 6
     assert got.footprint["kv_mean_entries"] == pytest.approx(mean_footprint(points))
 
@@ -301,6 +301,9 @@ BASE = ("method=snapkv", "model=tiny-random", "n_samples=1", "context_length=128
     (("method=asl", "decoding.mode=both"), "scorer asl"),
     (("method=kvzap", "decoding.mode=both"), "hidden state"),
     (("decoding.mode=decode", "method.prefill_chunk=32"), "method.prefill_chunk"),
+    (("method=spkv", "model=reference", "decoding.mode=decode"), "method.allocator=spkv"),
+    (("method=spkv", "model=reference", "method.allocator=uniform", "decoding.target_size=80"), "decoding.mode=both"),
+    (("method.scorer=composed", "decoding.mode=both"), "scorer composed"),
 ])
 def test_bad_decoding_settings_are_refused_in_one_line(capsys, tmp_path, args, words):
     line = refused_in_process(capsys, *BASE, *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -376,9 +379,64 @@ def test_library_method_takes_the_decoding_keys(tiny):
     m = kvbench.method("knorm", keep_ratio=0.25, decoding={"target_size": 20, "compression_interval": 8})
     assert (m.decoding.mode, m.decoding.target_size, m.decoding.compression_interval) == ("both", 20, 8)
     _, stats = kvbench.generate(model, tok, CTX, QUESTION, m, max_new_tokens=30, return_stats=True)
-    assert stats["decoding"] == "both" and stats["generated_tokens"] == 29
+    assert stats["decoding"] == "both" and stats["generated_tokens"] == 30
     assert max(p["entries_max"] for p in stats["kv_footprint"][2:]) <= 20 + 8
     for bad, words in [({"target_size": 0}, "decoding.target_size=0"), ({"modes": "both"}, "decoding.modes"),
-                       ({"mode": "prefill", "target_size": 9}, "decoding.mode=prefill")]:
+                       ({"mode": "prefill", "target_size": 9}, "decoding.mode=prefill"), (256, "decoding=256"),
+                       ("both", "decoding='both'")]:
         with pytest.raises(KvbenchError, match=words):
             kvbench.method("knorm", decoding=bad)
+    with pytest.raises(KvbenchError, match="compresses while decoding"):
+        with kvbench.compress(model, m):
+            pass
+
+
+def test_one_token_question_is_not_a_generated_token(tiny):
+    model, tok = tiny
+    m = build("knorm", DecodingPlan(mode="both", target_size=30, compression_interval=8))
+    with install(model) as hooks:
+        got = run_sample(model, tok, hooks, m, CTX, QUESTION[:1], [0.5], False, 30, [], seed=0)[0]
+    assert got.footprint["generated_tokens"] == 30 and got.footprint["kv_footprint"][-1]["generated"] == 29
+
+
+@pytest.mark.parametrize("name, extra", [("criticalkv", ()), ("simlayerkv", ("scorer.recent=40",)),
+                                         ("critical_adakv", ())])
+def test_a_shared_prefill_cuts_each_ratio_as_a_run_of_that_ratio_alone(tiny, name, extra):
+    """Decoding rescoring the cache must not change what the next ratio's cut reads from the prefill."""
+    model, tok = tiny
+    plan = DecodingPlan(mode="both", target_size=48, compression_interval=6)
+    with install(model) as hooks:
+        swept = run_sample(model, tok, hooks, build(name, plan, *extra), CTX, QUESTION, [0.25, 0.5], False, 16, [],
+                           seed=0)
+        alone = run_sample(model, tok, hooks, build(name, plan, *extra), CTX, QUESTION, [0.5], False, 16, [], seed=0)
+    assert (swept[1].prediction, swept[1].budgets, swept[1].footprint["kv_footprint"]) == (
+        alone[0].prediction, alone[0].budgets, alone[0].footprint["kv_footprint"])
+
+
+def test_criticalkv_norms_of_one_ragged_head_are_that_heads():
+    from methods.criticalkv import output_norms
+
+    model, _ = build_tiny("llama")
+    module = model.model.layers[0].self_attn
+    values = torch.randn(1, model.config.num_key_value_heads, 10, model.config.head_dim)
+    whole = output_norms(values, module)
+    for h in range(values.shape[1]):
+        assert torch.allclose(output_norms(values[:, h:h + 1], module, kv_head=h)[0, 0], whole[0, h], atol=1e-5)
+
+
+def test_h2o_after_a_chunked_prefill_starts_from_zero(tiny):
+    got = outcome(tiny, build("h2o", DecodingPlan(mode="both", target_size=30, compression_interval=8),
+                              "prefill_chunk=32"))
+    assert max(p["entries_max"] for p in got.footprint["kv_footprint"][1:]) <= 30 + 8
+
+
+def test_resume_treats_a_spelled_out_default_mode_as_the_default(tmp_path):
+    from harness.runner import run
+    from test_every_config import compose
+
+    base = ("method=knorm", "model=tiny-random", "n_samples=1", "context_length=512", "max_new_tokens=3",
+            "progress=false")
+    run(compose(*base), tmp_path)
+    run(compose(*base, "decoding.mode=prefill"), tmp_path)  # the same run: resumes, not refused
+    run(compose(*base, "decoding.target_size=40"), tmp_path / "b")
+    run(compose(*base, "decoding.mode=both", "decoding.target_size=40"), tmp_path / "b")
