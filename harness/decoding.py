@@ -97,7 +97,9 @@ class DecodeCompressor:
         start = time.perf_counter()
         held = max(n for layer in kept_per_head(self.cache) for n in layer)
         if held > self.target:
-            self.footprint.append(footprint_point(self.cache, self.generated))
+            before = footprint_point(self.cache, self.generated)
+            if before != self.footprint[-1]:  # a question step that triggers a cut: its point is the one before it
+                self.footprint.append(before)
             self._compress(first_position + n_tokens - 1)
             self.footprint.append(footprint_point(self.cache, self.generated))
             self.compressions += 1
