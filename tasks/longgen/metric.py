@@ -16,6 +16,8 @@ error ends the credit (copying that goes astray once is worth what came before i
 """
 from __future__ import annotations
 
+import os
+
 import re
 
 from harness.errors import KvbenchError
@@ -61,12 +63,7 @@ def chunk_score(recited: str, reference: str, chunk: int = DEFAULT_CHUNK) -> flo
 
 def prefix_score(recited: str, reference: str) -> float:
     """Longest common prefix of ``recited`` and ``reference``, as a share of the reference's length."""
-    n = 0
-    for a, b in zip(recited, reference):
-        if a != b:
-            break
-        n += 1
-    return n / len(reference)
+    return len(os.path.commonprefix([recited, reference])) / len(reference)
 
 
 def check_metric(metric: object) -> str:
