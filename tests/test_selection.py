@@ -165,3 +165,22 @@ def test_evidence_char_spans_map_to_tokens():
     context = "abc KEY=42 def"
     idx = enc.context_token_indices(context, [[8, 10]])  # "42"; token 0 is BOS, so byte i is token i+1
     assert idx == [9, 10]
+
+
+@pytest.mark.parametrize("n_q, n_kv, n_tokens, dtype", [(4, 2, 300, torch.float32), (2, 2, 129, torch.float32),
+                                                          (8, 1, 77, torch.float32), (4, 2, 200, torch.bfloat16)])
+def test_prefill_column_sums_equal_the_softmax_matrix_summed(n_q, n_kv, n_tokens, dtype):
+    """The fast prefill path (flash pass for each row's log-sum-exp, then exp(q.k*s - lse) over the causal
+    triangle) against the attention matrix written out: a causal softmax per query row, summed over the rows."""
+    from methods._attention import _prefill_column_sums, attention_column_sums
+
+    gen = torch.Generator().manual_seed(n_tokens)
+    q = (torch.randn(1, n_q, n_tokens, 16, generator=gen) * 2).to(dtype)
+    k = (torch.randn(1, n_kv, n_tokens, 16, generator=gen) * 2).to(dtype)
+    logits = q.float() @ k.float().repeat_interleave(n_q // n_kv, 1).transpose(-1, -2) * 0.25
+    logits = logits.masked_fill(torch.ones(n_tokens, n_tokens, dtype=torch.bool).triu(1), float("-inf"))
+    want = logits.softmax(dim=-1).sum(dim=2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(attention_column_sums(q, k, 0.25), want, rtol=tol, atol=tol)
+    # chunks of a few rows give the same sums as one chunk
+    assert torch.allclose(_prefill_column_sums(q, k, 0.25, chunk_elems=n_q * n_tokens * 7), want, rtol=tol, atol=tol)
