@@ -2,8 +2,9 @@
 
 On the reference model (or ``--model``), random prompts of each length: per repeat, one plain prefill (method
 full) and one H2O prefill back to back, paired; prints the median over repeats of the prefill time and of H2O's
-scoring time (``score_s``: the column sums of every layer, measured by the harness), their ratio and its
-quartiles, and the machine. The column sums take ``methods._attention._prefill_column_sums`` on CPU.
+scoring time (``score_s``: the column sums of every layer, measured by the harness; the attention pass that also
+returns each row's log-sum-exp is H2O's prefill, as for any prefill), their ratio and its quartiles, and the
+machine. The column sums take ``methods._attention._prefill_column_sums`` on CPU.
 
     python benchmarks/h2o_scoring.py --lengths 2048 4096 8192 16384 --repeats 3
 """

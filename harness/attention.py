@@ -110,6 +110,12 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
     mask = mask_fn(module, query, key) if mask_fn is not None else None
     rows = None
     if hooks is not None and hooks.scorer is not None:
+        if (hooks.scorer.needs_row_lse and mask is None and q_len == kv_len > 1 and query.device.type == "cpu"
+                and not dropout):
+            # the prefill's own fused pass also gives each row's log-sum-exp, which the scorer needs
+            out, lse = _attention_with_lse(query, key, value, scaling)
+            hooks.on_prefill_attention(module, query, key, value, lse)
+            return out, None
         # Scoring first: it reads only queries and keys, and may tell us which rows' outputs are still needed.
         hooks.on_prefill_attention(module, query, key, value)
         rows = hooks.scorer.query_rows(module.layer_idx)
@@ -119,6 +125,19 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
         mask = bottom_right_causal(q_len, kv_len, query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     return out, None
+
+
+def _attention_with_lse(query: Tensor, key: Tensor, value: Tensor, scaling: float | None) -> tuple[Tensor, Tensor]:
+    """Causal prefill attention ``[B, T, H_q, D]`` with CPU's fused flash kernel, the one stock sdpa dispatches a
+    causal float prefill to (the same output, bit for bit, tested), and each query row's log-sum-exp
+    ``[B, H_q, T]`` that kernel computes anyway."""
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
+                                                                           scale=scale)[:2]
+    return out.transpose(1, 2).contiguous(), lse
 
 
 def rows_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, rows: Tensor, dropout, scaling,
@@ -189,7 +208,8 @@ class Hooks:
                 h.remove()
             self._handles = []
 
-    def on_prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> None:
+    def on_prefill_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                             row_lse: Tensor | None = None) -> None:
         start = time.perf_counter()
         layer = module.layer_idx
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer)
@@ -204,6 +224,7 @@ class Hooks:
             hidden_states=self.hidden.get(layer),
             rotary=self.rotary,
             query_start=self.query_start,
+            row_lse=row_lse,
         )
         with torch.no_grad():
             scores = self.scorer.score(inputs)

@@ -118,6 +118,9 @@ class LayerInputs:
     # The KV head ``keys`` belong to when a ragged layer is scored one head at a time (decode-time compression,
     # ``harness.decoding``; ``queries`` are then that head's group); None: ``keys`` hold every KV head.
     kv_head: int | None = None
+    # ``[B, H_q, T]`` log-sum-exp of each prefill query's causal attention row, from the layer's own attention pass
+    # (for a scorer that declares ``needs_row_lse``; None where the harness did not compute it)
+    row_lse: Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -152,6 +155,9 @@ class Scorer(Part):
     """Importance of every cached token per KV head. Subclasses set what they need from the harness."""
 
     needs_hidden_states = False  # True: ``LayerInputs.hidden_states`` is captured for this scorer
+    # True: a causal CPU prefill computes its attention with the fused kernel that also returns each query row's
+    # log-sum-exp (the same output, bit for bit) and hands it to ``score`` as ``LayerInputs.row_lse`` (H2O's sums)
+    needs_row_lse = False
     # False where the scores depend on the keep ratio or the prefill itself changes (then one prefill per ratio).
     shares_across_ratios = True
     # False for a scorer that cannot score a chunk's queries against an already compressed cache
@@ -311,6 +317,10 @@ class WrappedScorer(Scorer):
     @property
     def needs_hidden_states(self) -> bool:  # type: ignore[override]
         return self.base.needs_hidden_states
+
+    @property
+    def needs_row_lse(self) -> bool:  # type: ignore[override]
+        return self.base.needs_row_lse
 
     @property
     def shares_across_ratios(self) -> bool:  # type: ignore[override]

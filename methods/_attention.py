@@ -25,15 +25,17 @@ def attention_probs(queries: Tensor, keys: Tensor, scaling: float, q_start: int)
     return logits.softmax(dim=-1).reshape(batch, n_q, q_len, n_tokens)
 
 
-def attention_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_elems: int = 1 << 26) -> Tensor:
+def attention_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_elems: int = 1 << 26,
+                          row_lse: Tensor | None = None) -> Tensor:
     """Sum over every query of the attention it gives each key: ``[B, H_q, T]`` (float32), in chunks.
 
     A whole causal prefill on CPU (as many queries as keys) takes the fast path, ``_prefill_column_sums``;
-    a chunk's or a decoding step's queries (fewer than the keys) the plain one."""
+    a chunk's or a decoding step's queries (fewer than the keys) the plain one. ``row_lse``: each query row's
+    log-sum-exp when the prefill's attention already computed it (``LayerInputs.row_lse``)."""
     batch, n_q, q_len, _ = queries.shape
     n_tokens = keys.shape[2]
     if q_len == n_tokens and queries.device.type == "cpu" and q_len > 1:
-        return _prefill_column_sums(queries, keys, scaling)
+        return _prefill_column_sums(queries, keys, scaling, row_lse=row_lse)
     chunk = max(1, chunk_elems // max(1, batch * n_q * n_tokens))
     total = torch.zeros(batch, n_q, n_tokens, device=keys.device)
     offset = n_tokens - q_len
@@ -43,7 +45,8 @@ def attention_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_e
     return total
 
 
-def _prefill_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_elems: int = 1 << 23) -> Tensor:
+def _prefill_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_elems: int = 1 << 23,
+                         row_lse: Tensor | None = None) -> Tensor:
     """``attention_column_sums`` of a causal prefill in about 2.3x the cost of its attention instead of 12-15x (CPU,
     the reference model's shapes, 8k-16k tokens; benchmarks/h2o_scoring.py): each query row's log-sum-exp comes
     from one fused flash-attention pass, so the probabilities are ``exp(q . k * scale - lse)`` in one more pass
@@ -55,9 +58,11 @@ def _prefill_column_sums(queries: Tensor, keys: Tensor, scaling: float, chunk_el
     n_kv = keys.shape[1]
     group = n_q // n_kv
     q, k = queries.float(), keys.float()
-    expanded = k.repeat_interleave(group, dim=1)
-    lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, expanded, expanded, 0.0, True, scale=scaling)[1]  # [B, H_q, T]
+    lse = row_lse.float() if row_lse is not None else None
+    if lse is None:
+        expanded = k.repeat_interleave(group, dim=1)
+        lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, expanded, expanded, 0.0, True, scale=scaling)[1]  # [B, H_q, T]
     q_aug = torch.cat([q * scaling, -lse[..., None]], dim=-1).reshape(batch, n_kv, group, n_tokens, dim + 1)
     k_aug = torch.cat([k, k.new_ones(*k.shape[:3], 1)], dim=-1)[:, :, None]
     total = torch.zeros(batch, n_kv, group, n_tokens, device=keys.device)

@@ -25,6 +25,7 @@ from methods._attention import attention_column_sums, per_kv_head
 
 @register_scorer("h2o")
 class H2OScorer(Scorer):
+    needs_row_lse = True  # its column sums reuse the prefill's own row log-sum-exps
     # kvpress's ObservedAttentionPress: normalised sums, no recent window.
     PRESETS = {"kvpress": {"scorer": {"normalize": True}, "selector": {"recent_share": 0.0}, **KVPRESS_BUDGET}}
 
@@ -37,7 +38,8 @@ class H2OScorer(Scorer):
         self._seen: dict[int, list[Tensor]] = {}
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
-        sums = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling), inputs.keys.shape[1])
+        sums = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling, row_lse=inputs.row_lse),
+                           inputs.keys.shape[1])
         n_tokens, q_len = inputs.keys.shape[2], inputs.queries.shape[2]
         seen_by = torch.arange(n_tokens, 0, -1, device=sums.device, dtype=sums.dtype)
         # key j is seen by the queries at or after it: T - j in a whole prefill, at most the chunk's in a chunk

@@ -184,3 +184,34 @@ def test_prefill_column_sums_equal_the_softmax_matrix_summed(n_q, n_kv, n_tokens
     assert torch.allclose(attention_column_sums(q, k, 0.25), want, rtol=tol, atol=tol)
     # chunks of a few rows give the same sums as one chunk
     assert torch.allclose(_prefill_column_sums(q, k, 0.25, chunk_elems=n_q * n_tokens * 7), want, rtol=tol, atol=tol)
+
+
+def test_h2o_prefill_reuses_its_attention_rows_lse_with_the_same_outputs():
+    """H2O's prefill computes attention with the fused kernel that returns each row's log-sum-exp: the logits and
+    cache are bit for bit the plain prefill's, and the scores equal the ones computed without the reused lse."""
+    from harness.attention import install
+    from harness.models import build_tiny
+    from harness.pipeline import prefill
+    from methods._attention import attention_column_sums, per_kv_head
+
+    model, _ = build_tiny("llama")
+    ids = torch.randint(3, 250, (140,), generator=torch.Generator().manual_seed(3)).tolist()
+    seen = {}
+    h2o = method("h2o")
+    original = h2o.scorer.score
+
+    def spy(inputs):
+        seen[inputs.layer_idx] = inputs
+        return original(inputs)
+
+    h2o.scorer.score = spy
+    with install(model) as hooks:
+        plain = prefill(model, hooks, ids, method("full"), seed=0)
+        scored = prefill(model, hooks, ids, h2o, seed=0)
+    assert torch.equal(plain.last_logits, scored.last_logits)
+    for a, b in zip(plain.cache.layers, scored.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    for layer, inputs in seen.items():
+        assert inputs.row_lse is not None and inputs.row_lse.shape == (1, inputs.queries.shape[1], len(ids))
+        again = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling), inputs.keys.shape[1])
+        assert torch.allclose(scored.scores[layer], again, atol=1e-5)
