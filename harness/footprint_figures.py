@@ -228,9 +228,16 @@ def draw_score_vs_footprint(rows: pd.DataFrame) -> list[tuple[str, object]]:
     return figures
 
 
+def compresses_while_decoding(df: pd.DataFrame) -> bool:
+    """Whether any row compressed while decoding (``decoding`` decode or both): only then do the footprint figures
+    and table say more than the keep ratio already does (every other cache just grows by one entry a token)."""
+    return "decoding" in df and bool(df["decoding"].isin(["decode", "both"]).any())
+
+
 def footprint_figures(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Both figures of every task group whose rows carry ``kv_footprint`` (none otherwise)."""
-    rows = footprint_rows(df)
+    """Both figures of every task group whose rows carry ``kv_footprint``, when some run compressed while decoding
+    (none otherwise)."""
+    rows = footprint_rows(df) if compresses_while_decoding(df) else pd.DataFrame()
     if rows.empty:
         return []
     paths = []

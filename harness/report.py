@@ -333,7 +333,12 @@ def footprint_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def footprint_markdown(df: pd.DataFrame) -> list[str]:
-    """A section per model of ``footprint_table``, the full cache (a growing cache) first."""
+    """A section per model of ``footprint_table``, the full cache (a growing cache) first; none unless some run
+    compressed while decoding."""
+    from harness.footprint_figures import compresses_while_decoding
+
+    if not compresses_while_decoding(df):
+        return []
     t = footprint_table(df)
     parts = []
     for model, sub in (t.groupby("model") if len(t) else []):

@@ -271,3 +271,15 @@ def test_rows_without_the_new_fields_report_as_before(tmp_path):
         assert not any("footprint" in p.name for p in paths)
     assert got["old"] == got["marked"]
     assert "KV cache while decoding" not in got["old"]["summary.md"] and "decode_ms" not in got["old"]["cost.md"]
+
+
+def test_growing_caches_alone_draw_no_footprint(tmp_path):
+    """Prefill-only runs carry kv_footprint (a growing cache) but no run compressed while decoding: no footprint
+    figure or table (they would repeat the keep ratio); the decode speed columns stay."""
+    from harness.report import write_report
+
+    rows = [r for r in decode_sweep() if r["decoding"] == "prefill"]
+    paths = write_report(write_runs(tmp_path / "runs", rows), tmp_path / "out")
+    assert not any("footprint" in p.name for p in paths)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "KV cache while decoding" not in summary and "decode_ms_per_token" in (tmp_path / "out" / "cost.md").read_text()
