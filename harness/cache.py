@@ -176,6 +176,13 @@ def kept_per_head(cache: DynamicCache) -> list[list[int]]:
     return out
 
 
+def prune_layer(keys: Tensor, values: Tensor, kept: Tensor) -> DynamicLayer:
+    """A dense layer of the entries ``kept`` (``[H, b]`` indices, one count for every head) of ``keys`` /
+    ``values`` ``[B, H, T, D]``."""
+    gather = kept.to(keys.device)[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
+    return _dense_layer(keys.gather(2, gather), values.gather(2, gather))
+
+
 # ``merge(layer_idx, keys, values, kept) -> (keys, values)``: a method's rewrite of a pruned layer's entries
 # from the evicted ones (``harness.compress.Method.merge``), applied before the kept positions are gathered.
 MergeFn = Callable[[int, Tensor, Tensor, "Tensor | list[Tensor]"], "tuple[Tensor, Tensor]"]
@@ -202,8 +209,7 @@ def prune(cache: DynamicCache, kept: list[Tensor | list[Tensor] | None], merge: 
         if idx is None:
             layers.append(_dense_layer(keys, values))
         elif isinstance(idx, Tensor):
-            gather = idx.to(keys.device)[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
-            layers.append(_dense_layer(keys.gather(2, gather), values.gather(2, gather)))
+            layers.append(prune_layer(keys, values, idx))
         else:
             head_keys = [keys[:, h : h + 1, i.to(keys.device)] for h, i in enumerate(idx)]
             head_values = [values[:, h : h + 1, i.to(values.device)] for h, i in enumerate(idx)]

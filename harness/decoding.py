@@ -36,14 +36,15 @@ one before and one after each cut, one at the end), the mean footprint over the 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
-from harness.cache import RaggedLayer, _dense_layer, cache_bytes, kept_per_head, rotate_by
-from harness.compress import PREFILL_ONLY, DecodingPlan, LayerInputs, Method
+from harness.cache import RaggedLayer, _dense_layer, cache_bytes, kept_per_head, prune_layer, rotate_by
+from harness.compress import DecodingPlan, LayerInputs, Method
 from harness.footprint import mean_footprint
+
 
 def footprint_point(cache, generated: int) -> dict:
     """The cache's size now: mean and largest entries per (layer, KV head), and bytes."""
@@ -55,8 +56,8 @@ def footprint_point(cache, generated: int) -> dict:
 @dataclass
 class DecodeCompressor:
     """One generation's decode-time compression: captures each layer's queries (``harness.attention`` calls
-    ``capture``), counts steps (``harness.pipeline.decode`` calls ``after_step``), cuts the cache and records the
-    footprint."""
+    ``capture``), counts steps (``harness.pipeline.decode`` calls ``begin`` once, then ``after_step`` after every
+    forward), cuts the cache and records the footprint."""
 
     method: Method
     plan: DecodingPlan
@@ -71,7 +72,6 @@ class DecodeCompressor:
     generated: int = 0  # generated tokens fed back so far (each adds one entry per head)
     compressions: int = 0
     footprint: list[dict] = field(default_factory=list)
-    compress_s: float = 0.0
 
     def capture(self, layer_idx: int, query: Tensor, key, scaling: float | None) -> None:
         """The ``[B, H_q, q, D]`` post-RoPE queries one layer attended with in the current step, and its cache's
@@ -83,8 +83,6 @@ class DecodeCompressor:
     def after_step(self, first_position: int, n_tokens: int, question: bool = False) -> None:
         """Called after every decoding forward (``n_tokens`` fed from ``first_position``; ``question``: the
         question fed after a query-agnostic prefill, which is no generated token however long)."""
-        if not self.footprint:  # the cache after the prefill's compression and the question step
-            self.footprint.append(footprint_point(self.cache, 0))
         if not question:
             self.generated += n_tokens
         if not self.plan.compresses_decoding:  # a growing cache: only its footprint is recorded
@@ -94,7 +92,6 @@ class DecodeCompressor:
         if self.steps < self.plan.compression_interval and n_tokens < self.target:
             self._trim()
             return
-        start = time.perf_counter()
         held = max(n for layer in kept_per_head(self.cache) for n in layer)
         if held > self.target:
             before = footprint_point(self.cache, self.generated)
@@ -104,18 +101,15 @@ class DecodeCompressor:
             self.footprint.append(footprint_point(self.cache, self.generated))
             self.compressions += 1
         self.queries, self.positions, self.steps = {}, [], 0  # kvpress clears its buffer at every trigger
-        self.compress_s += time.perf_counter() - start
 
     def begin(self) -> None:
-        """Decoding's single-token steps start: the cache as it stands (after the question step, if any)."""
-        if not self.footprint:
-            self.footprint.append(footprint_point(self.cache, 0))
+        """Decoding starts: the cache as the prefill's cut and the question (fed, not yet cut) left it."""
+        self.footprint.append(footprint_point(self.cache, 0))
 
     def finish(self) -> list[dict]:
+        """The footprint, its end point added (unless the last cut already ended the generation)."""
         end = footprint_point(self.cache, self.generated)
-        if not self.footprint:
-            self.footprint.append(end)
-        elif self.footprint[-1] != end:
+        if self.footprint[-1] != end:
             self.footprint.append(end)
         return self.footprint
 
@@ -149,31 +143,27 @@ class DecodeCompressor:
     @torch.no_grad()
     def _compress(self, current: int) -> None:
         scorer, selector = self.method.scorer, self.method.selector
-        for layer_idx, layer in enumerate(self.cache.layers):
-            lengths = kept_per_head(self.cache)[layer_idx]
+        n_layers = len(self.cache.layers)
+        for layer_idx, (layer, lengths) in enumerate(zip(self.cache.layers, kept_per_head(self.cache))):
             if max(lengths) <= self.target or layer_idx not in self.queries:
                 continue
             queries, first = self._window(layer_idx, current)
             module = self.modules[layer_idx]
             gen = torch.Generator(device="cpu").manual_seed(
                 self.seed * 1_000_003 + layer_idx + 7919 * (self.compressions + 1))
-            if isinstance(layer, RaggedLayer):
-                heads_k, heads_v = layer.head_keys, layer.head_values
-            else:
-                heads_k = [layer.keys[:, h: h + 1] for h in range(layer.keys.shape[1])]
-                heads_v = [layer.values[:, h: h + 1] for h in range(layer.values.shape[1])]
-            group = queries.shape[1] // len(heads_k)
-            n_layers = len(self.cache.layers)
             if not isinstance(layer, RaggedLayer):  # the layer's heads in one call, as the prefill scores them
+                n_heads = layer.keys.shape[1]
                 inputs = LayerInputs(layer_idx, n_layers, queries, layer.keys, layer.values, module, gen,
                                      rotary=self.rotary, query_start=first)
-                scores = self._checked(scorer.decode_score(inputs), len(heads_k), layer.keys.shape[2])[0]
-                budgets = torch.full((len(heads_k),), self.target, dtype=torch.long)
+                scores = self._checked(scorer.decode_score(inputs), n_heads, layer.keys.shape[2])[0]
+                budgets = torch.full((n_heads,), self.target, dtype=torch.long)
                 chosen = selector.select(scorer.rerank(layer_idx, selector.protect(scores), budgets), budgets)
-                kept = [i.cpu() for i in (chosen if isinstance(chosen, list) else chosen.unbind(0))]
+                scorer.decode_kept(layer_idx, [i.cpu() for i in chosen.unbind(0)])  # one budget: [H, target]
+                self.cache.layers[layer_idx] = prune_layer(layer.keys, layer.values, chosen)
             else:  # each head with its own entries and its query group (``LayerInputs.kv_head``)
+                group = queries.shape[1] // len(layer.head_keys)
                 kept = []
-                for h, (k, v) in enumerate(zip(heads_k, heads_v)):
+                for h, (k, v) in enumerate(zip(layer.head_keys, layer.head_values)):
                     if k.shape[2] <= self.target:
                         kept.append(torch.arange(k.shape[2]))
                         continue
@@ -183,16 +173,11 @@ class DecodeCompressor:
                     budget = torch.tensor([self.target])
                     kept.append(selector.select(scorer.rerank(layer_idx, selector.protect(scores), budget),
                                                 budget)[0].cpu())
-            scorer.decode_kept(layer_idx, kept)
-            if isinstance(layer, RaggedLayer):
+                scorer.decode_kept(layer_idx, kept)
                 layer.keep(kept)  # in place: a layer with state of its own (SP-KV's gated layer) cuts it too
                 if type(layer) is RaggedLayer and len(set(layer.lengths)) == 1:  # equal counts again: dense
                     self.cache.layers[layer_idx] = _dense_layer(torch.cat(layer.head_keys, dim=1),
                                                                 torch.cat(layer.head_values, dim=1))
-            else:
-                self.cache.layers[layer_idx] = _dense_layer(
-                    torch.cat([k[:, :, i.to(k.device)] for k, i in zip(heads_k, kept)], dim=1),
-                    torch.cat([v[:, :, i.to(v.device)] for v, i in zip(heads_v, kept)], dim=1))
 
 
 def footprint_fields(points: list[dict], generated: int, decode_s: float) -> dict:
@@ -204,5 +189,4 @@ def footprint_fields(points: list[dict], generated: int, decode_s: float) -> dic
             "decode_ms_per_token": 1000.0 * decode_s / generated if generated else None}
 
 
-__all__ = ["DecodingPlan", "DecodeCompressor", "PREFILL_ONLY", "footprint_point", "mean_footprint",
-           "footprint_fields"]
+__all__ = ["DecodeCompressor", "footprint_point", "mean_footprint", "footprint_fields"]

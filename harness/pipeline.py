@@ -244,11 +244,11 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
         out = model(input_ids=ids, position_ids=torch.arange(pos, pos + len(tail), device=device)[None],
                     **with_cache(cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-        if after_step is not None:
-            after_step(pos, len(tail), True)
-        pos += len(tail)
     if compressor is not None:
-        compressor.begin()
+        compressor.begin()  # the cache after the prefill's cut and the question, before any decode-time cut
+        if tail:
+            compressor.after_step(pos, len(tail), True)
+    pos += len(tail)
 
     def stopped(tokens: list[int]) -> bool:
         return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
@@ -358,10 +358,9 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
     outcomes: list[list[Outcome]] = [[] for _ in tails]
     if method.compresses and method.prefill_chunk is not None:
         for ratio in keep_ratios:
-            for j, o in enumerate(_chunked_outcomes(model, tokenizer, hooks, method, prompt, tails, ratio,
-                                                    max_new_tokens, stop_strings, seed, keep_indices,
-                                                    MemoryMeter(model.device), n_question)):
-                outcomes[j].append(o)
+            _decode_cut(model, tokenizer, hooks, method, _chunked_cut(model, hooks, method, prompt, ratio, seed,
+                                                                      n_question),
+                        prompt, tails, max_new_tokens, stop_strings, seed, keep_indices, outcomes)
         return outcomes
     # Decode-time compression scores the cache with the scorer again, which may rewrite what its prefill left for
     # the next ratio's cut (CriticalKV's norms, SimLayerKV's laziness): a shared prefill is then cut at every ratio
@@ -396,8 +395,8 @@ class _Cut:
     ratio: float
     cache: DynamicCache
     budgets: Tensor | None
-    kept: list
-    prefill_kept: list | None
+    kept: list | None  # the plan's kept indices per layer, which decoding's online scorers carry on (None: none)
+    reported_kept: list | None  # what rows report as kept (``keep_indices``)
     start_pos: int
     last_logits: Tensor
     extras: dict
@@ -424,8 +423,8 @@ def _cut(method: Method, hooks: Hooks, shared: Prefill, prompt: list[int], ratio
     start_pos = len(prompt) if shared.next_position is None else shared.next_position
     if positions is not None and method.compresses and method.decoding.compresses_prefill:
         start_pos = rerotate(cache, positions, hooks.rotary.inv_freq)
-    return _Cut(ratio, cache, budgets, kept, shared.prefill_kept, start_pos, shared.last_logits, shared.extras,
-                full_bytes, prefill_s, compress_s, meter)
+    return _Cut(ratio, cache, budgets, kept, _diagnostic_kept(kept, shared.prefill_kept), start_pos,
+                shared.last_logits, shared.extras, full_bytes, prefill_s, compress_s, meter)
 
 
 def _decode_cut(model, tokenizer, hooks: Hooks, method: Method, cut: _Cut, prompt: list[int],
@@ -446,40 +445,26 @@ def _decode_cut(model, tokenizer, hooks: Hooks, method: Method, cut: _Cut, promp
             kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=cut.full_bytes,
             prefill_s=cut.prefill_s, compress_s=cut.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
             budgets=cut.budgets.tolist() if cut.budgets is not None else [],
-            kept=_diagnostic_kept(cut.kept, cut.prefill_kept) if keep_indices else None, extras=cut.extras,
+            kept=cut.reported_kept if keep_indices else None, extras=cut.extras,
             footprint=gen.footprint,
         ))
     cut.cache = None  # freed before the next ratio decodes
 
 
-def _chunked_outcomes(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tails: list[list[int]],
-                      ratio: float, max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
-                      meter: MemoryMeter, n_question: int) -> list[Outcome]:
-    """One ratio's outcome per tail with ``method.prefill_chunk``: the cache is compressed while the prompt is
-    prefilled."""
+def _chunked_cut(model, hooks: Hooks, method: Method, prompt: list[int], ratio: float, seed: int,
+                 n_question: int) -> _Cut:
+    """One ratio's cut with ``method.prefill_chunk``: the cache is compressed while the prompt is prefilled."""
+    meter = MemoryMeter(model.device)
     done = chunked_prefill(model, hooks, prompt, method, seed, method.decoding.prefill_ratio(len(prompt), ratio),
                            n_question)
     meter.sample()
     cache = done.prefill.cache
-    start_pos = len(prompt)
-    if method.rerotate_keys:
-        start_pos = rerotate(cache, done.kept, hooks.rotary.inv_freq)
-    per_head, kv_bytes = kept_per_head(cache), cache_bytes(cache)
-    full_bytes = full_cache_bytes(cache, len(prompt))
-    gens = _decode_each(model, tokenizer, hooks, method, cache, tails, done.prefill.last_logits, start_pos,
-                        max_new_tokens, stop_strings, seed, method.decoding.target(len(prompt), ratio,
-                                                                                   method.budget_rule), None)
-    meter.sample()
-    n_heads = sum(len(h) for h in per_head)
-    peak = meter.delta()
-    return [Outcome(
-        keep_ratio=ratio, prediction=gen.text, context_tokens=len(prompt),
-        kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes,
-        kv_bytes_full=full_bytes, prefill_s=done.prefill.prefill_s,
-        compress_s=done.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
-        budgets=done.budgets.tolist(), kept=list(done.kept) if keep_indices else None,
-        extras={**done.prefill.extras, "prefill_chunk": method.prefill_chunk}, footprint=gen.footprint,
-    ) for gen in gens]
+    start_pos = rerotate(cache, done.kept, hooks.rotary.inv_freq) if method.rerotate_keys else len(prompt)
+    # no plan indices for decoding to carry on (the last chunk's scores cover a chunk, not the cache); rows report
+    # the prompt positions kept
+    return _Cut(ratio, cache, done.budgets, None, list(done.kept), start_pos, done.prefill.last_logits,
+                {**done.prefill.extras, "prefill_chunk": method.prefill_chunk}, full_cache_bytes(cache, len(prompt)),
+                done.prefill.prefill_s, done.compress_s, meter)
 
 
 def kept_positions(kept: list, prefill_kept: list | None, cache: DynamicCache) -> list[Tensor]:

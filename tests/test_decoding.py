@@ -56,7 +56,9 @@ def positions_of(cache) -> list[list[list[int]]]:
 def compressor_on(cache, method, target, interval, n_layers=2, dim=8, n_q_heads=4, seed=0, **plan):
     plan = DecodingPlan(mode="decode", target_size=target, compression_interval=interval, **plan)
     modules = [_Module(i, dim) for i in range(n_layers)]
-    return DecodeCompressor(method, plan, target, modules, cache, seed)
+    comp = DecodeCompressor(method, plan, target, modules, cache, seed)
+    comp.begin()  # as harness.pipeline.decode does before the first step
+    return comp
 
 
 def step(comp: DecodeCompressor, cache, position: int, n_q_heads: int = 4, dim: int = 8, seed: int = 1):
@@ -75,7 +77,6 @@ def test_streaming_llm_cut_keeps_sinks_and_the_most_recent_entries():
     cache = positional_cache(2, 2, 20)
     m = build("streaming_llm", DecodingPlan(mode="decode", target_size=10, compression_interval=4))
     comp = compressor_on(cache, m, 10, 4)
-    comp.begin()
     for pos in range(20, 24):
         step(comp, cache, pos)
     # 24 entries at the 4th step: the 4 sinks and the 6 latest, in position order, in every layer and head
