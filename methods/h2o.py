@@ -51,7 +51,7 @@ class H2OScorer(Scorer):
         if kept is None:  # after a chunked prefill: its last scores cover a chunk, not the cache; start from zero
             return
         for layer, (sums, seen) in self._prefill.items():
-            idx = kept[layer] if kept is not None else None
+            idx = kept[layer]
             heads = range(sums.shape[0])
             if idx is None:
                 cut = [torch.arange(sums.shape[1])] * sums.shape[0]
@@ -61,25 +61,24 @@ class H2OScorer(Scorer):
             self._seen[layer] = [seen[cut[h].to(seen.device)] for h in heads]
 
     def decode_step(self, layer_idx: int, query: Tensor, key, scaling: float) -> None:
-        heads = key.heads if isinstance(key, RaggedKV) else list(key.split(1, dim=1))
-        group = query.shape[1] // len(heads)
+        if isinstance(key, RaggedKV):  # each head over its own entries, with its query group
+            group = query.shape[1] // len(key.heads)
+            received = [per_kv_head(attention_column_sums(query[:, h * group:(h + 1) * group], k, scaling), 1)[0, 0]
+                        for h, k in enumerate(key.heads)]
+        else:  # one call for the layer's heads
+            received = list(per_kv_head(attention_column_sums(query, key, scaling), key.shape[1])[0])
         sums, seen = self._sums.setdefault(layer_idx, []), self._seen.setdefault(layer_idx, [])
         q_len = query.shape[2]
-        for h, k in enumerate(heads):
-            n_tokens = k.shape[2]
-            received = per_kv_head(attention_column_sums(query[:, h * group:(h + 1) * group], k, scaling), 1)[0, 0]
+        for h, got in enumerate(received):
+            if h == len(sums):  # no prefill sums to carry on (after a chunked prefill): from zero
+                sums.append(got.new_zeros(0))
+                seen.append(got.new_zeros(0))
+            n_tokens = got.shape[0]
             # the step's queries see every older entry, and its own entries bottom-right causally
-            step_seen = torch.arange(n_tokens, 0, -1, device=received.device, dtype=received.dtype).clamp(max=q_len)
-            old_sums = sums[h] if h < len(sums) else received.new_zeros(0)
-            old_seen = seen[h] if h < len(seen) else received.new_zeros(0)
-            grown = n_tokens - old_sums.shape[0]
-            new_sums = torch.cat([old_sums.to(received.device), received.new_zeros(grown)]) + received
-            new_seen = torch.cat([old_seen.to(received.device), received.new_zeros(grown)]) + step_seen
-            if h < len(sums):
-                sums[h], seen[h] = new_sums, new_seen
-            else:
-                sums.append(new_sums)
-                seen.append(new_seen)
+            step_seen = torch.arange(n_tokens, 0, -1, device=got.device, dtype=got.dtype).clamp(max=q_len)
+            grown = n_tokens - sums[h].shape[0]
+            sums[h] = torch.cat([sums[h].to(got.device), got.new_zeros(grown)]) + got
+            seen[h] = torch.cat([seen[h].to(got.device), got.new_zeros(grown)]) + step_seen
 
     def decode_score(self, inputs: LayerInputs) -> Tensor:
         layer = inputs.layer_idx
