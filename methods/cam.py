@@ -74,6 +74,7 @@ def cam_merge(values: Tensor, kept: Tensor, attn: Tensor, uniform: Tensor, merge
 class CaMScorer(WrappedScorer):
     # kvpress's CAMPress: one kept set for every KV head (its base scores averaged over the heads), its counts.
     PRESETS = {"kvpress": {"scorer": {"shared_heads": True}, **KVPRESS_BUDGET}}
+    needs_row_lse = True  # its attention sums reuse the prefill's own row log-sum-exps
 
     def __init__(self, base="streaming_llm", merge_budget: Count = 32, shared_heads: bool = False):
         super().__init__(base)
@@ -86,7 +87,8 @@ class CaMScorer(WrappedScorer):
         if scores is None:  # a layer the base keeps whole: nothing is evicted there, nothing merges
             return None
         n_kv = inputs.keys.shape[1]
-        attn = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling), n_kv)
+        attn = per_kv_head(attention_column_sums(inputs.queries, inputs.keys, inputs.scaling, row_lse=inputs.row_lse),
+                           n_kv)
         uniform = torch.rand(attn.shape, generator=inputs.generator).to(attn.device)
         self.stats[inputs.layer_idx] = (attn[0], uniform[0])
         if self.shared_heads:
