@@ -8,9 +8,10 @@ pointer to the run's ``Hooks``; leaving the context restores the original implem
 pointer and forward pre-hook (tests check this).
 
 Masks: our name is not in transformers' mask registry, so the model passes ``attention_mask=None`` and we
-build the one mask we need here. Batch size is 1 and there is no padding (left padding plus pruning would
-misalign positions): prefill is plain causal, one-token decoding needs no mask, and a multi-token step on a
-(possibly pruned) cache is causal aligned to the bottom-right. Positions come from explicit ``position_ids``
+build the one mask we need here. A prefill has batch size 1 and no padding: prefill is plain causal, one-token
+decoding needs no mask, and a multi-token step on a (possibly pruned) cache is causal aligned to the
+bottom-right. Samples decoded together (``batch_size``) hold their caches left-padded (``harness.cache.
+BatchLayer``), each with its own positions, and their padding is masked here. Positions come from explicit ``position_ids``
 passed by the decode loop, so RoPE stays right whatever was evicted.
 """
 from __future__ import annotations
@@ -25,28 +26,30 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from harness.cache import ChannelKV, RaggedKV, bottom_right_causal
+from harness.cache import ChannelKV, PaddedKV, RaggedKV, bottom_right_causal
 from harness.compress import Allocator, LayerInputs, Scorer
 
 ATTN_NAME = "kvbench"
 
 
-def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: float) -> Tensor:
-    """Attention when each KV head holds its own number of entries; returns ``[B, L, H_q, D]``."""
+def padded_attention(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scaling: float) -> Tensor:
+    """One attention call over KV heads of different lengths held left-padded in ``keys`` / ``values``
+    ``[B, H_kv, T, D]``, ``mask`` ``[B, H_kv, q_len, T]`` (True = attend; padding False); returns
+    ``[B, L, H_q, D]``. Each query head's group reads its KV head directly (``enable_gqa``), with no copy."""
     batch, n_q_heads, q_len, _ = query.shape
-    n_kv = len(keys.heads)
-    group = n_q_heads // n_kv
-    outs = []
-    for h, (k, v) in enumerate(zip(keys.heads, values.heads)):
-        kv_len = k.shape[-2]
-        mask = keys.head_mask(h, q_len)
-        q = query[:, h * group : (h + 1) * group]
-        outs.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                q, k.expand(batch, group, kv_len, -1), v.expand(batch, group, kv_len, -1), attn_mask=mask, scale=scaling
-            )
-        )
-    return torch.cat(outs, dim=1).transpose(1, 2).contiguous()
+    group = n_q_heads // keys.shape[1]
+    if group > 1:  # the KV head's mask for each of its query heads
+        mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, n_q_heads, q_len, keys.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=group > 1)
+    return out.transpose(1, 2).contiguous()
+
+
+def ragged_attention(query: Tensor, keys: RaggedKV, values: RaggedKV, scaling: float) -> Tensor:
+    """Attention when each KV head holds its own number of entries, in one call: the heads are left-padded into
+    one tensor for this step (the cache itself stays unpadded, so its bytes are what it keeps) and the padding is
+    masked; returns ``[B, L, H_q, D]``."""
+    return padded_attention(query, keys.padded(), values.padded(), keys.padded_mask(query.shape[2]), scaling)
 
 
 # Per attention module: the run's Hooks (set by ``install``) and a method's mask function (``attention_masks``).
@@ -100,6 +103,11 @@ def kvbench_attention(module: nn.Module, query, key, value, attention_mask, scal
         hooks.decoding.capture(module.layer_idx, query, key, scaling)
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    if isinstance(key, PaddedKV):  # several samples decoded together (harness.pipeline.DecodeBatch)
+        if _MASKS.get(module) is not None:
+            raise ValueError("a method's attention mask cannot be applied to a batch of samples; run batch_size=1")
+        return padded_attention(query, key.states, value, key.mask(query.shape[2]),
+                                scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if isinstance(key, ChannelKV):
         return channel_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     q_len, kv_len = query.shape[2], key.shape[2]

@@ -13,12 +13,47 @@ from typing import Callable
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 
 def bottom_right_causal(q_len: int, kv_len: int, device) -> Tensor:
     """``[1, 1, q_len, kv_len]`` bool mask: query i sees keys ``j <= kv_len - q_len + i``."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+
+
+def left_padded(heads: list[Tensor]) -> Tensor:
+    """Per-head ``[B, 1, T_h, D]`` tensors as one ``[B, H, max T_h, D]``, each head's entries at the right end
+    (zeros before them): every head's newest entry is then in the last column, so a multi-token step stays
+    bottom-right causal across heads. One C++ call (``pad_sequence``), not a copy per head."""
+    batch = heads[0].shape[0]
+    if batch == 1:
+        return pad_sequence([h[0, 0] for h in heads], batch_first=True, padding_side="left")[None]
+    stacked = pad_sequence([h[:, 0].transpose(0, 1) for h in heads], batch_first=True, padding_side="left")
+    return stacked.permute(2, 0, 1, 3)  # [H, T, B, D] -> [B, H, T, D]
+
+
+def padding_mask(pad: Tensor, width: int, q_len: int) -> Tensor:
+    """``[B, H, q_len, width]`` bool (True = attend) for left-padded heads: row ``(b, h)``'s first ``pad[b, h]``
+    columns are padding; the ``q_len`` new queries see the rest bottom-right causally."""
+    columns = torch.arange(width, device=pad.device)
+    mask = (columns[None, None, :] >= pad[:, :, None])[:, :, None, :]
+    if q_len > 1:
+        mask = mask & bottom_right_causal(q_len, width, pad.device)
+    return mask
+
+
+@dataclass
+class PaddedKV:
+    """A layer's keys (or values) with rows of different lengths held in one left-padded ``[B, H, T, D]`` tensor:
+    ``pad[b, h]`` leading columns of sample ``b``'s KV head ``h`` are padding (batched decoding,
+    ``BatchLayer``). The attention function masks them out."""
+
+    states: Tensor
+    pad: Tensor  # [B, H] long
+
+    def mask(self, q_len: int) -> Tensor:
+        return padding_mask(self.pad, self.states.shape[-2], q_len)
 
 
 @dataclass
@@ -30,6 +65,26 @@ class RaggedKV:
     @property
     def lengths(self) -> list[int]:
         return [h.shape[-2] for h in self.heads]
+
+    def padded(self) -> Tensor:
+        """The heads as one left-padded ``[B, H, T, D]`` tensor (``left_padded``), for one attention call."""
+        return left_padded(self.heads)
+
+    def padded_mask(self, q_len: int) -> Tensor:
+        """``[B, H, q_len, T]`` bool mask over ``padded()``: padding hidden, and each head's own ``head_mask``
+        (bottom-right causal by default) over its entries."""
+        lengths = self.lengths
+        width = max(lengths)
+        pad = torch.tensor([width - n for n in lengths], device=self.heads[0].device)
+        mask = padding_mask(pad[None], width, q_len).expand(self.heads[0].shape[0], -1, -1, -1)
+        if q_len == 1:
+            return mask
+        mask = mask.clone()
+        for h, n in enumerate(lengths):  # a multi-token step: each head's own visibility over its columns
+            own = self.head_mask(h, q_len)
+            if own is not None:
+                mask[:, h, :, width - n:] = own[:, 0]
+        return mask
 
     def head_mask(self, head: int, q_len: int) -> Tensor | None:
         """The mask of ``q_len`` new queries over head ``head``'s entries (bool, True = attend): None for one
@@ -83,6 +138,66 @@ class RaggedLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.head_keys + self.head_values)
+
+
+class BatchLayer(CacheLayerMixin):
+    """One layer of several samples' pruned caches decoded together (``harness.pipeline.DecodeBatch``): keys and
+    values ``[N, H, T, D]`` left-padded per (sample, KV head), ``pad [N, H]`` the padding columns of each. Every
+    row's newest entry sits in the last column, so appending a step is one ``torch.cat`` for the whole batch and
+    the attention is one masked call (``harness.attention.padded_attention``)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: Tensor, values: Tensor, pad: Tensor):
+        super().__init__()
+        self.keys, self.values, self.pad = keys, values, pad
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    @classmethod
+    def stack(cls, layers: list) -> "BatchLayer":
+        """One sample's layer per row (a dense ``[1, H, T, D]`` layer or a ``RaggedLayer``), left-padded to the
+        longest (sample, head)."""
+        keys, values = [], []
+        for layer in layers:
+            if isinstance(layer, RaggedLayer):
+                keys += layer.head_keys
+                values += layer.head_values
+            else:
+                keys += list(layer.keys.split(1, dim=1))
+                values += list(layer.values.split(1, dim=1))
+        n_rows, n_heads = len(layers), len(keys) // len(layers)
+        lengths = torch.tensor([k.shape[-2] for k in keys], device=keys[0].device).view(n_rows, n_heads)
+        padded_keys, padded_values = left_padded(keys), left_padded(values)  # [1, N * H, T, D]
+        width = padded_keys.shape[-2]
+        shape = (n_rows, n_heads, width, padded_keys.shape[-1])
+        return cls(padded_keys.view(shape), padded_values.view(n_rows, n_heads, width, -1), width - lengths)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # already initialised
+        return None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[PaddedKV, Tensor]:
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return PaddedKV(self.keys, self.pad), self.values
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the samples ``rows`` (those still generating), and drop the columns that are padding in
+        every one of them."""
+        self.keys, self.values, self.pad = self.keys[rows], self.values[rows], self.pad[rows]
+        drop = int(self.pad.min())
+        if drop:
+            self.keys, self.values, self.pad = self.keys[:, :, drop:], self.values[:, :, drop:], self.pad - drop
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 @dataclass

@@ -192,6 +192,9 @@ class Scorer(Part):
     # True for a scorer that reads hidden states in its prefill but keeps its own score of every entry written while
     # decoding (SP-KV's gates, computed at write time by its ``decode_patch``): decoding may compress with it.
     scores_decoding_itself = False
+    # False for a scorer whose ``decode_patch`` changes how its cache is written or attended (SP-KV's gated
+    # layers): its samples are decoded one at a time, whatever ``batch_size`` says.
+    batches_decoding = True
 
     def decode_score(self, inputs: LayerInputs) -> Tensor:
         """``[B, H_kv, T]`` scores of a layer's cache during decoding (``harness.decoding``): ``inputs.keys`` /
@@ -367,6 +370,10 @@ class WrappedScorer(Scorer):
     @property
     def scores_decoding_itself(self) -> bool:  # type: ignore[override]
         return self.base.scores_decoding_itself
+
+    @property
+    def batches_decoding(self) -> bool:  # type: ignore[override]
+        return self.base.batches_decoding
 
     def decode_score(self, inputs: LayerInputs) -> Tensor:
         return self.base.decode_score(inputs)

@@ -236,31 +236,49 @@ def decode(model, cache: DynamicCache, tail: list[int], last_logits: Tensor, sta
     device = model.device
     _sync(device)
     start = time.perf_counter()
-    pos = start_pos
-    logits = last_logits
+    logits = feed_tail(model, cache, tail, last_logits, start_pos)
     after_step = compressor.after_step if compressor is not None else None
-    if tail:
-        ids = torch.tensor([tail], device=device)
-        out = model(input_ids=ids, position_ids=torch.arange(pos, pos + len(tail), device=device)[None],
-                    **with_cache(cache), use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
     if compressor is not None:
         compressor.begin()  # the cache after the prefill's cut and the question, before any decode-time cut
         if tail:
-            compressor.after_step(pos, len(tail), True)
-    pos += len(tail)
-
-    def stopped(tokens: list[int]) -> bool:
-        return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
-
-    generated = greedy(model, cache, logits, pos, max_new_tokens, eos_ids(model, tokenizer),
-                       stopped if stop_strings else None, after_step=after_step)
+            compressor.after_step(start_pos, len(tail), True)
+    generated = greedy(model, cache, logits, start_pos + len(tail), max_new_tokens, eos_ids(model, tokenizer),
+                       stop_check(tokenizer, stop_strings), after_step=after_step)
     _sync(device)
     elapsed = time.perf_counter() - start
     footprint = {}
     if compressor is not None:
         footprint = footprint_fields(compressor.finish(), len(generated), elapsed)
     return Generation(generated, tokenizer.decode(generated, skip_special_tokens=True), elapsed, footprint)
+
+
+def feed_tail(model, cache, tail: list[int], last_logits: Tensor, start_pos: int) -> Tensor:
+    """The question of a query-agnostic run fed on the pruned cache as one multi-token step from ``start_pos``;
+    returns the logits the first generated token comes from (the prefill's last ones when there is no tail)."""
+    if not tail:
+        return last_logits
+    device = model.device
+    out = model(input_ids=torch.tensor([tail], device=device),
+                position_ids=torch.arange(start_pos, start_pos + len(tail), device=device)[None],
+                **with_cache(cache), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def stop_check(tokenizer, stop_strings: list[str]) -> Callable[[list[int]], bool] | None:
+    """Whether a generation's text so far contains a stop string (None when there are none)."""
+    if not stop_strings:
+        return None
+    return lambda tokens: any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
+
+
+def take_token(tokens: list[int], token: int, eos: set[int], stop: Callable[[list[int]], bool] | None,
+               max_new_tokens: int, keep_eos: bool = False) -> bool:
+    """One greedy step's rule: appends ``token`` to ``tokens`` unless it is an EOS token that is not kept, and
+    returns whether the generation goes on (no EOS, no stop string, fewer than ``max_new_tokens`` tokens)."""
+    if token in eos and not keep_eos:
+        return False
+    tokens.append(token)
+    return not (token in eos or (stop is not None and stop(tokens)) or len(tokens) >= max_new_tokens)
 
 
 @torch.no_grad()
@@ -278,12 +296,11 @@ def greedy(model, cache, logits: Tensor, pos: int, max_new_tokens: int, eos: set
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax(dim=-1))
-        if token in eos and not keep_eos:
-            break
-        tokens.append(token)
-        if chosen_from is not None:
+        held = len(tokens)
+        going = take_token(tokens, token, eos, stop, max_new_tokens, keep_eos)
+        if chosen_from is not None and len(tokens) > held:
             chosen_from.append(logits)
-        if token in eos or (stop is not None and stop(tokens)) or len(tokens) == max_new_tokens:
+        if not going:
             break
         out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[pos]], device=device),
                     **with_cache(cache), use_cache=True)
@@ -307,24 +324,25 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def run_sample(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int], q_ids: list[int],
                keep_ratios: list[float], query_aware: bool, max_new_tokens: int, stop_strings: list[str],
-               seed: int, keep_indices: bool = False) -> list[Outcome]:
-    """Outcomes for each keep ratio of one prompt (context ids, question ids)."""
+               seed: int, keep_indices: bool = False, batch: "DecodeBatch | None" = None) -> list[Outcome]:
+    """Outcomes for each keep ratio of one prompt (context ids, question ids). With ``batch``, the prompt is
+    prefilled and cut now and decoded with the batch's other samples: the list fills at ``batch.flush()``."""
     prompt = ctx_ids + q_ids if query_aware else ctx_ids
     tail = [] if query_aware else q_ids
     return _run(model, tokenizer, hooks, method, prompt, [tail], keep_ratios, max_new_tokens, stop_strings, seed,
-                keep_indices, len(q_ids) if query_aware else 0)[0]
+                keep_indices, len(q_ids) if query_aware else 0, batch)[0]
 
 
 def run_questions(model, tokenizer, hooks: Hooks, method: Method, ctx_ids: list[int], questions: list[list[int]],
                   keep_ratios: list[float], max_new_tokens: int, stop_strings: list[str], seed: int,
-                  keep_indices: bool = False) -> list[list[Outcome]]:
+                  keep_indices: bool = False, batch: "DecodeBatch | None" = None) -> list[list[Outcome]]:
     """Several questions about one context (``questions_per_context``): the context is prefilled and compressed
     once per keep ratio (once for all ratios where the method shares its scores), and each question is answered
     from its own copy of the pruned cache, so no question sees another's tokens: the same answers as one
     query-agnostic run per question. Outcomes per question, then per ratio; each carries the context's whole
     prefill and compress times (shared by the questions) and its own decode time."""
     return _run(model, tokenizer, hooks, method, ctx_ids, questions, keep_ratios, max_new_tokens, stop_strings,
-                seed, keep_indices, 0)
+                seed, keep_indices, 0, batch)
 
 
 def _decode_each(model, tokenizer, hooks: Hooks, method: Method, cache, tails: list[list[int]], last_logits: Tensor,
@@ -353,14 +371,22 @@ def _decode_each(model, tokenizer, hooks: Hooks, method: Method, cache, tails: l
 
 def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tails: list[list[int]],
          keep_ratios: list[float], max_new_tokens: int, stop_strings: list[str], seed: int, keep_indices: bool,
-         n_question: int) -> list[list[Outcome]]:
-    """Outcomes [tail][ratio] of ``prompt`` prefilled and compressed, then each tail decoded on its own cache."""
+         n_question: int, batch: "DecodeBatch | None" = None) -> list[list[Outcome]]:
+    """Outcomes [tail][ratio] of ``prompt`` prefilled and compressed, then each tail decoded on its own cache (now,
+    or with ``batch``'s other samples when it flushes)."""
     outcomes: list[list[Outcome]] = [[] for _ in tails]
+
+    def decode_cut(cut: _Cut) -> None:
+        if batch is not None:
+            batch.add(cut, prompt, tails, max_new_tokens, stop_strings, keep_indices, outcomes)
+        else:
+            _decode_cut(model, tokenizer, hooks, method, cut, prompt, tails, max_new_tokens, stop_strings, seed,
+                        keep_indices, outcomes)
+
+    new_meter = (lambda: batch.meter) if batch is not None else (lambda: MemoryMeter(model.device))
     if method.compresses and method.prefill_chunk is not None:
         for ratio in keep_ratios:
-            _decode_cut(model, tokenizer, hooks, method, _chunked_cut(model, hooks, method, prompt, ratio, seed,
-                                                                      n_question),
-                        prompt, tails, max_new_tokens, stop_strings, seed, keep_indices, outcomes)
+            decode_cut(_chunked_cut(model, hooks, method, prompt, ratio, seed, n_question, new_meter()))
         return outcomes
     # Decode-time compression scores the cache with the scorer again, which may rewrite what its prefill left for
     # the next ratio's cut (CriticalKV's norms, SimLayerKV's laziness): a shared prefill is then cut at every ratio
@@ -369,7 +395,7 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
     shared: Prefill | None = None
     pending: list[_Cut] = []
     for i, ratio in enumerate(keep_ratios):
-        meter = MemoryMeter(model.device)
+        meter = new_meter()
         if shared is None or not method.shares_across_ratios:
             shared = prefill(model, hooks, prompt, method, seed, ratio, n_question)
             prefill_s, score_s = shared.prefill_s, shared.score_s
@@ -382,8 +408,7 @@ def _run(model, tokenizer, hooks: Hooks, method: Method, prompt: list[int], tail
         pending.append(cut)
         if not cut_first or i == len(keep_ratios) - 1:
             for done in pending:
-                _decode_cut(model, tokenizer, hooks, method, done, prompt, tails, max_new_tokens, stop_strings, seed,
-                            keep_indices, outcomes)
+                decode_cut(done)
             pending = []
     return outcomes
 
@@ -437,24 +462,30 @@ def _decode_cut(model, tokenizer, hooks: Hooks, method: Method, cut: _Cut, promp
                         max_new_tokens, stop_strings, seed,
                         method.decoding.target(len(prompt), cut.ratio, method.budget_rule), cut.kept)
     cut.meter.sample()
+    _append_outcomes(cut, per_head, kv_bytes, len(prompt), gens, keep_indices, outcomes)
+    cut.cache = None  # freed before the next ratio decodes
+
+
+def _append_outcomes(cut: _Cut, per_head: list[list[int]], kv_bytes: int, n_prompt: int, gens: list[Generation],
+                     keep_indices: bool, outcomes: list[list[Outcome]]) -> None:
+    """One ratio's outcomes, one per tail (``gens[j]``), appended to ``outcomes[j]``; ``per_head`` / ``kv_bytes``:
+    the cut cache before decoding."""
     n_heads = sum(len(h) for h in per_head)
     peak = cut.meter.delta()
     for j, gen in enumerate(gens):
         outcomes[j].append(Outcome(
-            keep_ratio=cut.ratio, prediction=gen.text, context_tokens=len(prompt),
+            keep_ratio=cut.ratio, prediction=gen.text, context_tokens=n_prompt,
             kept_tokens=sum(sum(h) for h in per_head) / n_heads, kv_bytes=kv_bytes, kv_bytes_full=cut.full_bytes,
             prefill_s=cut.prefill_s, compress_s=cut.compress_s, decode_s=gen.decode_s, peak_mem_bytes=peak,
             budgets=cut.budgets.tolist() if cut.budgets is not None else [],
             kept=cut.reported_kept if keep_indices else None, extras=cut.extras,
             footprint=gen.footprint,
         ))
-    cut.cache = None  # freed before the next ratio decodes
 
 
 def _chunked_cut(model, hooks: Hooks, method: Method, prompt: list[int], ratio: float, seed: int,
-                 n_question: int) -> _Cut:
+                 n_question: int, meter: MemoryMeter) -> _Cut:
     """One ratio's cut with ``method.prefill_chunk``: the cache is compressed while the prompt is prefilled."""
-    meter = MemoryMeter(model.device)
     done = chunked_prefill(model, hooks, prompt, method, seed, method.decoding.prefill_ratio(len(prompt), ratio),
                            n_question)
     meter.sample()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from harness.io import RowStore, atomic_write_json, atomic_write_text, os_error
 from harness.lock import RunLock
 from harness.metrics import summarize
 from harness.models import inspect_model, load_model
+from harness.batching import DecodeBatch
 from harness.pipeline import run_questions, run_sample
 from harness.schema import RunSettings, validate
 from tasks.base import PromptEncoder
@@ -39,7 +41,8 @@ class RowCounter:
     written = 0
 
 # Keys that may change between a run and its resumption without changing its rows.
-VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper")  # paper: published numbers, not run inputs
+VOLATILE_KEYS = ("overwrite", "output_dir", "progress", "paper", "batch_size")  # paper: published numbers, not run
+# inputs; batch_size: rows are the same at any batch size
 
 
 # Keys added since run dirs were first written, with the value an older dir's rows were made with: a dir whose
@@ -291,23 +294,46 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, built: dict, out
     bar = tqdm(total=total, desc=f"{method.name} {cfg.task.name}", disable=not settings.progress)
     try:
         with install(model) as hooks:
+            batch = (DecodeBatch(model, tokenizer, hooks, method, settings.batch_size, settings.seed)
+                     if settings.batch_size > 1 else None)
             for name, task, encoder, samples in loaded:
-                for group in context_groups(samples):
+                waiting: list[tuple[list, _Pending | None]] = []
+                groups = context_groups(samples)
+                for k, group in enumerate(groups):
                     # a ratio is run when any question of the context lacks its row (written rows are kept)
                     todo = [r for r in ratios
                             if any(RowStore.key({"task": name, "sample_id": s.sample_id, "method": method.name,
                                                  "keep_ratio": r}) not in store.done for s in group)]
-                    if todo:
-                        before = len(store.rows)
-                        store.append(_sample_rows(settings, model, tokenizer, hooks, method, task, name, encoder,
-                                                  group, todo, label))
-                        RowCounter.written += len(store.rows) - before
-                    bar.update(len(group))
+                    waiting.append((group, _begin_rows(settings, model, tokenizer, hooks, method, name, encoder,
+                                                       group, todo, label, task.stop_strings(), batch)
+                                    if todo else None))
+                    if batch is None or len(waiting) >= settings.batch_size or k == len(groups) - 1:
+                        _write_rows(store, waiting, batch, task, method, settings.batch_size, bar)
+                        waiting = []
     finally:
         bar.close()  # ends the bar's line, so an interrupt message starts on its own line
     metrics = summarize(store.rows)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _write_rows(store: RowStore, waiting: list, batch: DecodeBatch | None, task, method, batch_size: int,
+               bar) -> None:
+    """Decode what the batch holds (every context of ``waiting`` then has its outcomes) and append their rows, in
+    sample order; a failing batch fails the rows of each context in it, not the sweep."""
+    if batch is not None and len(batch):
+        try:
+            batch.flush()
+        except SAMPLE_ERRORS as err:
+            for _, pending in waiting:
+                if pending is not None and pending.failed is None:
+                    _fail(pending, method, err)
+    for group, pending in waiting:
+        if pending is not None:
+            before = len(store.rows)
+            store.append(_finish_rows(pending, task, method, batch_size))
+            RowCounter.written += len(store.rows) - before
+        bar.update(len(group))
 
 
 def context_groups(samples: list) -> list[list]:
@@ -323,9 +349,23 @@ def context_groups(samples: list) -> list[list]:
     return groups
 
 
-def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, name, encoder, group, ratios,
-                 label) -> list[dict]:
-    """The rows of one context's samples (one sample, or the questions of ``questions_per_context``)."""
+@dataclass
+class _Pending:
+    """One context's rows in the making: its samples' row bases, their outcomes per ratio (filled by the
+    pipeline now, or by the batch's flush), or the rows of its failure."""
+
+    group: list
+    ratios: list[float]
+    bases: list[dict]
+    evidence: list
+    outcomes: list = field(default_factory=list)
+    failed: list[dict] | None = None
+
+
+def _begin_rows(settings: RunSettings, model, tokenizer, hooks, method, name, encoder, group, ratios, label,
+                stop_strings: list[str], batch: DecodeBatch | None) -> _Pending:
+    """One context's samples (one sample, or the questions of ``questions_per_context``) prefilled, cut and, without
+    ``batch``, decoded."""
     first = group[0]
     encoded = [encoder.encode_sample(s) for s in group]
     ctx_ids = encoded[0][0]
@@ -346,25 +386,44 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
         bases.append(base)
     evidence = [encoder.context_token_indices(s.context, s.meta["evidence"]) if s.meta.get("evidence") else None
                 for s in group]
+    pending = _Pending(group, ratios, bases, evidence)
     keep_indices = any(e is not None for e in evidence)
+    mark = batch.mark() if batch is not None else 0
     try:
         if len(group) == 1:
-            outcomes = [run_sample(model, tokenizer, hooks, method, ctx_ids, encoded[0][1], ratios,
-                                   settings.query_aware, max_new, task.stop_strings(), seed=settings.seed,
-                                   keep_indices=keep_indices)]
+            pending.outcomes = [run_sample(model, tokenizer, hooks, method, ctx_ids, encoded[0][1], ratios,
+                                           settings.query_aware, max_new, stop_strings, seed=settings.seed,
+                                           keep_indices=keep_indices, batch=batch)]
         else:
-            outcomes = run_questions(model, tokenizer, hooks, method, ctx_ids, [q for _, q in encoded], ratios,
-                                     max_new, task.stop_strings(), seed=settings.seed, keep_indices=keep_indices)
-    except (RuntimeError, torch.cuda.OutOfMemoryError, ValueError, IndexError) as err:
-        # One failing sample (CUDA OOM, a generation error) must not end a sweep: record it and go on.
-        log.warning("sample %s failed: %s", first.sample_id, _error_text(err))
-        log.debug(traceback.format_exc())
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return [{**base, **_ratio_fields(r), **method.decoding.row_fields(), "prediction": None, "score": None,
-                 "error": _error_text(err)} for base in bases for r in ratios]
+            pending.outcomes = run_questions(model, tokenizer, hooks, method, ctx_ids, [q for _, q in encoded], ratios,
+                                             max_new, stop_strings, seed=settings.seed, keep_indices=keep_indices,
+                                             batch=batch)
+    except SAMPLE_ERRORS as err:
+        if batch is not None:
+            batch.discard_after(mark)  # none of this context's cuts is decoded
+        _fail(pending, method, err)
+    return pending
+
+
+# What ends one sample (CUDA OOM, a generation error), not the sweep: it is recorded in its rows.
+SAMPLE_ERRORS = (RuntimeError, torch.cuda.OutOfMemoryError, ValueError, IndexError)
+
+
+def _fail(pending: _Pending, method, err: BaseException) -> None:
+    log.warning("sample %s failed: %s", pending.group[0].sample_id, _error_text(err))
+    log.debug(traceback.format_exc())
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    pending.failed = [{**base, **_ratio_fields(r), **method.decoding.row_fields(), "prediction": None, "score": None,
+                       "error": _error_text(err)} for base in pending.bases for r in pending.ratios]
+
+
+def _finish_rows(pending: _Pending, task, method, batch_size: int) -> list[dict]:
+    """The rows of one context, once its generations are decoded."""
+    if pending.failed is not None:
+        return pending.failed
     rows = []
-    for s, base, marked, per_ratio in zip(group, bases, evidence, outcomes):
+    for s, base, marked, per_ratio in zip(pending.group, pending.bases, pending.evidence, pending.outcomes):
         for o in per_ratio:
             extras = o.extras
             if marked is not None:
@@ -377,8 +436,8 @@ def _sample_rows(settings: RunSettings, model, tokenizer, hooks, method, task, n
                 "score": float(task.score(o.prediction, s)), "error": None, "context_tokens": o.context_tokens,
                 "kept_tokens": o.kept_tokens, "kv_bytes": o.kv_bytes, "kv_bytes_full": o.kv_bytes_full,
                 "prefill_s": o.prefill_s, "compress_s": o.compress_s, "decode_s": o.decode_s,
-                "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, **method.decoding.row_fields(),
-                **o.footprint, **extras,
+                "peak_mem_bytes": o.peak_mem_bytes, "budgets": o.budgets, "batch_size": batch_size,
+                **method.decoding.row_fields(), **o.footprint, **extras,
             })
     return rows
 

@@ -141,6 +141,9 @@ class RunSettings(BaseModel):
     # >1: each context is prefilled and compressed once, then that many questions are answered about it, each
     # from its own copy of the pruned cache (query-agnostic by construction; n_samples counts contexts)
     questions_per_context: Count = 1
+    # generations decoded together (each sample is prefilled and cut alone; harness/batching.py); rows do not
+    # depend on it, so a run may resume under another batch size
+    batch_size: Count = 1
     overwrite: Flag = False
     progress: Flag = True
     decoding: DecodingSettings = DecodingSettings()

@@ -198,6 +198,7 @@ class SPKVScorer(Scorer):
     """Gates ``u`` of a checkpoint, the local window protected (+inf)."""
 
     scores_decoding_itself = True  # its gated layers hold every decoded entry's gate (decode_score)
+    batches_decoding = False  # its decode_patch turns the cache into gated layers of its own
 
     def __init__(self, checkpoint: str | None = None, window: Count | None = None, threshold: Fraction = 0.1):
         self.checkpoint = checkpoint
