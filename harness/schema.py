@@ -87,10 +87,12 @@ STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 class ModelSettings(BaseModel):
     model_config = STRICT
     name: str
-    family: Literal["llama", "qwen2", "qwen3", "mistral"] | None = None
+    family: Literal["llama", "qwen2", "qwen3", "mistral", "phi3"] | None = None
     path: Annotated[str, Field(min_length=1)] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")] = "auto"
+    # null: the weights load onto ``device``; auto: accelerate spreads them over the GPUs (harness.models.placement)
+    device_map: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")] | None = None
     chat: Flag = False
     seed: NonNegative = 0
 
