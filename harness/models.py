@@ -2,6 +2,17 @@
 
 Hub ids never reach the network: ``HF_HUB_OFFLINE=1`` is the default here, and a hub id that is not in the
 local Hugging Face cache fails at once with a one-line error saying how to pass a local path.
+
+Placement (docs/models.md): a checkpoint's weights load straight onto ``model.device`` (``from_pretrained``'s
+``device_map=<device>``, never through host memory first); ``model.device_map=auto`` lets accelerate (the
+optional ``multi-gpu`` extra) spread a model too large for one GPU over every GPU, and inputs go to
+``input_device(model)``, the embedding's device.
+
+Attention quirks: kvbench's attention function and cache treat every layer as one global causal attention with
+one RoPE. A config whose layers differ from that in a way that changes outputs (sliding-window layers with a
+window shorter than the model's positions, soft-capped attention logits, RoPE on part of each head, RoPE per
+layer type) is refused before any weight loads (``attention_quirks``), so such a layer is never silently run
+as a global one.
 """
 from __future__ import annotations
 
@@ -18,7 +29,12 @@ import torch
 from harness.errors import KvbenchError
 from harness.paths import open_safetensors, read_json_object
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+# Families kvpress runs (its README, NVIDIA/kvpress@8bb29b9) that we refuse, with the reason read from the config.
+REFUSED_FAMILIES = {"gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "gemma2": "Gemma 2"}
+# kvpress (base_press.py, NVIDIA/kvpress@8bb29b9) leaves Gemma 3's sliding-window layers uncompressed
+KVPRESS_NOTE = dict.fromkeys(("gemma3", "gemma3_text"), " (kvpress compresses only its global layers)")
+MULTI_GPU_EXTRA = "pip install 'kvbench[multi-gpu]' (or pip install 'accelerate>=1.0,<2')"
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "checkpoint"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A model dir needs one of these to have a tokenizer (tokenizer_config.json alone only configures one).
@@ -29,7 +45,7 @@ RECOPY = "the checkpoint directory is incomplete or corrupt: copy or download it
 
 def tiny_config(family: str, vocab_size: int, **overrides: Any):
     """A 2-layer, GQA model of the given family with random weights (for tests and smoke runs)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -55,6 +71,8 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any):
         return Qwen2Config(use_sliding_window=False, **common)
     if family == "qwen3":
         return Qwen3Config(use_sliding_window=False, **common)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj; no sliding window
+        return Phi3Config(sliding_window=None, **common)
     raise KvbenchError(f"model.family={family!r} is not supported; allowed: {', '.join(FAMILIES)}")
 
 
@@ -142,12 +160,75 @@ def inspect_model(model_cfg) -> dict[str, Any]:
     if model_type is None:
         raise KvbenchError(f"{config_file}: no 'model_type'; a Hugging Face config.json names its architecture "
                            f"(supported: {', '.join(FAMILIES)})")
+    if model_type in REFUSED_FAMILIES:
+        quirks = attention_quirks(_load_config(path).get_text_config())
+        raise KvbenchError(f"model.path={path!r} is a {REFUSED_FAMILIES[model_type]} model ({model_type}), which "
+                           f"kvbench does not support: {'; '.join(quirks) or 'its attention differs from one global layer'}"
+                           f"{KVPRESS_NOTE.get(model_type, '')}; supported families: {', '.join(FAMILIES)}")
     if model_type not in FAMILIES:
         raise KvbenchError(f"model.path={path!r} is a {model_type!r} model; supported families: {', '.join(FAMILIES)}")
     limit = raw.get("max_position_embeddings")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise KvbenchError(f"{config_file}: max_position_embeddings={limit!r} is not a positive integer; {RECOPY}")
+    quirks = attention_quirks(_load_config(path))
+    if quirks:
+        raise KvbenchError(f"model.path={path!r}: this {model_type} config is not supported: {'; '.join(quirks)} "
+                           "(docs/models.md lists what runs)")
     return {"model_type": model_type, "max_position_embeddings": limit, "path": path}
+
+
+def attention_quirks(config) -> list[str]:
+    """What in a (text) config makes some layer's attention differ from the one global causal attention with
+    one RoPE that kvbench's attention function, cache and scorers implement; empty when there is nothing.
+
+    * sliding-window layers (``layer_types`` of Qwen2/Qwen3/Gemma; ``sliding_window`` on every layer of
+      Mistral/Phi-3) whose window is shorter than ``max_position_embeddings``: a window at least that long never
+      hides a key (transformers' window keeps ``q - k < window``), so such a layer is global;
+    * soft-capped attention logits (``attn_logit_softcapping``, Gemma 2): our attention paths would drop it;
+    * RoPE on part of each head (``partial_rotary_factor`` < 1, Phi-4-mini) or per layer type (Gemma 3's local
+      and global bases): key re-rotation and the scorers that rotate queries apply one full-width RoPE."""
+    quirks = []
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    limit = getattr(config, "max_position_embeddings", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    else:  # Mistral, Phi-3: the window, when set, is every layer's
+        windowed = list(range(n_layers)) if window is not None else []
+    if windowed and (window is None or limit is None or window < limit):
+        kinds = sorted({layer_types[i] for i in windowed} if layer_types is not None else {"sliding_attention"})
+        quirks.append(f"{len(windowed)} of {n_layers} layers use {'/'.join(kinds)} (window {window}, shorter than "
+                      f"its {limit} positions), which kvbench's attention and cache would run as global layers")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        quirks.append(f"attention logits are soft-capped (attn_logit_softcapping={softcap}), which kvbench's "
+                      "attention does not apply")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        bases = ", ".join(f"{kind} {v.get('rope_theta')}" for kind, v in sorted(rope.items()) if isinstance(v, dict))
+        quirks.append(f"RoPE differs per layer type ({bases}), while key re-rotation and the scorers that rotate "
+                      "queries apply one")
+    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    partial = partial if partial is not None else getattr(config, "partial_rotary_factor", None)
+    if partial is not None and float(partial) < 1.0:
+        quirks.append(f"RoPE rotates only part of each head (partial_rotary_factor={partial}), while key "
+                      "re-rotation and the scorers that rotate queries rotate all of it")
+    return quirks
+
+
+def is_attention_module(module) -> bool:
+    """A decoder layer's self-attention module of a supported family: it has a ``layer_idx``, an output
+    projection ``o_proj`` (scorers read its weights) and its key projection, ``k_proj`` or Phi-3's fused
+    ``qkv_proj``."""
+    return (hasattr(module, "layer_idx") and hasattr(module, "o_proj")
+            and (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")))
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (with ``device_map=auto`` the model's layers sit
+    on several devices; accelerate moves each layer's inputs to it, not the ids to the first one)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _load_config(path: str):
@@ -192,10 +273,11 @@ def load_tokenizer(path: str):
                            f"{first[:200]}); {RECOPY}") from None
 
 
-def _load_weights(path: str, config, dtype: torch.dtype):
+def _load_weights(path: str, config, dtype: torch.dtype, device_map: str = "cpu"):
     """The model's weights; every safetensors file's header is checked first (a truncated copy is named),
     and weights that leave parameters of config.json uninitialised are refused (transformers would fill them
-    with random values)."""
+    with random values). ``device_map``: a device (each tensor is read from its file onto it, in ``dtype``, with
+    no copy of the model in host memory first) or ``auto`` (accelerate places the layers)."""
     from transformers import AutoModelForCausalLM
 
     root = Path(path)
@@ -208,7 +290,14 @@ def _load_weights(path: str, config, dtype: torch.dtype):
         # ignore_mismatched_sizes: a tensor of another shape than config.json says is reported in ``info`` (and
         # refused below, with its name) instead of transformers' error pointing at a log line.
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa",
-                                                           ignore_mismatched_sizes=True, output_loading_info=True)
+                                                           ignore_mismatched_sizes=True, output_loading_info=True,
+                                                           device_map=device_map)
+    except ValueError as err:
+        if device_map == "auto" and "offload" in str(err):  # accelerate mapped some layers to disk
+            raise KvbenchError(f"model.device_map=auto: model.path={path!r} does not fit in this machine's GPU and "
+                               "CPU memory (accelerate would offload layers to disk, which kvbench does not do); "
+                               "use a machine with more memory or model.dtype=bfloat16") from None
+        raise
     except (OSError, RuntimeError) as err:  # a missing shard of an index, an unreadable or corrupt .bin
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise KvbenchError(f"model.path={path!r}: the weights do not load ({first[:200]}); {RECOPY}") from None
@@ -224,22 +313,66 @@ def _load_weights(path: str, config, dtype: torch.dtype):
     return model
 
 
+def accelerate_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def placement(cfg) -> str:
+    """Where a ``model`` config node puts the weights: ``"auto"`` (accelerate spreads the layers over every GPU,
+    ``model.device_map=auto``) or one device, ``model.device_map`` when set, else ``model.device``. A device
+    this machine lacks, ``device_map=auto`` without accelerate, and two different devices are refused."""
+    device_map, device = cfg.get("device_map"), cfg.get("device", "auto")
+    if device_map is None:
+        return str(device_for(device))
+    if device_map == "auto":
+        if device not in (None, "auto"):
+            raise KvbenchError(f"model.device_map=auto places the layers itself; model.device={device!r} would put "
+                               "them on one device: pass one of the two (model.device=auto with device_map=auto)")
+        if not accelerate_installed():
+            raise KvbenchError(f"model.device_map=auto needs accelerate, which is not installed: {MULTI_GPU_EXTRA}")
+        return "auto"
+    target = device_for(device_map)
+    if device not in (None, "auto") and device_for(device) != target:
+        raise KvbenchError(f"model.device_map={device_map!r} and model.device={device!r} name two devices; "
+                           "pass one of them")
+    return str(target)
+
+
+def _dispatch_auto(model):
+    """A model built in memory (tiny-random) placed as ``from_pretrained(device_map="auto")`` places one:
+    accelerate's balanced map over the GPUs (everything on the CPU without one), never splitting a decoder
+    layer."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = model._no_split_modules
+    memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    if len(set(device_map.values())) == 1:
+        return model.to(next(iter(device_map.values())))
+    model.hf_device_map = device_map
+    return dispatch_model(model, device_map=device_map)
+
+
 def load_model(cfg) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a ``model`` config node (name, family, path, dtype, device)."""
+    """``(model, tokenizer)`` from a ``model`` config node (name, family, path, dtype, device, device_map)."""
     name = cfg.get("name")
     dtype_name = cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise KvbenchError(f"model.dtype={dtype_name!r} is not supported; allowed: {', '.join(DTYPES)}")
-    device = device_for(cfg.get("device", "auto"))
+    target = placement(cfg)
     if name == "tiny-random":
+        # built on the CPU whatever the device, so that its seeded random weights are the same everywhere
         model, tok = build_tiny(cfg.get("family", "llama"), seed=int(cfg.get("seed", 0)))
-        return model.to(device=device, dtype=DTYPES[dtype_name]), tok
+        model = model.to(dtype=DTYPES[dtype_name])
+        return (_dispatch_auto(model) if target == "auto" else model.to(target)), tok
     path = inspect_model(cfg)["path"]  # refuses a bad config.json or another architecture before any loading
     config = _load_config(path)
     tok = load_tokenizer(path)
-    model = _load_weights(path, config, DTYPES[dtype_name])
-    return model.to(device).eval(), tok
-
+    model = _load_weights(path, config, DTYPES[dtype_name], target)
+    return model.eval(), tok
 
 
 # ------------------------------------------------------------------------------------------------------------
