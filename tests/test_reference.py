@@ -178,7 +178,7 @@ def test_train_cli_runs_and_saves(tmp_path):
     main(["--out", str(out), "--work-dir", str(tmp_path / "work"), "--steps", "2", "--tiny", "--batch-tokens",
           "512", "--max-len", "256", "--eval-every", "2", "--log-every", "1", "--vocab-size", "400",
           "--threads", "1", "--drill-steps", "1", "--drill-rows", "4",
-          "--focus-steps", "1"])  # one drill step, one task step, one focus step
+          "--focus-steps", "1", "--recipe", "v1"])  # one drill step, one task step, one focus step
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["step"] == meta["steps"] == 3

@@ -213,6 +213,9 @@ class Example:
     # (text appended after the context, supervised target) pairs; the text is the question + answer prefix
     turns: list[tuple[str, str]] = field(default_factory=list)
     task: str = ""
+    # a language-modelling row instead (v2's prose, harness/reference/data_v2.py): (text, loss weight) pieces
+    # after BOS, encoded one after another; context and turns are then empty
+    segments: list[tuple[str, float]] | None = None
 
 
 def _haystack_units(kind: str, n: int, rng: random.Random, type_k: str, type_v: str) -> list[str]:

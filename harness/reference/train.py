@@ -1,7 +1,11 @@
 """Train the reference model on CPU (or CUDA): ``python -m harness.reference.train --out harness/reference/checkpoint``.
 
-Data: ``harness.reference.data`` (RULER niah / vt templates plus extra retrieval tasks), seeds >= 1_000_000.
-Loss: cross-entropy on the answer tokens (+ EOS), plus ``--lm-weight`` times the LM loss on the rest.
+Data (``--recipe``, seeds >= 1_000_000): ``v2`` (default, kvbench issue #28) the 11 offline RULER formats from
+``tasks/ruler`` itself, a prose share with an LM loss (``--prose-share``, ``--prose-weight``) and v1's tasks
+(``harness.reference.data_v2``), on the 6-layer ``--arch v2``; ``v1`` the shipped checkpoint's recipe:
+``harness.reference.data`` (RULER niah / vt templates plus extra retrieval tasks) on the 4-layer ``--arch v1``.
+Loss: cross-entropy on the answer tokens (+ EOS), plus ``--lm-weight`` times the LM loss on the rest (prose rows:
+their own weights).
 Curriculum: sequence length grows from ~256 to 4096 tokens over the run; batches hold ``--batch-tokens``
 tokens. AdamW, linear warmup then cosine. Every ``--eval-every`` steps a held-out teacher-forced check (an
 answer counts when every answer token is the argmax, i.e. exactly what greedy decoding would emit) at 1k/4k,
@@ -12,6 +16,7 @@ uninterrupted one would). Every file is written whole or not at all, with the us
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,13 +32,44 @@ import torch.nn.functional as F
 from harness.errors import KvbenchError
 from harness.io import atomic_path, atomic_write_text, os_error
 from harness.reference.data import corpus_for_tokenizer, focus_example, sample_example
-from harness.reference.model import REFERENCE_ARCH, TINY_ARCH, reference_config
+from harness.reference.model import ARCHS, TINY_ARCH, reference_config
 from harness.reference.tokenizer import build_tokenizer
 from harness.train import load_train_state, save_train_state
 
 STATE_FILE = "state.safetensors"  # save_train_state's format: model, optimizer, step, RNGs; never a pickle
 TRAIN_SEED = 1_000_000
 HELDOUT_SEED = 900  # < 1000: disjoint from training seeds
+
+
+def _v2_main(rng, n_tokens, copy_share, formats, prose_share, prose_weight):
+    from harness.reference.data_v2 import sample_example_v2
+
+    return sample_example_v2(rng, n_tokens, formats, copy_share=copy_share * 0.5, prose_share=prose_share,
+                             prose_weight=prose_weight)
+
+
+def _v2_focus(rng, n_tokens, copy_share, formats, prose_share, prose_weight):
+    from harness.reference.data_v2 import focus_example_v2
+
+    return focus_example_v2(rng, n_tokens, formats, prose_share=prose_share, prose_weight=prose_weight)
+
+
+def corpus_for_tokenizer_v2(n: int = 600, seed: int = 2_000_001) -> list[str]:
+    """v1's tokenizer texts, plus v2's prose and the offline RULER formats (cwe's word lists, fwe's coded words),
+    built at 4096 bytes (~1k tokens of the BPE) with a byte tokenizer (the BPE does not exist yet)."""
+    from harness.reference.data_v2 import RulerFormats, prose_example
+    from harness.tokenizer import byte_tokenizer
+
+    rng = random.Random(seed)
+    formats = RulerFormats(byte_tokenizer())
+    out = corpus_for_tokenizer()
+    for i in range(n):
+        if i % 3 == 0:
+            out.append("".join(t for t, _ in prose_example(rng, 400).segments))
+        else:
+            ex = formats.example(rng, 4096, formats.names[i % len(formats.names)])
+            out.append(ex.context + "".join(q + t for q, t in ex.turns))
+    return out
 
 
 def curriculum(frac: float, rng: random.Random, max_len: int) -> int:
@@ -56,7 +92,21 @@ def curriculum(frac: float, rng: random.Random, max_len: int) -> int:
 
 
 def encode_example(tok, ex, lm_weight: float):
-    """ids, per-token loss weights (target i predicts ids[i]), answer spans [(start, end, task)]."""
+    """ids, per-token loss weights (target i predicts ids[i]), answer spans [(start, end, task)].
+
+    A language-modelling row (``ex.segments``, v2's prose) is BOS then each piece with its own weight; its
+    pieces of weight >= 1 (facts that recur) are its answer spans, logged as ``recur``."""
+    if ex.segments is not None:
+        ids, w, spans = [tok.bos_token_id], [0.0], []
+        for text, weight in ex.segments:
+            piece = tok(text, add_special_tokens=False).input_ids
+            if weight >= 1.0 and piece:
+                spans.append((len(ids), len(ids) + len(piece), "recur"))
+            ids += piece
+            w += [weight] * len(piece)
+        ids.append(tok.eos_token_id)
+        w.append(ex.segments[-1][1] if ex.segments else 0.0)
+        return ids, w, spans
     ids = list(tok(ex.context).input_ids)
     w = [lm_weight] * len(ids)
     spans = []
@@ -139,7 +189,9 @@ def make_batch(tok, rng: random.Random, length: int, batch_tokens: int, lm_weigh
 
 
 def forward_loss(model, x, wt, pos=None):
-    """Answer loss (+ LM loss when some weights are in (0, 1)); logits only where a loss is taken."""
+    """Answer loss (tokens of weight >= 1, averaged) + the weighted LM loss of the tokens of weight in (0, 1)
+    (their weights summed over their count: one weight everywhere, as v1's --lm-weight, is that weight times the
+    mean LM loss; v2's prose rows carry their own); logits only where a loss is taken."""
     # use_cache=False: training needs no KV cache (transformers builds one by default and fills it every step).
     if pos is None:
         hidden = model.model(input_ids=x[:, :-1], use_cache=False).last_hidden_state
@@ -158,10 +210,10 @@ def forward_loss(model, x, wt, pos=None):
     ans_loss = (ce * ans).sum() / ans.sum().clamp(min=1)
     lm = 1.0 - ans
     lm_loss = (ce * lm).sum() / lm.sum().clamp(min=1)
-    lm_w = float(ws[ws < 1.0][0]) if bool((ws < 1.0).any()) else 0.0
+    weighted_lm = (ce * ws * lm).sum() / lm.sum().clamp(min=1)
     pred = torch.full_like(tgt, -1)
     pred[sel] = logits.detach().argmax(-1)
-    return ans_loss + lm_w * lm_loss, ans_loss, lm_loss, pred
+    return ans_loss + weighted_lm, ans_loss, lm_loss, pred
 
 
 def answer_hits(pred, x, spans_per_row):
@@ -175,17 +227,36 @@ def answer_hits(pred, x, spans_per_row):
     return out
 
 
+def heldout_v2(formats, lengths=(1024, 4096)):
+    """v2's held-out cells: RULER's own prompts (tasks/ruler) on evaluation seeds (< 1000), the formats v1 lacked
+    or scored lowest on, beside niah_single_1 and vt."""
+    from harness.reference.data import Example
+    from harness.reference.data_v2 import ruler_target
+
+    def cell(task_name, L):
+        def build(r):
+            sample = formats.tasks[task_name].sample(formats.encoder, L, HELDOUT_SEED, r.randrange(1000))
+            return Example(sample.context, [(sample.question + sample.answer_prefix, ruler_target(task_name,
+                                                                                                  sample))], task_name)
+        return build
+
+    short = {"niah_single_1": "niah1", "niah_multikey_3": "mk3", "niah_multivalue": "mv", "vt": "vt", "cwe": "cwe",
+             "fwe": "fwe"}
+    return {L: [(short[t], cell(t, L)) for t in short] for L in lengths}
+
+
 @torch.no_grad()
-def heldout_eval(model, tok, device, lengths=(1024, 4096), n=8):
+def heldout_eval(model, tok, device, lengths=(1024, 4096), n=8, cells=None):
     from harness.reference.data import niah, vt
 
     model.eval()
     res = {}
     for L in lengths:
         rng = random.Random(HELDOUT_SEED + L)
-        for name, fn in [("niah1", lambda r: niah(r, L, "noise")),
-                         ("mk1", lambda r: niah(r, L, "essay", num_k=4)),
-                         ("vt", lambda r: vt(r, L, 1, 4, "noise", icl=True))]:
+        todo = cells[L] if cells else [("niah1", lambda r: niah(r, L, "noise")),
+                                        ("mk1", lambda r: niah(r, L, "essay", num_k=4)),
+                                        ("vt", lambda r: vt(r, L, 1, 4, "noise", icl=True))]
+        for name, fn in todo:
             hits = 0
             for _ in range(n):
                 ids, w, spans = encode_example(tok, fn(rng), 0.0)
@@ -235,7 +306,7 @@ RANGES = {"steps": (0, math.inf), "batch_tokens": (1, math.inf), "max_len": (16,
           "vocab_size": (2, math.inf), "eval_every": (1, math.inf), "log_every": (1, math.inf),
           "threads": (1, math.inf), "seed": (0, math.inf), "drill_steps": (0, math.inf), "drill_rows": (1, math.inf),
           "skip_share": (0, 1), "skip_span": (1, math.inf), "focus_steps": (0, math.inf), "focus_lr": (0, math.inf),
-          "time_limit": (0, math.inf)}
+          "time_limit": (0, math.inf), "prose_share": (0, 1), "prose_weight": (0, 0.99)}  # a weight >= 1 would count as an answer token
 POSITIVE = {"lr", "focus_lr"}
 
 
@@ -245,6 +316,16 @@ def main(argv=None):
 
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="harness/reference/checkpoint")
+    ap.add_argument("--recipe", choices=["v1", "v2"], default="v2",
+                    help="v2 (default; kvbench issue #28): all 11 offline RULER formats from tasks/ruler plus a prose "
+                         "share (harness/reference/data_v2.py); v1: the shipped checkpoint's recipe (niah / vt "
+                         "formats only)")
+    ap.add_argument("--arch", choices=["v1", "v2"], default=None,
+                    help="model size (harness/reference/model.py): v1 4 layers x 128, v2 6 layers x 192; default: "
+                         "the recipe's")
+    ap.add_argument("--prose-share", type=float, default=0.25, help="v2: share of rows that are prose (LM loss)")
+    ap.add_argument("--prose-weight", type=float, default=0.5,
+                    help="v2: loss weight of a prose token (a recurring fact's tokens weigh 1)")
     ap.add_argument("--work-dir", default="outputs/reference-train")
     ap.add_argument("--steps", type=int, default=4500)
     ap.add_argument("--batch-tokens", type=int, default=6144)
@@ -273,7 +354,8 @@ def main(argv=None):
                          "tokens, with their own warm-up and cosine from --focus-lr: vt was still climbing when "
                          "the main run's learning rate had decayed")
     ap.add_argument("--focus-lr", type=float, default=1e-3)
-    ap.add_argument("--init", default=None, help="start from these weights (a checkpoint dir)")
+    ap.add_argument("--init", default=None,
+                    help="start from these weights and their tokenizer (a checkpoint dir of the same --arch)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (after a save) once this many seconds passed")
     args = ap.parse_args(argv)
     for name, (low, high) in RANGES.items():  # argparse checks types only
@@ -302,17 +384,20 @@ def train(args: argparse.Namespace) -> None:
                            "loaded (unpickling a file can run code); delete it to train from step 0")
 
     tok_dir = work / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
+    recipe = getattr(args, "recipe", "v1")
+    if (tok_dir / "tokenizer.json").exists() or args.init:
         from harness.models import load_tokenizer
 
-        tok = load_tokenizer(str(tok_dir))
+        tok = load_tokenizer(str(tok_dir if (tok_dir / "tokenizer.json").exists() else args.init))
     else:
-        tok = build_tokenizer(corpus_for_tokenizer(), vocab_size=args.vocab_size)
+        corpus = corpus_for_tokenizer() if recipe == "v1" else corpus_for_tokenizer_v2(n=30 if args.tiny else 600)
+        tok = build_tokenizer(corpus, vocab_size=args.vocab_size)
         save_pretrained_atomic(tok_dir, tok)
 
     from transformers import AutoModelForCausalLM
 
-    config = reference_config(tok, TINY_ARCH if args.tiny else REFERENCE_ARCH)
+    arch = TINY_ARCH if args.tiny else ARCHS[getattr(args, "arch", None) or recipe]
+    config = reference_config(tok, arch)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(device)
     if args.init:
         from harness.models import load_model
@@ -330,6 +415,17 @@ def train(args: argparse.Namespace) -> None:
         st = load_train_state(state_path, opt, model=model, rng=rng, torch_rng=True)
         step, elapsed, history = st["step"], st["elapsed"], st["history"]
         print(f"resumed at step {step} ({elapsed:.0f}s)", flush=True)
+    if recipe == "v2":
+        from harness.reference.data_v2 import RulerFormats
+
+        formats = RulerFormats(tok)
+        main_mix = functools.partial(_v2_main, formats=formats, prose_share=args.prose_share,
+                                     prose_weight=args.prose_weight)
+        focus_mix = functools.partial(_v2_focus, formats=formats, prose_share=args.prose_share,
+                                      prose_weight=args.prose_weight)
+        cells = heldout_v2(formats)
+    else:
+        main_mix, focus_mix, cells = sample_example, focus_example, None
     n_params = sum(p.numel() for p in model.parameters())
     total = args.steps + args.focus_steps
     print(f"params {n_params/1e6:.2f}M vocab {len(tok)} steps {args.steps} + focus {args.focus_steps}", flush=True)
@@ -347,11 +443,11 @@ def train(args: argparse.Namespace) -> None:
             if step >= args.steps:  # phase 3 (focus): RULER's formats at long lengths, vt first
                 length = rng.randint(2048, 4096) if rng.random() < 0.7 else rng.randint(512, 2048)
                 length = min(length, args.max_len)
-                mix = dict(copy_share=0.0, sampler=focus_example)
+                mix = dict(copy_share=0.0, sampler=focus_mix)
             else:  # phase 2: the task mix with a length curriculum, a little drill kept (longer rows)
                 frac = (step - args.drill_steps) / max(1, args.steps - args.drill_steps)
                 length = curriculum(frac, rng, args.max_len)
-                mix = dict(copy_share=0.1, drill_share=0.1, drill_length=rng.choice([64, 128, 256]))
+                mix = dict(copy_share=0.1, drill_share=0.1, drill_length=rng.choice([64, 128, 256]), sampler=main_mix)
             x, wt, pos, spans = make_batch(tok, rng, length, args.batch_tokens, args.lm_weight,
                                            hard_max=int(args.max_len * 1.1), skip_share=args.skip_share,
                                            skip_span=args.skip_span, **mix)
@@ -381,7 +477,7 @@ def train(args: argparse.Namespace) -> None:
         done = step == total or (args.time_limit and time.time() - t0 > args.time_limit)
         if step % args.eval_every == 0 or done:
             elapsed = time.time() - t0
-            ev = heldout_eval(model, tok, device) if not args.tiny else {}
+            ev = heldout_eval(model, tok, device, cells=cells) if not args.tiny else {}
             history.append({"step": step, "elapsed_s": round(elapsed), **ev})
             print(f"eval step {step}: {ev}", flush=True)
             meta = {"step": step, "steps": total, "elapsed_s": round(elapsed), "args": vars(args),
