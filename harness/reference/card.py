@@ -25,6 +25,20 @@ def _arch(cfg: dict, n_params: int, size_mb: float) -> str:
             f"parameters, float32, {size_mb:.1f} MB.")
 
 
+def _data_v2(args: dict) -> list[str]:
+    """The v2 recipe's data (harness/reference/data_v2.py), as the run's arguments set it."""
+    return [
+        "- **Data** (`--recipe v2`: `harness/reference/data_v2.py`, seeds >= 1,000,000; evaluation uses seeds < 1000):",
+        "  the 11 offline RULER tasks (niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt,",
+        "  cwe, fwe) built by kvbench's own `tasks/ruler` generators at 384-4096 tokens, so training prompts are",
+        "  RULER's official ones; v1's varied retrieval tasks and list copying; a random-token induction drill; and",
+        f"  {int(args['prose_share'] * 100)}% prose rows with a language-modelling loss (weight "
+        f"{args['prose_weight']}): CPython's reference manual (`pydoc_data.topics`, shipped with CPython), stdlib",
+        "  docstrings, template prose and RULER's noise lines, in most rows with a few facts that recur later,",
+        "  uncued (their tokens weigh 1). Loss otherwise on answer tokens only.",
+    ]
+
+
 def _scores(results: Path) -> list[str]:
     rows = []
     for path in sorted(results.glob("eval_*.json")):
@@ -42,7 +56,8 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
     size_mb = weights.stat().st_size / 1e6
     n_params = sum(math.prod(s) for s in _shapes(weights))
     minutes = meta["elapsed_s"] / 60
-    default_cmd = "python -m harness.reference.train --no-resume"
+    default_cmd = "python -m harness.reference.train --no-resume" + (
+        " --recipe v1" if args.get("recipe", "v1") == "v1" else "")
     scores = _scores(results)
     lines = [
         "# kvbench reference model",
@@ -54,10 +69,12 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
         "- **Architecture**: " + _arch(cfg, n_params, size_mb),
         "- **Tokenizer**: byte-level BPE trained on the generators' text (2048 tokens), single digits and single",
         "  capital letters isolated so numbers and variable names are copied one token at a time.",
-        "- **Data** (`harness/reference/data.py`, seeds >= 1,000,000; evaluation uses seeds < 1000): RULER's",
-        "  niah and variable-tracking templates (noise, essay, needle and word haystacks; 1-6 keys, several values",
-        "  or queries; chains of 1-6 hops, with and without RULER's solved example), dense key-value lookups and",
-        "  list copying, plus a random-token induction drill. Loss on answer tokens only.",
+        *(_data_v2(args) if args.get("recipe", "v1") == "v2" else [
+            "- **Data** (`harness/reference/data.py`, seeds >= 1,000,000; evaluation uses seeds < 1000): RULER's",
+            "  niah and variable-tracking templates (noise, essay, needle and word haystacks; 1-6 keys, several "
+            "values",
+            "  or queries; chains of 1-6 hops, with and without RULER's solved example), dense key-value lookups and",
+            "  list copying, plus a random-token induction drill. Loss on answer tokens only."]),
         f"- **Recipe**: {args['drill_steps']} drill steps ({args['drill_rows']} rows of 48 random tokens with a "
         "repeated segment: the induction phase change comes at ~450), then the task mix for "
         f"{args['steps'] - args['drill_steps']} steps of ~{args['batch_tokens']} tokens with a length curriculum "
@@ -65,8 +82,10 @@ def render(checkpoint: Path, results: Path, hardware: str, note: str = "") -> st
         f"with PoSE-style position skips up to {args['skip_span']}; AdamW (betas 0.9/0.95, weight decay "
         f"{args['weight_decay']}), peak lr {args['lr']}, {args['warmup']} warm-up steps, cosine to 10%, "
         "gradient clip 1." + (
-            f" Then a focus phase of {args['focus_steps']} steps (`focus_example`: half RULER-format variable "
-            "tracking with its solved example in front, 20% multikey needles, 10% single needles, 20% the main mix) "
+            f" Then a focus phase of {args['focus_steps']} steps ("
+            + ("`focus_example_v2`: the 11 RULER formats, the prose share kept" if args.get("recipe") == "v2" else
+               "`focus_example`: half RULER-format variable tracking with its solved example in front, 20% "
+               "multikey needles, 10% single needles, 20% the main mix") + ") "
             f"at 512-{args['max_len']} tokens (70% of steps 2k-{args['max_len']}), its own warm-up and cosine from "
             f"lr {args['focus_lr']}." if args.get("focus_steps") else ""),
         f"- **Hardware and time**: {hardware}; {meta['step']} steps in {minutes:.0f} minutes."
