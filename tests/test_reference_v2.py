@@ -165,3 +165,24 @@ def test_v2_recipe_trains_a_tiny_model_end_to_end(tmp_path):
           "400", "--threads", "1", "--drill-steps", "1", "--drill-rows", "4", "--focus-steps", "1"])
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["step"] == 3 and meta["args"]["recipe"] == "v2"
+
+
+@needs_tok
+def test_v2_heldout_cells_are_ruler_prompts_on_evaluation_seeds(tok, formats):
+    """The training run's held-out check scores each v2 cell (exact teacher-forced answers, in [0, 1]) on
+    RULER's own prompts at evaluation seeds (< 1000); the same call twice gives the same prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.reference.model import TINY_ARCH, reference_config
+    from harness.reference.train import HELDOUT_SEED, heldout_eval, heldout_v2
+
+    assert HELDOUT_SEED < 1000
+    cells = heldout_v2(formats, lengths=(2048,))
+    first = [fn(random.Random(1)) for _, fn in cells[2048]]
+    assert [ex.context for ex in first] == [fn(random.Random(1)).context for _, fn in cells[2048]]
+    assert {ex.task for ex in first} == {"niah_single_1", "niah_multikey_3", "niah_multivalue", "vt", "cwe", "fwe"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(reference_config(tok, TINY_ARCH), dtype=torch.float32).eval()
+    res = heldout_eval(model, tok, "cpu", n=1, cells=cells)
+    assert set(res) == {f"{k}@2048" for k in ("niah1", "mk3", "mv", "vt", "cwe", "fwe")}
+    assert all(0.0 <= v <= 1.0 for v in res.values())
