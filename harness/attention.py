@@ -165,7 +165,9 @@ AttentionInterface.register(ATTN_NAME, kvbench_attention)
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    from harness.models import is_attention_module
+
+    mods = [m for m in model.modules() if is_attention_module(m)]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 

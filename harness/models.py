@@ -161,7 +161,11 @@ def inspect_model(model_cfg) -> dict[str, Any]:
         raise KvbenchError(f"{config_file}: no 'model_type'; a Hugging Face config.json names its architecture "
                            f"(supported: {', '.join(FAMILIES)})")
     if model_type in REFUSED_FAMILIES:
-        quirks = attention_quirks(_load_config(path).get_text_config())
+        text_config = _load_config(path).get_text_config()
+        quirks = attention_quirks(text_config)
+        window = sliding_window(text_config)
+        if window is not None:
+            quirks.insert(0, f"sliding-window layers (window {window}) alternate with global ones")
         raise KvbenchError(f"model.path={path!r} is a {REFUSED_FAMILIES[model_type]} model ({model_type}), which "
                            f"kvbench does not support: {'; '.join(quirks) or 'its attention differs from one global layer'}"
                            f"{KVPRESS_NOTE.get(model_type, '')}; supported families: {', '.join(FAMILIES)}")
@@ -170,24 +174,22 @@ def inspect_model(model_cfg) -> dict[str, Any]:
     limit = raw.get("max_position_embeddings")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise KvbenchError(f"{config_file}: max_position_embeddings={limit!r} is not a positive integer; {RECOPY}")
-    quirks = attention_quirks(_load_config(path))
+    config = _load_config(path)
+    quirks = attention_quirks(config)
     if quirks:
         raise KvbenchError(f"model.path={path!r}: this {model_type} config is not supported: {'; '.join(quirks)} "
                            "(docs/models.md lists what runs)")
-    return {"model_type": model_type, "max_position_embeddings": limit, "path": path}
+    window = sliding_window(config)  # "sliding_window" only when some layer has one that can hide keys
+    return {"model_type": model_type, "max_position_embeddings": limit, "path": path,
+            **({"sliding_window": window} if window is not None else {})}
 
 
-def attention_quirks(config) -> list[str]:
-    """What in a (text) config makes some layer's attention differ from the one global causal attention with
-    one RoPE that kvbench's attention function, cache and scorers implement; empty when there is nothing.
-
-    * sliding-window layers (``layer_types`` of Qwen2/Qwen3/Gemma; ``sliding_window`` on every layer of
-      Mistral/Phi-3) whose window is shorter than ``max_position_embeddings``: a window at least that long never
-      hides a key (transformers' window keeps ``q - k < window``), so such a layer is global;
-    * soft-capped attention logits (``attn_logit_softcapping``, Gemma 2): our attention paths would drop it;
-    * RoPE on part of each head (``partial_rotary_factor`` < 1, Phi-4-mini) or per layer type (Gemma 3's local
-      and global bases): key re-rotation and the scorers that rotate queries apply one full-width RoPE."""
-    quirks = []
+def sliding_window(config) -> int | None:
+    """The window of the config's sliding-window layers (``layer_types`` of Qwen2/Qwen3/Gemma; ``sliding_window``
+    on every layer of Mistral/Phi-3), or None when every layer is global. A window at least
+    ``max_position_embeddings`` long never hides a key (transformers' window keeps ``q - k < window``): None.
+    kvbench's attention and cache run every layer as a global one, which is right while a run's prompt and
+    generation fit in the window (``harness.runner`` refuses longer ones)."""
     n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     limit = getattr(config, "max_position_embeddings", None)
     window = getattr(config, "sliding_window", None)
@@ -196,10 +198,20 @@ def attention_quirks(config) -> list[str]:
         windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
     else:  # Mistral, Phi-3: the window, when set, is every layer's
         windowed = list(range(n_layers)) if window is not None else []
-    if windowed and (window is None or limit is None or window < limit):
-        kinds = sorted({layer_types[i] for i in windowed} if layer_types is not None else {"sliding_attention"})
-        quirks.append(f"{len(windowed)} of {n_layers} layers use {'/'.join(kinds)} (window {window}, shorter than "
-                      f"its {limit} positions), which kvbench's attention and cache would run as global layers")
+    if not windowed or (window is not None and limit is not None and window >= limit):
+        return None
+    return int(window) if window is not None else 1
+
+
+def attention_quirks(config) -> list[str]:
+    """What in a (text) config makes some layer's attention differ from the one global causal attention with
+    one RoPE that kvbench's attention function, cache and scorers implement, at any length; empty when there is
+    nothing (a sliding window is a limit on the run's length instead: ``sliding_window``).
+
+    * soft-capped attention logits (``attn_logit_softcapping``, Gemma 2): our attention paths would drop it;
+    * RoPE on part of each head (``partial_rotary_factor`` < 1, Phi-4-mini) or per layer type (Gemma 3's local
+      and global bases): key re-rotation and the scorers that rotate queries apply one full-width RoPE."""
+    quirks = []
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is not None:
         quirks.append(f"attention logits are soft-capped (attn_logit_softcapping={softcap}), which kvbench's "

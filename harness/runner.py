@@ -27,7 +27,7 @@ from harness.fingerprint import run_inputs
 from harness.io import RowStore, atomic_write_json, atomic_write_text, os_error
 from harness.lock import RunLock
 from harness.metrics import summarize
-from harness.models import inspect_model, load_model
+from harness.models import inspect_model, load_model, sliding_window
 from harness.batching import DecodeBatch
 from harness.pipeline import run_questions, run_sample
 from harness.schema import RunSettings, validate
@@ -69,6 +69,8 @@ def normalized(cfg: DictConfig, settings: RunSettings, method=None) -> dict:
     if "decoding" in resolved:  # the mode as resolved: mode=null with a target is mode=both
         resolved["decoding"] = {**resolved["decoding"], "mode": settings.decoding.plan().mode}
     resolved["model"]["chat"] = settings.model.chat
+    if resolved["model"].get("device_map", "absent") is None:  # added later: left unset, a dir made before resumes
+        del resolved["model"]["device_map"]
     typed = cfg.get("keep_ratio") if cfg.get("compression_ratio") is None else cfg.get("compression_ratio")
     if not isinstance(typed, (list, tuple, ListConfig)):
         resolved["keep_ratio"] = resolved["keep_ratio"][0]
@@ -189,7 +191,8 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
     built = build_tasks(cfg, task_names)  # every task option checked here, before any dir is made
     if settings.questions_per_context > 1:
         check_questions(settings, built)
-    limit = inspect_model(cfg.model)["max_position_embeddings"] if model_files else None
+    facts = inspect_model(cfg.model) if model_files else {}
+    limit = facts.get("max_position_embeddings")
     if limit and settings.context_length > limit:
         raise KvbenchError(
             f"context_length={settings.context_length} is larger than the model's maximum ({limit} positions)"
@@ -199,6 +202,12 @@ def check_config(cfg: DictConfig, model_files: bool = True) -> tuple[RunSettings
         if limit and longest > limit:
             raise KvbenchError(f"{name}: context length {longest} is larger than the model's maximum ({limit} "
                                f"positions); use lengths up to {limit}")
+    window = facts.get("sliding_window")
+    if window is not None and settings.context_length + (settings.max_new_tokens or 0) > window:
+        raise KvbenchError(
+            f"context_length={settings.context_length} (+ max_new_tokens={settings.max_new_tokens or 0}) is longer "
+            f"than the model's sliding window ({window} positions), which kvbench's attention does not apply: "
+            f"use lengths up to {window} (docs/models.md)")
     return settings, method, built
 
 
@@ -278,6 +287,12 @@ def _run_locked(cfg: DictConfig, settings: RunSettings, method, built: dict, out
             if limit and length > limit:
                 raise KvbenchError(f"{name}: context length {length} of sample {sample.sample_id} is larger than "
                                    f"the model's maximum ({limit} positions); use lengths up to {limit}")
+            window = getattr(model.config, "sliding_window", None) if sliding_window(model.config) else None
+            generated = settings.max_new_tokens or sample.max_new_tokens
+            if window is not None and n_tokens + generated > window:
+                raise KvbenchError(f"{name}: sample {sample.sample_id}'s {n_tokens} prompt tokens + {generated} new "
+                                   f"tokens are longer than the model's sliding window ({window} positions), which "
+                                   "kvbench's attention does not apply; lower context_length or max_new_tokens")
             if n_tokens > length:
                 raise KvbenchError(
                     f"context_length={length} is smaller than the prompt of {name} "

@@ -19,7 +19,7 @@ from harness.cache import kept_per_head, prune
 from harness.compat import cache_of, with_cache
 from harness.errors import KvbenchError
 from harness.models import (attention_quirks, build_tiny, input_device, inspect_model, is_attention_module,
-                            load_model, placement)
+                            load_model, placement, sliding_window)
 from harness.pipeline import prefill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,23 +223,15 @@ def _configs():
     small = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     return {
         # Gemma 3's default pattern: 5 local layers per global one (layer_types), local RoPE base 10000
-        "gemma3": (_gemma3(), ["Gemma 3", "5 of 6 layers use sliding_attention (window 32", "RoPE differs per layer",
+        "gemma3": (_gemma3(), ["Gemma 3", "sliding-window layers (window 32) alternate", "RoPE differs per layer",
                                "sliding_attention 10000.0", "kvpress compresses only its global layers"]),
         "gemma3-all-global": (_gemma3(layer_types=["full_attention"] * 6),
                               ["Gemma 3", "RoPE differs per layer type"]),
         "gemma2": (Gemma2Config(num_hidden_layers=2, **small),
-                   ["Gemma 2", "soft-capped (attn_logit_softcapping=50.0)", "1 of 2 layers use sliding_attention"]),
-        # Phi-3-mini-4k-instruct: sliding_window 2047 of 4096 positions
-        "phi3-4k": (Phi3Config(num_hidden_layers=2, sliding_window=2047, max_position_embeddings=4096, **small),
-                    ["phi3 config is not supported", "2 of 2 layers", "window 2047, shorter than its 4096"]),
+                   ["Gemma 2", "soft-capped (attn_logit_softcapping=50.0)", "sliding-window layers (window 4096)"]),
         # Phi-4-mini: phi3 with RoPE on 3/4 of each head
         "phi3-partial-rope": (Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.75, **small),
                               ["partial_rotary_factor=0.75"]),
-        # Mistral-7B-v0.1: a 4096 window over 32768 positions
-        "mistral-window": (MistralConfig(num_hidden_layers=2, sliding_window=4096, max_position_embeddings=32768,
-                                         **small), ["mistral config", "window 4096, shorter than its 32768"]),
-        "qwen2-window": (Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=64,
-                                     max_window_layers=1, **small), ["2 of 3 layers use sliding_attention"]),
     }
 
 
@@ -266,10 +258,39 @@ def test_windows_that_hide_nothing_run_as_global(tmp_path):
     assert attention_quirks(long) == []
     assert inspect_model({"name": "hf", "path": str(_save_config(tmp_path, long, "phi3-128k"))})["model_type"] == "phi3"
     assert attention_quirks(MistralConfig(sliding_window=None, **small)) == []
-    # one position shorter than the model's range is a window that can hide a key
-    assert attention_quirks(Phi3Config(sliding_window=131071, max_position_embeddings=131072, **small))
+    assert sliding_window(long) is None
+    # one position shorter than the model's range is a window that can hide a key: a limit on the run's length
+    assert sliding_window(Phi3Config(sliding_window=131071, max_position_embeddings=131072, **small)) == 131071
     for family in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
         assert attention_quirks(build_tiny(family)[0].config) == [], family
+
+
+def _windowed():
+    from transformers import MistralConfig, Phi3Config, Qwen2Config
+
+    small = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        # Phi-3-mini-4k-instruct: sliding_window 2047 of 4096 positions
+        "phi3-4k": (Phi3Config(num_hidden_layers=2, sliding_window=2047, max_position_embeddings=4096, **small), 2047),
+        # Mistral-7B-v0.1: a 4096 window over 32768 positions
+        "mistral-window": (MistralConfig(num_hidden_layers=2, sliding_window=4096, max_position_embeddings=32768,
+                                         **small), 4096),
+        "qwen2-window": (Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=64,
+                                     max_window_layers=1, **small), 64),
+    }
+
+
+@pytest.mark.parametrize("case", list(_windowed()))
+def test_a_run_longer_than_a_sliding_window_is_refused(capsys, tmp_path, case):
+    """A window hides nothing while the prompt and its generation fit in it, so such a model runs up to its window
+    (Mistral-7B-v0.1 at 4k) and a longer run is refused before anything is written."""
+    config, window = _windowed()[case]
+    d = _save_config(tmp_path, config, case)
+    assert inspect_model({"name": "hf", "path": str(d)})["sliding_window"] == window
+    run_dir = tmp_path / "run"
+    line = refused_in_process(capsys, "model=hf", f"model.path={d}", "n_samples=1", f"context_length={window}",
+                              "max_new_tokens=8", f"hydra.run.dir={run_dir}")
+    assert f"sliding window ({window} positions)" in line and not run_dir.exists(), line
 
 
 def test_a_sliding_window_changes_outputs():
