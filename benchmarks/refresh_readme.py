@@ -1,7 +1,10 @@
 """Run the benchmarks and rewrite the README's measured figures (between the bench markers), with the
 machine and date. One command: ``make bench``.
 
-    python benchmarks/refresh_readme.py [--skip-kvpress] [--context 4096]
+    python benchmarks/refresh_readme.py [--skip-kvpress] [--skip-ragged] [--skip-batching] [--context 4096]
+
+Besides ``speed.py`` (and ``vs_kvpress.py``) it runs ``ragged_decode.py`` (ragged / uniform decode step) and
+``batching.py`` (batch 8 / batch 1 samples per second), each at its own defaults.
 
 The kvpress comparison needs kvpress's own venv (``bash tools/peers/kvpress-env.sh``);
 without it that line says so instead of a number.
@@ -26,7 +29,47 @@ def run_json(args: list[str]) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def render(speed: dict, kvpress: dict | None, kvpress_note: str) -> str:
+def _span(value: float, lo_hi: list[float] | None) -> str:
+    return f"{value:.2f}x" + (f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else "")
+
+
+def ragged_lines(ragged: dict) -> list[str]:
+    """One table row per ragged split: its decode step over the uniform cache's (``ragged_decode.py``)."""
+    rows = []
+    for name, ratio in ragged["ratios"].items():
+        if name.startswith("ragged"):
+            split = "/".join(name.split()[1].split(","))
+            rows.append(f"| ragged / uniform decode step, same total (KV heads {split} vs "
+                        f"{ragged['budget_per_head']} each) | {_span(ratio, ragged['ratio_range'].get(name))} | "
+                        "<= 1.2x |")
+    return rows
+
+
+def batching_lines(batching: dict) -> list[str]:
+    """One table row per method: samples per second at the larger batch size over batch size 1 (``batching.py``)."""
+    b = batching["batch_size"]
+    return [f"| batch {b} / batch 1 samples per second ({name}) | {_span(r['ratio'], r['ratio_range'])} | >= 1.5x |"
+            for name, r in batching["methods"].items()]
+
+
+def settings_line(ragged: dict | None, batching: dict | None) -> str | None:
+    """The settings (and machine load) of the ragged and batching rows, which differ from the speed rows'."""
+    parts = []
+    if ragged:
+        parts.append(f"ragged rows: reference model, {ragged['prompt_tokens']}-token prompt, {ragged['steps']} greedy "
+                     f"steps, median over {ragged['repeats']} repeats, load {ragged['machine'].get('load_average')}")
+    if batching:
+        same = all(r["same_predictions_and_scores"] for r in batching["methods"].values())
+        parts.append(f"batch rows: the runner on {batching['n_samples']} {batching['task']} samples of "
+                     f"{batching['context_length']} tokens, {batching['max_new_tokens']} new tokens, median over "
+                     f"{batching['repeats']} repeats, predictions and scores "
+                     f"{'identical' if same else 'DIFFERENT'} at both batch sizes, load "
+                     f"{batching['machine'].get('load_average')}")
+    return ("; ".join(parts) + ".") if parts else None
+
+
+def render(speed: dict, kvpress: dict | None, kvpress_note: str, ragged: dict | None = None,
+           batching: dict | None = None) -> str:
     m = speed["machine"]
     r, rng = speed["ratios"], speed.get("ratio_range", {})
 
@@ -54,6 +97,13 @@ def render(speed: dict, kvpress: dict | None, kvpress_note: str) -> str:
         lines.append(f"| kvpress 5-ratio SnapKV sweep / ours | {ratio:.2f}x{span} | >= 3x |")
     else:
         lines.append(f"| kvpress 5-ratio SnapKV sweep / ours | {kvpress_note} | >= 3x |")
+    if ragged:
+        lines += ragged_lines(ragged)
+    if batching:
+        lines += batching_lines(batching)
+    note = settings_line(ragged, batching)
+    if note:
+        lines += ["", note[0].upper() + note[1:]]
     lines.append(END)
     return "\n".join(lines)
 
@@ -61,6 +111,8 @@ def render(speed: dict, kvpress: dict | None, kvpress_note: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-kvpress", action="store_true")
+    parser.add_argument("--skip-ragged", action="store_true")
+    parser.add_argument("--skip-batching", action="store_true")
     parser.add_argument("--context", type=int, default=4096)
     args = parser.parse_args()
     speed = run_json(["benchmarks/speed.py", "--context", str(args.context)])
@@ -68,7 +120,9 @@ def main() -> None:
     venv = ROOT / ".peers/kvpress-venv/bin/python"
     if not args.skip_kvpress and venv.exists():
         kvpress = run_json(["benchmarks/vs_kvpress.py", "--context", str(args.context)])
-    block = render(speed, kvpress, note)
+    ragged = None if args.skip_ragged else run_json(["benchmarks/ragged_decode.py"])
+    batching = None if args.skip_batching else run_json(["benchmarks/batching.py"])
+    block = render(speed, kvpress, note, ragged, batching)
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START in text and END in text:

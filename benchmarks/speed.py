@@ -34,14 +34,14 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def load_llama_8b(device: torch.device, layers: int | None = None):
+def load_llama_8b(device: torch.device, layers: int | None = None, **shrink):
     """Random-weight Llama-3.1-8B (bf16 on CUDA, float32 on CPU), built directly on ``device``; ``layers``
-    shortens it (a CPU smoke run of the GPU variant)."""
+    shortens it and ``shrink`` overrides other keys of ``LLAMA_8B`` (CPU smoke runs of the GPU variant)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     from harness.models import REFERENCE_DIR
 
-    arch = dict(LLAMA_8B, num_hidden_layers=layers or LLAMA_8B["num_hidden_layers"])
+    arch = dict(LLAMA_8B, num_hidden_layers=layers or LLAMA_8B["num_hidden_layers"], **shrink)
     config = LlamaConfig(**arch)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -96,37 +96,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="reference")
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
-    args = parser.parse_args()
-    if args.model not in ("reference", "tiny", "llama-8b"):
-        parser.error(f"--model {args.model!r} is not known; allowed: reference, tiny, llama-8b")
-
+def measure(model, tok, label: str, context: int = 4096, repeats: int = 11, new_tokens: int = 8) -> dict:
+    """The variants of the module docstring timed on ``model`` (per repeat back to back, alternating order) and
+    their per-repeat ratios; on CUDA also each variant's peak allocated memory (weights included)."""
     from harness.attention import install
     from harness.pipeline import run_sample
 
-    from harness.models import REFERENCE_DIR
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model == "llama-8b":
-        model, tok = load_llama_8b(device, args.layers)
-        label = "Llama-3.1-8B architecture, random weights" + (f", {args.layers} layers" if args.layers else "")
-    else:
-        model, tok = load(args.model)
-        model = model.to(device)
-        label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
-            "reference architecture, random weights (checkpoint absent)"
-    ctx, q = prompt(tok, args.context)
+    device = model.device
+    ctx, q = prompt(tok, context)
     snap, full = method("snapkv"), method("full")
-    n = args.new_tokens
-    model.generation_config.eos_token_id = None  # every variant decodes exactly n tokens
+    n = new_tokens
+    # every variant decodes exactly n tokens (both EOS ids come back at the end)
+    model_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
     tok_eos, tok.eos_token_id = tok.eos_token_id, None
 
     def ours(m, ratios):
@@ -152,16 +133,17 @@ def main() -> None:
         fn()
     times = {k: [] for k in variants}
     peak = {}
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # no variant always goes first
         for name in order:
             fn = variants[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times[name].append(timed(fn))
-            if device.type == "cuda":  # the memory a variant needs on top of the weights, at its peak
+            if device.type == "cuda":  # the memory a variant needs at its peak, weights included
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
     tok.eos_token_id = tok_eos
+    model.generation_config.eos_token_id = model_eos
     med = {k: statistics.median(v) for k, v in times.items()}
     # Each ratio is the median of its per-repeat ratios: the two variants of a pair ran back to back, so a change
     # in machine load between repeats cancels out (a ratio of two medians would mix different repeats).
@@ -177,10 +159,38 @@ def main() -> None:
         "new_tokens": n,
         "median_s": med,
         **({"cuda_peak_gib": {k: v / 2**30 for k, v in peak.items()}} if peak else {}),
-        "repeats": args.repeats,
+        "repeats": repeats,
         "ratios": {name: statistics.median(r) for name, r in per_repeat.items()},
         "ratio_range": {name: [min(r), max(r)] for name, r in per_repeat.items()},
     }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
+    args = parser.parse_args()
+    if args.model not in ("reference", "tiny", "llama-8b"):
+        parser.error(f"--model {args.model!r} is not known; allowed: reference, tiny, llama-8b")
+
+    from harness.models import REFERENCE_DIR
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model == "llama-8b":
+        model, tok = load_llama_8b(device, args.layers)
+        label = "Llama-3.1-8B architecture, random weights" + (f", {args.layers} layers" if args.layers else "")
+    else:
+        model, tok = load(args.model)
+        model = model.to(device)
+        label = args.model if args.model != "reference" or (REFERENCE_DIR / "config.json").exists() else \
+            "reference architecture, random weights (checkpoint absent)"
+    result = measure(model, tok, label, args.context, args.repeats, args.new_tokens)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
