@@ -298,12 +298,15 @@ def _load_weights(path: str, config, dtype: torch.dtype, device_map: str = "cpu"
     for shard in sorted(root.glob("*.safetensors")):
         with open_safetensors(shard, RECOPY):
             pass
+    # transformers reads each tensor straight onto a device only through accelerate (an optional extra); without
+    # it the weights load into host memory and move once (on a CPU there is nothing to move)
+    direct = device_map if device_map == "auto" or accelerate_installed() else None
     try:
         # ignore_mismatched_sizes: a tensor of another shape than config.json says is reported in ``info`` (and
         # refused below, with its name) instead of transformers' error pointing at a log line.
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="sdpa",
                                                            ignore_mismatched_sizes=True, output_loading_info=True,
-                                                           device_map=device_map)
+                                                           device_map=direct)
     except ValueError as err:
         if device_map == "auto" and "offload" in str(err):  # accelerate mapped some layers to disk
             raise KvbenchError(f"model.device_map=auto: model.path={path!r} does not fit in this machine's GPU and "
@@ -322,7 +325,7 @@ def _load_weights(path: str, config, dtype: torch.dtype, device_map: str = "cpu"
     if missing:
         raise KvbenchError(f"model.path={path!r}: the weights lack {len(missing)} tensor(s) its config.json needs "
                            f"(e.g. {missing[0]}); {RECOPY}")
-    return model
+    return model if direct is not None or device_map == "cpu" else model.to(device_map)
 
 
 def accelerate_installed() -> bool:

@@ -307,3 +307,24 @@ def test_a_sliding_window_changes_outputs():
     windowed.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, windowed.eval()(ids).logits, atol=1e-4)
+
+
+def test_weights_load_without_accelerate(monkeypatch):
+    """accelerate is an optional extra: without it a checkpoint still loads (into host memory, then moved), as a
+    fresh install's `make demo` loads the reference model."""
+    from harness import models
+
+    monkeypatch.setattr(models, "accelerate_installed", lambda: False)
+    seen = {}
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen["device_map"] = kwargs.get("device_map")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = load_model({"name": "reference", "device": "cpu", "dtype": "float32"})
+    assert "device_map" in seen and seen["device_map"] is None  # transformers would refuse one without accelerate
+    assert model.device.type == "cpu" and next(model.parameters()).dtype == torch.float32
