@@ -5,7 +5,8 @@ Each variant is one ``harness.runner.run`` of a composed config (``task=ruler/ni
 cache. The model is loaded once and handed to every run (``harness.runner.load_model`` is swapped for the
 preloaded one), so the time is the runner's own work: building the samples, prefill, scoring, cuts, decoding,
 writing rows. Per repeat the two batch sizes run back to back in alternating order; each ratio is the median over
-repeats of ``time(batch 1) / time(batch 8)`` (range in brackets). Every run's rows must carry the same predictions
+repeats of ``time(batch 1) / time(batch 8)`` (range in brackets; the ratio of CPU times beside it, as
+``ragged_decode.py``). Every run's rows must carry the same predictions
 and scores as the first batch-1 run (greedy decoding: batching changes no token); a difference is an error.
 The configs compose ``model=reference`` (its tokenizer writes the prompts, also for ``--model llama-8b``), so the
 runner's length check holds the samples to that config's 16384 positions.
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import machine  # noqa: E402
+from machine import Stopwatch, machine  # noqa: E402
 
 # (method, its overrides): a compressing method and the full cache
 METHODS = {"snapkv keep 0.25": ["method=snapkv", "keep_ratio=0.25"], "full": ["method=full"]}
@@ -81,32 +82,32 @@ def measure(model, tok, context: int = 1024, n_samples: int = 16, max_new_tokens
     with tempfile.TemporaryDirectory(prefix="kvbench-batching-") as tmp, preloaded(model, tok):
         runs = iter(range(10**9))
 
-        def timed_run(cfg) -> tuple[float, dict]:
+        def timed_run(cfg) -> tuple[Stopwatch, dict]:
             out_dir = Path(tmp) / f"run{next(runs)}"
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(cfg, out_dir)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return time.perf_counter() - start, _answers(out_dir)
+            with Stopwatch() as watch:
+                run(cfg, out_dir)
+            return watch, _answers(out_dir)
 
         for name in methods:
             reference = timed_run(configs[(name, 1)])[1]  # warm-up, and the answers every run must give
             timed_run(configs[(name, batch_size)])
             times: dict[int, list[float]] = {b: [] for b in sizes}
+            cpu: dict[int, list[float]] = {b: [] for b in sizes}
             same = True
             for rep in range(repeats):
                 for b in (sizes if rep % 2 == 0 else sizes[::-1]):  # no batch size always goes first
-                    seconds, answers = timed_run(configs[(name, b)])
-                    times[b].append(seconds)
+                    watch, answers = timed_run(configs[(name, b)])
+                    times[b].append(watch.wall)
+                    cpu[b].append(watch.cpu)
                     same = same and answers == reference
             ratios = [one / many for one, many in zip(times[1], times[batch_size])]
+            cpu_ratios = [one / many for one, many in zip(cpu[1], cpu[batch_size])]
             out[name] = {
                 "median_s": {f"batch {b}": statistics.median(times[b]) for b in sizes},
                 "samples_per_s": {f"batch {b}": n_samples / statistics.median(times[b]) for b in sizes},
                 "ratio": statistics.median(ratios),
                 "ratio_range": [min(ratios), max(ratios)],
+                "cpu_ratio": statistics.median(cpu_ratios),
                 "same_predictions_and_scores": same,
                 "rows": len(reference),
             }
@@ -127,7 +128,8 @@ def measure(model, tok, context: int = 1024, n_samples: int = 16, max_new_tokens
 def summary(result: dict) -> str:
     m, b = result["machine"], result["batch_size"]
     cells = "; ".join(
-        f"{name}: batch {b} / batch 1 = {r['ratio']:.2f}x ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}), "
+        f"{name}: batch {b} / batch 1 = {r['ratio']:.2f}x ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}; "
+        f"CPU time {r['cpu_ratio']:.2f}x), "
         f"{r['samples_per_s'][f'batch {b}']:.2f} vs {r['samples_per_s']['batch 1']:.2f} samples/s, "
         f"{'same' if r['same_predictions_and_scores'] else 'DIFFERENT'} predictions and scores"
         for name, r in result["methods"].items())
@@ -147,8 +149,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's own; 1 steadies a CPU shared with other work)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     for key in ("context", "n_samples", "max_new_tokens", "repeats", "batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be >= 1")

@@ -6,7 +6,9 @@ the same total holds the mean count in every head (a dense layer). Both are cut 
 one prefill of a RULER niah_single_1 prompt, then decoded greedily (``harness.pipeline.greedy``, EOS off, so each
 variant runs exactly ``--steps`` forwards on its cache); the full cache is timed too, for scale. Per repeat the
 variants run back to back in alternating order; each ratio is the median over repeats of ``ragged / uniform``
-(range in brackets), so a change of machine load between repeats cancels out.
+(range in brackets), so a change of machine load between repeats cancels out. A run's step time is the median
+of its steps (a step on which other work took the core is left out); the ratios of the median CPU step and of
+the mean step (total / steps) are printed beside it.
 
 Per-head counts: ``--splits 200,312 64,448`` are patterns repeated over a layer's KV heads (the reference model
 has 2; Llama-3.1-8B 8), each averaging ``--budget`` (256), the count of every head of the uniform cache. Which
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import machine  # noqa: E402
+from machine import Stopwatch, machine  # noqa: E402
 
 DEFAULT_SPLITS = [[200, 312], [64, 448]]
 
@@ -70,15 +72,25 @@ def spaced(count: int, length: int) -> torch.Tensor:
     return torch.linspace(0, length - 1, count).round().long()
 
 
-def decode_steps(model, cache, logits, pos: int, steps: int) -> float:
-    """Seconds per forward of ``steps`` greedy decode steps on ``cache`` (EOS off, no early end)."""
+def decode_steps(model, cache, logits, pos: int, steps: int) -> tuple[float, float, float]:
+    """``steps`` greedy decode steps on ``cache`` (EOS off, no early end): the median wall-clock and CPU seconds
+    of one step, and the mean wall-clock step. The median of the steps of one run leaves out the steps on which
+    the machine's other work took the core (on a shared CPU those are a few long ones)."""
     from harness.pipeline import _sync, greedy
 
-    _sync(model.device)
-    start = time.perf_counter()
-    greedy(model, cache, logits, pos, steps + 1, set())  # the first token comes from ``logits``: steps forwards
-    _sync(model.device)
-    return (time.perf_counter() - start) / steps
+    marks = []
+
+    def mark(*_):  # greedy calls it after each forward
+        _sync(model.device)
+        marks.append((time.perf_counter(), time.process_time()))
+
+    with Stopwatch() as watch:
+        marks.append((time.perf_counter(), time.process_time()))
+        greedy(model, cache, logits, pos, steps + 1, set(), after_step=mark)  # the first token comes from
+        # ``logits``: steps forwards
+    walls = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    cpus = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    return statistics.median(walls), statistics.median(cpus), watch.wall / steps
 
 
 def measure(model, tok, context: int = 1024, budget: int = 256, splits: list[list[int]] | None = None,
@@ -106,20 +118,22 @@ def measure(model, tok, context: int = 1024, budget: int = 256, splits: list[lis
             kept[name] = [torch.stack(heads) if name == "uniform" else heads for _ in range(n_layers)]
         shapes = {name: kept_per_head(prune(done.cache, k)) for name, k in kept.items()}
 
-        def run(name: str) -> float:
+        def run(name: str) -> tuple[float, float, float]:
             cache = prune(done.cache, kept[name])  # a fresh copy: decoding grows it
             return decode_steps(model, cache, done.last_logits, len(ids), steps)
 
         for name in kept:  # warm-up
             run(name)
-        times: dict[str, list[float]] = {name: [] for name in kept}
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in kept}
         for rep in range(repeats):
             order = list(kept) if rep % 2 == 0 else list(reversed(kept))  # no variant always goes first
             for name in order:
                 times[name].append(run(name))
-    ragged = [n for n in kept if n.startswith("ragged")]
-    per_repeat = {f"{n} / uniform": [r / u for r, u in zip(times[n], times["uniform"])] for n in ragged}
-    per_repeat["uniform / full"] = [u / f for u, f in zip(times["uniform"], times["full"])]
+    pairs = {f"{n} / uniform": (n, "uniform") for n in kept if n.startswith("ragged")}
+    pairs["uniform / full"] = ("uniform", "full")
+    # clock 0: median wall step, 1: median CPU step, 2: mean wall step; each ratio is of two runs back to back
+    per_repeat = {c: {p: [x[c] / y[c] for x, y in zip(times[a], times[b])] for p, (a, b) in pairs.items()}
+                  for c in (0, 1, 2)}
     return {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -129,9 +143,13 @@ def measure(model, tok, context: int = 1024, budget: int = 256, splits: list[lis
         "total_entries": {n: sum(map(sum, s)) for n, s in shapes.items()},
         "steps": steps,
         "repeats": repeats,
-        "median_step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
-        "ratios": {n: statistics.median(r) for n, r in per_repeat.items()},
-        "ratio_range": {n: [min(r), max(r)] for n, r in per_repeat.items()},
+        "step_ms": {n: 1e3 * statistics.median(x[0] for x in t) for n, t in times.items()},
+        "step_cpu_ms": {n: 1e3 * statistics.median(x[1] for x in t) for n, t in times.items()},
+        "mean_step_ms": {n: 1e3 * statistics.median(x[2] for x in t) for n, t in times.items()},
+        "ratios": {n: statistics.median(r) for n, r in per_repeat[0].items()},
+        "ratio_range": {n: [min(r), max(r)] for n, r in per_repeat[0].items()},
+        "cpu_ratios": {n: statistics.median(r) for n, r in per_repeat[1].items()},
+        "mean_step_ratios": {n: statistics.median(r) for n, r in per_repeat[2].items()},
         "target": "ragged / uniform <= 1.2x",
     }
 
@@ -139,7 +157,8 @@ def measure(model, tok, context: int = 1024, budget: int = 256, splits: list[lis
 def summary(result: dict) -> str:
     """One line: each ratio with its range, the setting and the machine."""
     m = result["machine"]
-    cells = ", ".join(f"{n} = {r:.2f}x ({result['ratio_range'][n][0]:.2f}-{result['ratio_range'][n][1]:.2f})"
+    cells = ", ".join(f"{n} = {r:.2f}x ({result['ratio_range'][n][0]:.2f}-{result['ratio_range'][n][1]:.2f}; "
+                      f"CPU time {result['cpu_ratios'][n]:.2f}x, mean step {result['mean_step_ratios'][n]:.2f}x)"
                       for n, r in result["ratios"].items())
     return (f"{cells}; {result['prompt_tokens']}-token prompt, {result['budget_per_head']} entries per head on "
             f"average, {result['steps']} steps, median of {result['repeats']} repeats; {m['device']}, "
@@ -159,8 +178,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--layers", type=int, default=None, help="llama-8b only: fewer layers (a CPU smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's own; 1 steadies a CPU shared with other work)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     for key in ("context", "budget", "steps", "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} {getattr(args, key)} must be >= 1")

@@ -33,6 +33,10 @@ def _span(value: float, lo_hi: list[float] | None) -> str:
     return f"{value:.2f}x" + (f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else "")
 
 
+def _cpu(ratio: float | None) -> str:
+    return f"; CPU time {ratio:.2f}x" if ratio is not None else ""
+
+
 def ragged_lines(ragged: dict) -> list[str]:
     """One table row per ragged split: its decode step over the uniform cache's (``ragged_decode.py``)."""
     rows = []
@@ -40,7 +44,8 @@ def ragged_lines(ragged: dict) -> list[str]:
         if name.startswith("ragged"):
             split = "/".join(name.split()[1].split(","))
             rows.append(f"| ragged / uniform decode step, same total (KV heads {split} vs "
-                        f"{ragged['budget_per_head']} each) | {_span(ratio, ragged['ratio_range'].get(name))} | "
+                        f"{ragged['budget_per_head']} each) | {_span(ratio, ragged['ratio_range'].get(name))}"
+                        f"{_cpu(ragged.get('cpu_ratios', {}).get(name))} | "
                         "<= 1.2x |")
     return rows
 
@@ -48,8 +53,8 @@ def ragged_lines(ragged: dict) -> list[str]:
 def batching_lines(batching: dict) -> list[str]:
     """One table row per method: samples per second at the larger batch size over batch size 1 (``batching.py``)."""
     b = batching["batch_size"]
-    return [f"| batch {b} / batch 1 samples per second ({name}) | {_span(r['ratio'], r['ratio_range'])} | >= 1.5x |"
-            for name, r in batching["methods"].items()]
+    return [f"| batch {b} / batch 1 samples per second ({name}) | {_span(r['ratio'], r['ratio_range'])}"
+            f"{_cpu(r.get('cpu_ratio'))} | >= 1.5x |" for name, r in batching["methods"].items()]
 
 
 def settings_line(ragged: dict | None, batching: dict | None) -> str | None:
