@@ -87,10 +87,23 @@ class RulerFormats:
             fit = [(n, w) for n, w in zip(self.names, self.weights) if MIN_LENGTH.get(n, 0) <= floor]
             names, weights = zip(*fit)
             name = rng.choices(names, weights=weights)[0]
-        seed = rng.randrange(TRAIN_SEED_MIN, 2**62)
-        sample = self.tasks[name].sample(self.encoder, self.length_for(name, n_tokens), seed, 0)
+        sample = self.sample(name, self.length_for(name, n_tokens), rng, TRAIN_SEED_MIN, 2**62)
         return Example(sample.context, [(sample.question + sample.answer_prefix, ruler_target(name, sample))],
                        name)
+
+
+    def sample(self, name: str, length: int, rng: random.Random, low: int, high: int, tries: int = 4):
+        """tasks/ruler's sample of ``name`` for a seed drawn from [low, high): a seed whose prompt cannot fit is
+        replaced by the next draw (cwe at 4k with a tokenizer whose 4k-configuration prompt only just fits:
+        tasks/ruler checks that on its calibration sample, and a sample with longer words overflows)."""
+        from tasks.base import TooShort
+
+        for attempt in range(tries):
+            try:
+                return self.tasks[name].sample(self.encoder, length, rng.randrange(low, high), 0)
+            except TooShort:
+                if attempt == tries - 1:
+                    raise
 
 
 # --- prose ---------------------------------------------------------------------------------------------
@@ -143,22 +156,26 @@ def prose_units(rng: random.Random, n_words: int) -> list[str]:
     return units
 
 
-def fact_sentence(rng: random.Random) -> tuple[str, str]:
-    """(sentence, value): a RULER needle or another statement of a key and a value."""
+def fact_sentence(rng: random.Random) -> tuple[str, str, str]:
+    """(sentence, key, value): a RULER needle or another statement of a key and a value."""
     r = rng.random()
     value = rand_of(rng.choice(["numbers", "numbers", "words", "uuids"]), rng)
     key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}" if rng.random() < 0.7 else rand_of("uuids", rng)
     if r < 0.6:
         kind = "numbers" if value.isdigit() else ("uuids" if value.count("-") == 4 else "words")
-        return needle_sentence(kind, key, value), value
+        return needle_sentence(kind, key, value), key, value
     if r < 0.8:
-        return f"The code of the {key} account is {value}.", value
-    return f"Remember that {key} stands for {value}.", value
+        return f"The code of the {key} account is {value}.", key, value
+    return f"Remember that {key} stands for {value}.", key, value
 
 
-def prose_example(rng: random.Random, n_tokens: int, weight: float = 0.5, recur_share: float = 0.7) -> Example:
-    """A prose row: LM loss (``weight``) on every token; in ``recur_share`` of rows 1-4 facts, each recurring
-    1-3 times later at random sentence ends, whole or as its value alone (those tokens weighted 1)."""
+def prose_example(rng: random.Random, n_tokens: int, weight: float = 0.5, recur_share: float = 0.7,
+                  mention_rate: float = 0.2) -> Example:
+    """A prose row: LM loss (``weight``) on every token; in ``recur_share`` of rows 1-4 facts stated in the
+    first 70%, and after each later sentence (or noise line), with probability ``mention_rate``, a mention of
+    one fact stated so far: its key (half the time), its value, or the whole fact (those tokens weighted 1).
+    Mentions are frequent and uncued, as names recur in real text: predicting the first token of a key at an
+    arbitrary sentence end pays only when ordinary positions attend to the facts seen so far."""
     units = prose_units(rng, int(n_tokens * 0.5))  # ~1.5-2 tokens per word with the reference BPE
     sep = "\n" if units and units[0] == NOISE else " "
     segments: list[tuple[str, float]] = []
@@ -168,13 +185,19 @@ def prose_example(rng: random.Random, n_tokens: int, weight: float = 0.5, recur_
     n_facts = rng.randint(1, 4)
     # a fact at a random place in the first 70%, its recurrences after it
     events: dict[int, list[tuple[str, float]]] = {}
+    stated: dict[int, list[tuple[str, str, str]]] = {}
     for _ in range(n_facts):
         at = rng.randrange(0, max(1, int(len(units) * 0.7)))
-        sentence, value = fact_sentence(rng)
-        events.setdefault(at, []).append((sentence, weight))
-        for _ in range(rng.randint(1, 3)):
-            later = rng.randrange(at + 1, len(units) + 1)
-            events.setdefault(later, []).append((sentence if rng.random() < 0.6 else value + ".", 1.0))
+        fact = fact_sentence(rng)
+        stated.setdefault(at, []).append(fact)
+        events.setdefault(at, []).append((fact[0], weight))
+    known: list[tuple[str, str, str]] = []
+    for i in range(len(units) + 1):
+        if known and rng.random() < mention_rate:
+            sentence, key, value = rng.choice(known)
+            r = rng.random()
+            events.setdefault(i, []).append((key + "." if r < 0.5 else value + "." if r < 0.8 else sentence, 1.0))
+        known.extend(stated.get(i, []))
     text: list[str] = []
     for i in range(len(units) + 1):
         for piece, w in events.get(i, []):

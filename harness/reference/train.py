@@ -235,7 +235,7 @@ def heldout_v2(formats, lengths=(2048, 4096)):
 
     def cell(task_name, L):
         def build(r):
-            sample = formats.tasks[task_name].sample(formats.encoder, L, HELDOUT_SEED, r.randrange(1000))
+            sample = formats.sample(task_name, L, r, 0, 1000)  # an evaluation seed
             return Example(sample.context, [(sample.question + sample.answer_prefix, ruler_target(task_name,
                                                                                                   sample))], task_name)
         return build
