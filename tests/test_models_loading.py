@@ -79,7 +79,10 @@ def test_weights_load_onto_the_device_in_the_dtype(tmp_path, monkeypatch):
             assert torch.equal(p, saved[name].to(p.dtype)), name  # the saved weights, cast once
         assert input_device(model) == torch.device("cpu")
     # transformers was told the device: each tensor is read onto it (not built on the host, then moved)
-    assert seen == ["cpu", "cpu", "cpu"]
+    # straight onto the device through accelerate; without it (an optional extra) transformers takes no device_map
+    from harness.models import accelerate_installed
+
+    assert seen == (["cpu"] * 3 if accelerate_installed() else [None] * 3)
 
 
 def test_device_map_auto_through_accelerate(tmp_path):
