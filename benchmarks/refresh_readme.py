@@ -3,8 +3,8 @@ machine and date. One command: ``make bench``.
 
     python benchmarks/refresh_readme.py [--skip-kvpress] [--skip-ragged] [--skip-batching] [--context 4096]
 
-Besides ``speed.py`` (and ``vs_kvpress.py``) it runs ``ragged_decode.py`` (ragged / uniform decode step) and
-``batching.py`` (batch 8 / batch 1 samples per second), each at its own defaults.
+Besides ``speed.py`` (and ``vs_kvpress.py``) it runs ``ragged_decode.py --threads 1`` (ragged / uniform decode
+step) and ``batching.py`` (batch 8 / batch 1 samples per second), each at its own defaults.
 
 The kvpress comparison needs kvpress's own venv (``bash tools/peers/kvpress-env.sh``);
 without it that line says so instead of a number.
@@ -62,7 +62,8 @@ def settings_line(ragged: dict | None, batching: dict | None) -> str | None:
     parts = []
     if ragged:
         parts.append(f"ragged rows: reference model, {ragged['prompt_tokens']}-token prompt, {ragged['steps']} greedy "
-                     f"steps, median over {ragged['repeats']} repeats, load {ragged['machine'].get('load_average')}")
+                     f"steps, {ragged['machine']['threads']} thread(s), median over {ragged['repeats']} repeats, load "
+                     f"{ragged['machine'].get('load_average')}")
     if batching:
         same = all(r["same_predictions_and_scores"] for r in batching["methods"].values())
         parts.append(f"batch rows: the runner on {batching['n_samples']} {batching['task']} samples of "
@@ -125,7 +126,8 @@ def main() -> None:
     venv = ROOT / ".peers/kvpress-venv/bin/python"
     if not args.skip_kvpress and venv.exists():
         kvpress = run_json(["benchmarks/vs_kvpress.py", "--context", str(args.context)])
-    ragged = None if args.skip_ragged else run_json(["benchmarks/ragged_decode.py"])
+    # one thread: a ~1 ms step on two threads shared with other work is timed in whole scheduler slices (~32 ms)
+    ragged = None if args.skip_ragged else run_json(["benchmarks/ragged_decode.py", "--threads", "1"])
     batching = None if args.skip_batching else run_json(["benchmarks/batching.py"])
     block = render(speed, kvpress, note, ragged, batching)
     readme = ROOT / "README.md"
